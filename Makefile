@@ -1,0 +1,39 @@
+# Every target creates .venv when missing and installs the pinned CPU torch first,
+# so that pip never resolves torch to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+
+.PHONY: demo test lint format clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: $(BIN)/activate
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(PY) -m convexmix demo
+
+test: $(VENV)/.installed-all
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-all
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/mypy
+
+format: $(VENV)/.installed-all
+	$(BIN)/ruff check --fix src tests examples benchmarks
+	$(BIN)/ruff format src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

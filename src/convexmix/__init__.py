@@ -1,0 +1,34 @@
+"""convexmix: learnable weights that sum to one, for PyTorch.
+
+>>> import torch, convexmix as cx
+>>> w = cx.SimplexWeights(3)
+>>> w()
+tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
+"""
+
+from convexmix import functional
+from convexmix.errors import (
+    ConvexMixError,
+    ConvexMixWarning,
+    InvalidProbabilitiesError,
+    ShapeError,
+    UnknownMapError,
+)
+from convexmix.nn import SimplexWeights
+from convexmix.parametrize import Simplex, remove_simplex_, simplex_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvexMixError",
+    "ConvexMixWarning",
+    "InvalidProbabilitiesError",
+    "ShapeError",
+    "Simplex",
+    "SimplexWeights",
+    "UnknownMapError",
+    "__version__",
+    "functional",
+    "remove_simplex_",
+    "simplex_",
+]

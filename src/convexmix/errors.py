@@ -1,0 +1,43 @@
+"""Errors and warnings raised by convexmix.
+
+Every error is a :class:`ConvexMixError`, itself a :class:`ValueError`, so code that
+already catches ``ValueError`` keeps working. Messages say what was expected and
+what was given.
+
+>>> import convexmix as cx
+>>> try:
+...     cx.SimplexWeights(3, init=[0.5, 0.6, -0.1])
+... except cx.ConvexMixError as err:
+...     print(type(err).__name__)
+InvalidProbabilitiesError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConvexMixError",
+    "ConvexMixWarning",
+    "InvalidProbabilitiesError",
+    "ShapeError",
+    "UnknownMapError",
+]
+
+
+class ConvexMixError(ValueError):
+    """Base class of every error raised by convexmix."""
+
+
+class ShapeError(ConvexMixError):
+    """A tensor has the wrong shape, size or number of dimensions."""
+
+
+class UnknownMapError(ConvexMixError):
+    """A simplex map name that convexmix does not know."""
+
+
+class InvalidProbabilitiesError(ConvexMixError):
+    """Values that should be probabilities are not: negative, or the wrong sum."""
+
+
+class ConvexMixWarning(UserWarning):
+    """A value was changed to make it valid, e.g. projected onto the simplex."""

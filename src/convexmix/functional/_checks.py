@@ -1,0 +1,93 @@
+"""Argument checks and dtype rules shared by every map (private)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from convexmix.errors import ConvexMixError, ShapeError
+
+__all__: list[str] = []
+
+
+def check_tensor(x: object, name: str = "x") -> Tensor:
+    """Return ``x`` if it is a floating-point tensor, else raise a clear error."""
+    if not isinstance(x, Tensor):
+        raise ConvexMixError(f"{name} must be a torch.Tensor; got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ConvexMixError(
+            f"{name} must be a floating-point tensor; got dtype {x.dtype}. "
+            f"Convert it first, e.g. {name}.float()."
+        )
+    return x
+
+
+def normalize_dim(x: Tensor, dim: int, name: str = "x") -> int:
+    """Return ``dim`` as a non-negative index into ``x.shape``."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ConvexMixError(f"dim must be an int; got {type(dim).__name__}.")
+    ndim = x.dim()
+    if ndim == 0:
+        raise ShapeError(f"{name} must have at least one dimension; got a 0-d tensor.")
+    if not -ndim <= dim < ndim:
+        raise ShapeError(
+            f"dim={dim} is out of range for {name} of shape {tuple(x.shape)} "
+            f"(expected -{ndim} <= dim < {ndim})."
+        )
+    return dim % ndim
+
+
+def check_total(total: float) -> float:
+    """The sum of the output: a finite number > 0."""
+    if isinstance(total, Tensor):
+        if total.numel() != 1:
+            raise ConvexMixError(f"total must be a positive number; got a tensor of {total.numel()}.")
+        total = float(total.item())
+    if isinstance(total, bool) or not isinstance(total, (int, float)):
+        raise ConvexMixError(f"total must be a positive number; got {type(total).__name__}.")
+    if not (math.isfinite(total) and total > 0):
+        raise ConvexMixError(f"total must be finite and > 0; got {total}.")
+    return float(total)
+
+
+def check_temperature(temperature: float | Tensor) -> float | Tensor:
+    """A temperature is a positive float or a positive tensor (checked eagerly)."""
+    if isinstance(temperature, Tensor):
+        if not torch.compiler.is_compiling() and bool((temperature <= 0).any()):
+            raise ConvexMixError("temperature must be > 0; got a tensor with entries <= 0.")
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ConvexMixError(f"temperature must be a number > 0; got {type(temperature).__name__}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConvexMixError(f"temperature must be finite and > 0; got {temperature}.")
+    return float(temperature)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half precision is computed in float32; float32 and float64 stay as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:
+    """Fill absent entries (mask False) with -inf; check that ``mask`` broadcasts to ``z``."""
+    if mask is None:
+        return z
+    if not isinstance(mask, Tensor):
+        raise ConvexMixError(f"mask must be a bool tensor (True = present); got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise ConvexMixError(
+            f"mask must be a bool tensor (True = present); got dtype {mask.dtype}. "
+            "Use mask.bool() or mask > 0."
+        )
+    try:
+        shape = torch.broadcast_shapes(mask.shape, z.shape)
+    except RuntimeError:
+        shape = None
+    if shape != z.shape:
+        raise ShapeError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape "
+            f"{tuple(z.shape)}."
+        )
+    return z.masked_fill(~mask, -math.inf)

@@ -1,0 +1,96 @@
+"""Softmax onto the simplex, safe when every entry is masked (private module)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from convexmix.functional._checks import (
+    apply_mask,
+    check_temperature,
+    check_tensor,
+    check_total,
+    compute_dtype,
+    normalize_dim,
+)
+
+__all__ = ["softmax", "softmax_inverse"]
+
+#: Probability (relative to ``total``) that :func:`softmax_inverse` gives to zeros.
+#: ``softmax`` can never output an exact zero; ``log(1e-12) ~ -27.6`` reproduces a
+#: zero to 1e-12 and stays finite in every dtype.
+SOFTMAX_ZERO_EPS = 1e-12
+
+
+def safe_softmax(z: Tensor, dim: int) -> Tensor:
+    """``torch.softmax`` that returns zeros (and zero gradients) for all--inf slices.
+
+    ``z`` is already masked (-inf = absent) and in its compute dtype.
+    """
+    present = (z > -math.inf).any(dim, keepdim=True)
+    # Replace empty slices by zeros *before* the softmax: a where() after it would
+    # still back-propagate NaN through the softmax of an all--inf slice.
+    p = torch.softmax(z.masked_fill(~present, 0.0), dim)
+    return p.masked_fill(~present, 0.0)
+
+
+def softmax(
+    x: Tensor,
+    dim: int = -1,
+    *,
+    temperature: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    total: float = 1.0,
+) -> Tensor:
+    r"""Softmax onto the simplex: :math:`p = \text{total}\cdot\exp(x/T) / \sum \exp(x/T)`.
+
+    Entries with ``mask == False`` or ``x == -inf`` are absent: their output is exactly
+    0 and the others are renormalised over the present ones. A slice with nothing
+    present is all zeros, with zero (finite) gradients, where ``torch.softmax`` gives NaN.
+
+    Args:
+        x: logits, any shape ``(..., K, ...)``.
+        dim: the dimension that sums to ``total``.
+        temperature: ``T > 0``, a float or a tensor broadcastable to ``x``.
+        mask: bool, True = present, broadcastable to ``x``.
+        total: the sum of each output slice, ``> 0``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``; float16/bfloat16 are computed in float32.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> cx.functional.softmax(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+        >>> cx.functional.softmax(torch.zeros(3), mask=torch.tensor([True, False, True]), total=2.0)
+        tensor([1., 0., 1.])
+        >>> cx.functional.softmax(torch.zeros(2), mask=torch.tensor([False, False]))
+        tensor([0., 0.])
+    """
+    check_tensor(x)
+    d = normalize_dim(x, dim)
+    total = check_total(total)
+    temperature = check_temperature(temperature)
+    z = x.to(compute_dtype(x.dtype))
+    if isinstance(temperature, Tensor) or temperature != 1.0:
+        z = z / temperature
+    z = apply_mask(z, mask)
+    p = safe_softmax(z, d)
+    if total != 1.0:
+        p = p * total
+    return p.to(x.dtype)
+
+
+def softmax_inverse(
+    p: Tensor, dim: int = -1, *, temperature: float | Tensor = 1.0, total: float = 1.0
+) -> Tensor:
+    """Right inverse of :func:`softmax`: ``T * log(p / total)``, zeros smoothed.
+
+    Zeros become ``T * log(SOFTMAX_ZERO_EPS)`` so the result is finite;
+    ``softmax(softmax_inverse(p)) == p`` to about 1e-12 per zero entry.
+    """
+    z = p.to(compute_dtype(p.dtype)) / total
+    logits = torch.log(z.clamp_min(SOFTMAX_ZERO_EPS))
+    return (logits * temperature).to(p.dtype)

@@ -1,0 +1,392 @@
+r"""Sparse simplex maps: sparsemax, 1.5-entmax and alpha-entmax (private module).
+
+All three are the regularised prediction
+
+.. math:: p = \arg\max_{q \ge 0,\ \sum q = t} \langle q, x\rangle + H_\alpha(q),
+          \qquad p = [(\alpha - 1)x - \tau]_+^{1/(\alpha-1)},
+
+with :math:`H_\alpha` the Tsallis entropy and the threshold :math:`\tau` chosen so
+that the output sums to ``total`` ``t``. For alpha = 2 this is the Euclidean
+projection of x onto the simplex (sparsemax); alpha -> 1 recovers the softmax.
+
+Each map's forward is a ``torch.library`` custom op with a vmap rule (one opaque op for
+``torch.compile(fullgraph=True)``), wrapped in a staticmethod ``autograd.Function`` whose
+backward is O(K) from the saved output, with no Jacobian; torch.func transforms work. Thresholds are computed in float64 so that the
+sums stay exact to the output dtype even at K = 1e5+.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from convexmix.errors import ConvexMixError, ShapeError
+from convexmix.functional._checks import (
+    apply_mask,
+    check_tensor,
+    check_total,
+    compute_dtype,
+    normalize_dim,
+)
+from convexmix.functional._softmax import softmax
+
+__all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _present(z_last: Tensor) -> Tensor:
+    """(..., 1) bool: does the slice have any entry > -inf."""
+    return (z_last > -math.inf).any(-1, keepdim=True)
+
+
+def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) -> Tensor:
+    r"""Vector-Jacobian product of an alpha-entmax output ``y`` along ``dim``.
+
+    With :math:`g = y^{2-\alpha}` on the support: :math:`dx = g \odot (dy - \langle g, dy\rangle
+    / \sum g)`. ``power`` is ``2 - alpha`` (0 for sparsemax, where g is the support indicator).
+    """
+    if isinstance(power, float) and power == 0.0:
+        g = (y > 0).to(grad.dtype)
+    else:
+        g = torch.where(y > 0, y.clamp_min(0) ** power, 0.0).to(grad.dtype)
+    gd = g * grad
+    q = gd.sum(dim, keepdim=True) / g.sum(dim, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return gd - q * g
+
+
+def _batch_rule_single(op: Any) -> Any:
+    """vmap rule for ops ``op(x, dim, *scalars)`` that act along one non-negative ``dim``."""
+
+    def rule(info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int, *rest: Any) -> Any:
+        bdim = in_dims[0]
+        if bdim is None:
+            return op(x, dim, *rest), None
+        return op(x.movedim(bdim, 0), dim + 1, *rest), 0
+
+    return rule
+
+
+# ------------------------------------------------------------------------- sparsemax
+
+
+@torch.library.custom_op("convexmix::sparsemax", mutates_args=())
+def _sparsemax_op(x: Tensor, dim: int, total: float) -> Tensor:
+    z = x.movedim(dim, -1)
+    k = z.shape[-1]
+    zs = torch.sort(z, dim=-1, descending=True).values.to(torch.float64)
+    cs = zs.cumsum(-1)
+    ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
+    # Entry k (1-based, sorted) is in the support iff t + k z_(k) > sum_{j<=k} z_(j).
+    kstar = (total + ks * zs > cs).sum(-1, keepdim=True).clamp_min(1)
+    tau = (cs.gather(-1, kstar - 1) - total) / kstar
+    p = (z.to(torch.float64) - tau).clamp_min(0.0)
+    p = p.masked_fill(~_present(zs), 0.0)
+    return p.to(x.dtype).movedim(-1, dim).contiguous()
+
+
+@_sparsemax_op.register_fake
+def _(x: Tensor, dim: int, total: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+torch.library.register_vmap(_sparsemax_op, _batch_rule_single(_sparsemax_op))
+
+
+class _Sparsemax(torch.autograd.Function):
+    """Autograd for the op; a staticmethod Function with ``setup_context`` so that both
+    Dynamo (fullgraph) and torch.func (grad, vmap, jacrev) handle it. ``register_autograd``
+    on the custom op itself is not usable with torch.func (pytorch/pytorch#179652)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, dim: int, total: float) -> Tensor:
+        return _sparsemax_op(x, dim, total)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (y,) = ctx.saved_tensors
+        dx = _support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
+def sparsemax(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
+    r"""Sparsemax: the Euclidean projection of ``x`` onto the simplex that sums to ``total``.
+
+    :math:`p = [x - \tau]_+` with :math:`\tau` such that :math:`\sum p = t` (Martins &
+    Astudillo, 2016). Exact (sort-based), with exact zeros; the backward is O(K) from the
+    output. Absent entries (``mask`` False or ``-inf``) are 0; an all-absent slice is zeros.
+
+    Args:
+        x: scores, any shape; ``dim`` indexes the K entries.
+        dim: the dimension that sums to ``total``.
+        mask: bool, True = present, broadcastable to ``x``.
+        total: the sum of each output slice, ``> 0``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> cx.functional.sparsemax(torch.tensor([1.0, 0.8, -1.0]))
+        tensor([0.6000, 0.4000, 0.0000])
+        >>> cx.functional.sparsemax(torch.tensor([0.2, 0.3, 0.5]))  # identity on the simplex
+        tensor([0.2000, 0.3000, 0.5000])
+    """
+    check_tensor(x)
+    d = normalize_dim(x, dim)
+    total = check_total(total)
+    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    return _Sparsemax.apply(z, d, total).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- entmax15
+
+
+@torch.library.custom_op("convexmix::entmax15", mutates_args=())
+def _entmax15_op(x: Tensor, dim: int, total: float) -> Tensor:
+    z = x.movedim(dim, -1).to(torch.float64) / 2
+    k = z.shape[-1]
+    zs = torch.sort(z, dim=-1, descending=True).values
+    valid = zs > -math.inf
+    zf = torch.where(valid, zs, 0.0)
+    ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
+    mean = zf.cumsum(-1) / ks
+    # Sum of squared deviations of the k largest, by Welford-free centring on the mean.
+    ss = (zf * zf).cumsum(-1) - ks * mean * mean
+    delta = ((total - ss) / ks).clamp_min(0.0)
+    tau = mean - delta.sqrt()
+    kstar = ((tau <= zs) & valid).sum(-1, keepdim=True).clamp_min(1)
+    tau_star = tau.gather(-1, kstar - 1)
+    p = (z - tau_star).clamp_min(0.0) ** 2
+    p = p.masked_fill(~valid[..., :1], 0.0)
+    return p.to(x.dtype).movedim(-1, dim).contiguous()
+
+
+@_entmax15_op.register_fake
+def _(x: Tensor, dim: int, total: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+torch.library.register_vmap(_entmax15_op, _batch_rule_single(_entmax15_op))
+
+
+class _Entmax15(_Sparsemax):
+    """Autograd for 1.5-entmax: the alpha-entmax VJP with ``g = sqrt(y)``."""
+
+    @staticmethod
+    def forward(x: Tensor, dim: int, total: float) -> Tensor:
+        return _entmax15_op(x, dim, total)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (y,) = ctx.saved_tensors
+        dx = _support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
+def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
+    r"""Exact 1.5-entmax: :math:`p = [x/2 - \tau]_+^2` with :math:`\sum p = t`.
+
+    Sparse like sparsemax, smoother like softmax (Peters et al., 2019). Sort-based, exact;
+    backward O(K) from the output. Absent entries (``mask`` False or ``-inf``) are 0.
+
+    Args:
+        x: scores, any shape; ``dim`` indexes the K entries.
+        dim: the dimension that sums to ``total``.
+        mask: bool, True = present, broadcastable to ``x``.
+        total: the sum of each output slice, ``> 0``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> cx.functional.entmax15(torch.tensor([2.0, 1.0, -2.0]))
+        tensor([0.8307, 0.1693, 0.0000])
+    """
+    check_tensor(x)
+    d = normalize_dim(x, dim)
+    total = check_total(total)
+    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    return _Entmax15.apply(z, d, total).to(x.dtype)
+
+
+# ---------------------------------------------------------------- alpha-entmax (bisection)
+
+
+@torch.library.custom_op("convexmix::entmax_bisect", mutates_args=())
+def _entmax_op(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
+    z = x.movedim(dim, -1).to(torch.float64)
+    am1 = alpha.movedim(dim, -1).to(torch.float64) - 1.0
+    inv = 1.0 / am1
+    k = z.shape[-1]
+    z = z * am1
+    zmax = z.max(-1, keepdim=True).values
+    present = zmax > -math.inf
+    zmax = torch.where(present, zmax, 0.0)
+    z = torch.where(present, z, 0.0)
+    # At tau = lo the largest entry alone gives t; at tau = hi every entry is <= t/K.
+    lo = zmax - total**am1
+    hi = zmax - (total / k) ** am1
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        above = ((z - mid).clamp_min(0.0) ** inv).sum(-1, keepdim=True) >= total
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    p = (z - lo).clamp_min(0.0) ** inv
+    p = p * (total / p.sum(-1, keepdim=True))
+    p = p.masked_fill(~present, 0.0)
+    return p.to(x.dtype).movedim(-1, dim).contiguous()
+
+
+@_entmax_op.register_fake
+def _(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _entmax_vmap(
+    info: Any, in_dims: tuple[Any, ...], x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float
+) -> tuple[Tensor, int]:
+    xb, ab = in_dims[0], in_dims[1]
+    size = info.batch_size
+    x = x.unsqueeze(0).expand(size, *x.shape) if xb is None else x.movedim(xb, 0)
+    alpha = alpha.unsqueeze(0) if ab is None else alpha.movedim(ab, 0)
+    return _entmax_op(x, alpha, dim + 1, n_iter, total), 0
+
+
+torch.library.register_vmap(_entmax_op, _entmax_vmap)
+
+
+class _Entmax(torch.autograd.Function):
+    """Autograd for bisection alpha-entmax, with the closed-form gradient in alpha."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
+        return _entmax_op(x, alpha, dim, n_iter, total)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.dim = inputs[2]
+        ctx.save_for_backward(output, inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        return _entmax_vjp(ctx, grad)
+
+
+def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    y, alpha = ctx.saved_tensors
+    dim = ctx.dim
+    a = alpha.to(y.dtype)
+    dx = _support_backward(y, grad, dim, 2.0 - a) if ctx.needs_input_grad[0] else None
+    dalpha = None
+    if ctx.needs_input_grad[1]:
+        # d p_j / d alpha = (p_j - t g^_j)/(a-1)^2 - (p_j log p_j - g^_j sum p log p)/(a-1),
+        # g^ = p^(2-a) / sum p^(2-a), t = sum p; derived from p = [(a-1)x - tau]^(1/(a-1)).
+        pos = y > 0
+        g = torch.where(pos, y.clamp_min(0) ** (2.0 - a), 0.0)
+        ghat = g / g.sum(dim, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        s = torch.where(pos, y * torch.log(torch.where(pos, y, 1.0)), 0.0)
+        ent = s.sum(dim, keepdim=True)
+        tot = y.sum(dim, keepdim=True)
+        dp = (y - tot * ghat) / (a - 1) ** 2 - (s - ghat * ent) / (a - 1)
+        dalpha = (grad * dp).sum(dim, keepdim=True).sum_to_size(alpha.shape).to(alpha.dtype)
+    return dx, dalpha, None, None, None
+
+
+
+def entmax(
+    x: Tensor,
+    alpha: float | Tensor,
+    dim: int = -1,
+    *,
+    n_iter: int = 50,
+    mask: Tensor | None = None,
+    total: float = 1.0,
+) -> Tensor:
+    r"""alpha-entmax by bisection: :math:`p = [(\alpha-1)x - \tau]_+^{1/(\alpha-1)}`, sum ``total``.
+
+    ``alpha = 2`` is sparsemax, ``alpha = 1.5`` is :func:`entmax15`, and ``alpha -> 1``
+    approaches the softmax (``alpha == 1`` as a float calls :func:`softmax`). ``alpha``
+    may be a learnable tensor: the gradient with respect to it is closed-form. The
+    threshold is found by ``n_iter`` halvings of a bracket in float64 (50 halvings
+    shrink it by 2^-50), then the output is renormalised to sum exactly to ``total``.
+
+    Args:
+        x: scores, any shape; ``dim`` indexes the K entries.
+        alpha: a float >= 1 or a tensor > 1 that broadcasts to ``x`` with size 1 along
+            ``dim`` (e.g. one alpha per row, shape ``(B, 1)``).
+        dim: the dimension that sums to ``total``.
+        n_iter: bisection steps, >= 1.
+        mask: bool, True = present, broadcastable to ``x``.
+        total: the sum of each output slice, ``> 0``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> x = torch.tensor([1.0, 0.8, -1.0])
+        >>> cx.functional.entmax(x, alpha=2.0)  # sparsemax
+        tensor([0.6000, 0.4000, 0.0000])
+        >>> alpha = torch.tensor(1.3, requires_grad=True)
+        >>> cx.functional.entmax(x, alpha)[0].backward()
+        >>> bool(alpha.grad.isfinite())
+        True
+    """
+    check_tensor(x)
+    d = normalize_dim(x, dim)
+    total = check_total(total)
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ConvexMixError(f"n_iter must be an int >= 1; got {n_iter!r}.")
+    cdtype = compute_dtype(x.dtype)
+    if isinstance(alpha, Tensor):
+        a = alpha
+        if not a.is_floating_point():
+            a = a.to(cdtype)
+        if not torch.compiler.is_compiling() and bool((a.detach() <= 1).any()):
+            raise ConvexMixError(
+                "alpha must be > 1 (alpha = 1 is the softmax); got a tensor with entries <= 1."
+            )
+        target = list(x.shape)
+        target[d] = 1
+        if a.dim() > x.dim() or torch.broadcast_shapes(a.shape, target) != torch.Size(target):
+            raise ShapeError(
+                f"alpha of shape {tuple(a.shape)} must broadcast to {tuple(target)} "
+                f"(the shape of x={tuple(x.shape)} with size 1 along dim={d})."
+            )
+        a = a.reshape((1,) * (x.dim() - a.dim()) + tuple(a.shape))
+    else:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ConvexMixError(f"alpha must be a number or a tensor; got {type(alpha).__name__}.")
+        if not (math.isfinite(alpha) and alpha >= 1):
+            raise ConvexMixError(f"alpha must be finite and >= 1; got {alpha}.")
+        if alpha == 1:
+            return softmax(x, d, mask=mask, total=total)
+        a = torch.full((1,) * x.dim(), float(alpha), dtype=cdtype, device=x.device)
+    z = apply_mask(x.to(cdtype), mask)
+    return _Entmax.apply(z, a, d, n_iter, total).to(x.dtype)
+
+
+def entmax_inverse(p: Tensor, alpha: float, *, total: float = 1.0) -> Tensor:
+    r"""Exact right inverse of alpha-entmax: :math:`x = p^{\alpha-1}/(\alpha-1)` (tau = 0).
+
+    ``entmax(entmax_inverse(p, a), a) == p`` for any ``p`` on the simplex that sums to
+    ``total`` (zeros stay exact zeros); for alpha = 2 this is the identity.
+    """
+    del total  # the threshold is 0 whatever the total
+    z = p.to(compute_dtype(p.dtype)).clamp_min(0)
+    return (z ** (alpha - 1) / (alpha - 1)).to(p.dtype)

@@ -1,0 +1,337 @@
+"""Constrain any parameter to the simplex.
+
+Two ways, same maps:
+
+* :class:`Simplex` is a parametrization for
+  ``torch.nn.utils.parametrize.register_parametrization`` (torch's mechanism: the
+  module can then be saved only through its ``state_dict``).
+* :func:`simplex_` constrains ``module.<name>`` in place with a mechanism that
+  ``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` handle; :func:`remove_simplex_`
+  undoes it and leaves a plain parameter holding the current weights.
+
+Starting points. A value already on the simplex (entries >= 0 summing to ``total``,
+to a tolerance of ``64 * eps * sqrt(K)``) is kept exactly. Any other value, such as a
+freshly initialised ``nn.Linear`` weight, is replaced by its Euclidean projection onto
+the simplex (``sparsemax(value, total=total)``) and a :class:`~convexmix.errors.ConvexMixWarning`
+says so. With the softmax map, zeros of that point start at the logit
+``log(SOFTMAX_ZERO_EPS)``; assign uniform weights after registration to start from the
+centre instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
+from convexmix.functional._checks import (
+    check_temperature,
+    check_tensor,
+    check_total,
+    compute_dtype,
+    normalize_dim,
+)
+from convexmix.functional._registry import get_map
+from convexmix.functional._sparse import sparsemax
+
+__all__ = ["Simplex", "remove_simplex_", "simplex_"]
+
+#: Suffix of the free parameter that :func:`simplex_` registers: ``weight`` -> ``weight_free``.
+FREE_SUFFIX = "_free"
+
+
+def _on_simplex_tolerance(p: Tensor, k: int, total: float) -> float:
+    return 64 * torch.finfo(p.dtype).eps * math.sqrt(max(k, 1)) * max(total, 1.0)
+
+
+def to_simplex(value: Tensor, dim: int, total: float, *, what: str = "value") -> Tensor:
+    """``value`` if it lies on the simplex (to rounding), else its projection, with a warning."""
+    d = normalize_dim(value, dim, what)
+    p = value.detach().to(compute_dtype(value.dtype))
+    tol = _on_simplex_tolerance(p, p.shape[d], total)
+    finite = bool(p.isfinite().all())
+    if not finite:
+        raise ConvexMixError(f"{what} must be finite to start on the simplex; it has NaN or inf.")
+    on = bool((p >= -tol).all()) and bool(((p.sum(d) - total).abs() <= tol).all())
+    if on:
+        return p.clamp_min(0).to(value.dtype)
+    warnings.warn(
+        f"{what} of shape {tuple(value.shape)} is not on the simplex along dim={dim} "
+        f"(entries >= 0 summing to {total}); starting from its Euclidean projection.",
+        ConvexMixWarning,
+        stacklevel=3,
+    )
+    return sparsemax(p, d, total=total).to(value.dtype)
+
+
+class Simplex(nn.Module):
+    """Parametrization onto the simplex: ``forward(free) = map(free / temperature)``.
+
+    Use it with ``torch.nn.utils.parametrize.register_parametrization``. torch calls
+    :meth:`right_inverse` on the existing value at registration, so registering on a
+    random ``nn.Linear`` weight works: it starts from the Euclidean projection of that
+    weight (with a warning); assigning probabilities later (``module.weight = p``)
+    reproduces them.
+
+    Args:
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        dim: the dimension of the constrained tensor that sums to ``total``.
+        total: the sum, > 0.
+        temperature: divides the free values before the map, > 0.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> _ = parametrize.register_parametrization(
+        ...     layer, "weight", cx.Simplex("sparsemax"), unsafe=True
+        ... )  # doctest: +SKIP
+        >>> s = cx.Simplex("softmax")
+        >>> s(torch.zeros(4))
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+        >>> s(s.right_inverse(torch.tensor([0.1, 0.2, 0.3, 0.4])))
+        tensor([0.1000, 0.2000, 0.3000, 0.4000])
+    """
+
+    def __init__(
+        self,
+        map: str = "softmax",
+        dim: int = -1,
+        total: float = 1.0,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.spec = get_map(map)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ConvexMixError(f"dim must be an int; got {type(dim).__name__}.")
+        self.dim = dim
+        self.total = check_total(total)
+        t = check_temperature(temperature)
+        if isinstance(t, Tensor):
+            raise ConvexMixError("Simplex takes a float temperature; got a tensor.")
+        self.temperature = t
+
+    @property
+    def map(self) -> str:
+        """The name of the map."""
+        return self.spec.name
+
+    def forward(self, free: Tensor) -> Tensor:
+        """Map free values (size K, or K-1 for stick-breaking, along ``dim``) to weights."""
+        z = free if self.temperature == 1.0 else free / self.temperature
+        return self.spec.forward(z, self.dim, total=self.total)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """Free values whose image is ``value`` (projected onto the simplex first if needed)."""
+        check_tensor(value, "value")
+        p = to_simplex(value, self.dim, self.total)
+        d = normalize_dim(p, self.dim)
+        free = self.spec.inverse(p, d, self.total)
+        return free if self.temperature == 1.0 else free * self.temperature
+
+    def free_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the free tensor behind weights of ``shape``."""
+        out = list(shape)
+        d = self.dim % len(out)
+        out[d] -= self.spec.drop
+        return tuple(out)
+
+    def extra_repr(self) -> str:
+        s = f"map={self.map!r}, dim={self.dim}, total={self.total}"
+        if self.temperature != 1.0:
+            s += f", temperature={self.temperature}"
+        return s
+
+
+# ----------------------------------------------------------------------------- simplex_
+
+_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _constraints(module: nn.Module) -> dict[str, Simplex]:
+    found: dict[str, Simplex] = module.__dict__.get("_convexmix_simplex", {})
+    return found
+
+
+def _base_class(module: nn.Module) -> type:
+    base: type = getattr(type(module), "_convexmix_base", type(module))
+    return base
+
+
+def _make_property(name: str) -> property:
+    free_name = name + FREE_SUFFIX
+
+    def fget(self: nn.Module) -> Tensor:
+        simplex: Simplex = self._convexmix_simplex[name]
+        out: Tensor = simplex(getattr(self, free_name))
+        return out
+
+    def fset(self: nn.Module, value: Tensor) -> None:
+        simplex: Simplex = self._convexmix_simplex[name]
+        free: Tensor = getattr(self, free_name)
+        check_tensor(value, name)
+        new = simplex.right_inverse(value.to(device=free.device, dtype=free.dtype))
+        if new.shape != free.shape:
+            raise ShapeError(
+                f"cannot assign a value of shape {tuple(value.shape)} to {name}; "
+                f"expected {tuple(simplex(free).shape)}."
+            )
+        with torch.no_grad():
+            free.copy_(new)
+
+    return property(fget, fset, doc=f"``{name}`` on the simplex, from ``{free_name}``.")
+
+
+def _setattr(self: nn.Module, key: str, value: Any) -> None:
+    if key in _constraints(self):
+        object.__setattr__(self, key, value)  # the property's setter
+    else:
+        _base_class(self).__setattr__(self, key, value)
+
+
+def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+    return (_rebuild, (_base_class(self), tuple(_constraints(self))), self.__getstate__())
+
+
+def _extra_repr(self: nn.Module) -> str:
+    base = _base_class(self).extra_repr(self)
+    parts = [base] if base else []
+    parts += [f"{n}: Simplex({s.extra_repr()})" for n, s in _constraints(self).items()]
+    return ", ".join(parts)
+
+
+def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # Accept the plain key ``prefix + name`` (e.g. a checkpoint of the unconstrained model).
+    for name, simplex in _constraints(self).items():
+        plain, free = prefix + name, prefix + name + FREE_SUFFIX
+        if plain in state_dict and free not in state_dict:
+            value = state_dict.pop(plain)
+            state_dict[free] = simplex.right_inverse(value)
+    _base_class(self)._load_from_state_dict(self, state_dict, prefix, *args)
+
+
+def _simplex_class(base: type, names: tuple[str, ...]) -> type:
+    key = (base, names)
+    if key not in _CLASSES:
+        namespace: dict[str, Any] = {name: _make_property(name) for name in names}
+        namespace.update(
+            __setattr__=_setattr,
+            __reduce_ex__=_reduce_ex,
+            extra_repr=_extra_repr,
+            _load_from_state_dict=_load_from_state_dict,
+            _convexmix_base=base,
+            __module__=__name__,
+            __doc__=base.__doc__,
+        )
+        _CLASSES[key] = type(f"Simplex{base.__name__}", (base,), namespace)
+    return _CLASSES[key]
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    cls = _simplex_class(base, names)
+    module: nn.Module = base.__new__(cls)
+    return module
+
+
+def simplex_(
+    module: nn.Module,
+    name: str,
+    *,
+    map: str = "softmax",
+    dim: int = -1,
+    total: float = 1.0,
+    temperature: float = 1.0,
+) -> nn.Module:
+    """Constrain ``module.<name>`` to the simplex in place, starting from its current value.
+
+    The parameter ``name`` is replaced by a free parameter ``name + "_free"`` (the key in
+    ``state_dict``) and ``module.<name>`` becomes ``map(free)``, recomputed at each access.
+    Assigning ``module.<name> = p`` stores the right inverse of ``p``. A ``state_dict`` with
+    the plain key ``name`` (from the unconstrained model) also loads. The module keeps its
+    class (a subclass of it), pickles, saves with ``torch.save(model)`` and deep-copies.
+    Build the optimizer after this call: the free parameter is a new tensor.
+
+    Args:
+        module: any module with a parameter ``name``.
+        name: the parameter to constrain.
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        dim: the dimension of the parameter that sums to ``total``.
+        total: the sum, > 0.
+        temperature: divides the free values before the map, > 0.
+
+    Returns:
+        ``module``, constrained.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> layer = torch.nn.Linear(3, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
+        >>> cx.simplex_(layer, "weight", map="sparsemax")
+        SimplexLinear(in_features=3, out_features=2, bias=False, weight: Simplex(map='sparsemax', dim=-1, total=1.0))
+        >>> layer.weight.sum(-1)
+        tensor([1., 1.], grad_fn=<SumBackward1>)
+        >>> sorted(layer.state_dict())
+        ['weight_free']
+    """
+    if not isinstance(module, nn.Module):
+        raise ConvexMixError(f"module must be a torch.nn.Module; got {type(module).__name__}.")
+    if not isinstance(name, str):
+        raise ConvexMixError(f"name must be a str; got {type(name).__name__}.")
+    if name in _constraints(module):
+        raise ConvexMixError(f"{type(module).__name__}.{name} is already constrained to the simplex.")
+    param = module._parameters.get(name)
+    if param is None:
+        known = [n for n, p in module._parameters.items() if p is not None]
+        raise ConvexMixError(
+            f"{type(module).__name__} has no parameter {name!r}; its parameters are {known}."
+        )
+    free_name = name + FREE_SUFFIX
+    if hasattr(module, free_name):
+        raise ConvexMixError(f"cannot add {free_name!r}: {type(module).__name__} already has it.")
+    normalize_dim(param, dim, f"parameter {name!r}")
+    simplex = Simplex(map, dim, total, temperature)
+    with torch.no_grad():
+        free = simplex.right_inverse(param.detach())
+    # Only now that everything is checked do we touch the module.
+    names = (*_constraints(module), name)
+    constraints = {**_constraints(module), name: simplex}
+    del module._parameters[name]
+    module.register_parameter(free_name, nn.Parameter(free, requires_grad=param.requires_grad))
+    object.__setattr__(module, "_convexmix_simplex", constraints)
+    module.__class__ = _simplex_class(_base_class(module), names)
+    return module
+
+
+def remove_simplex_(module: nn.Module, name: str) -> nn.Module:
+    """Undo :func:`simplex_`: ``module.<name>`` becomes a plain parameter with the current weights.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> layer = cx.simplex_(torch.nn.Linear(2, 1, bias=False), "weight")  # doctest: +SKIP
+        >>> layer = cx.remove_simplex_(layer, "weight")  # doctest: +SKIP
+    """
+    constraints = dict(_constraints(module))
+    if name not in constraints:
+        raise ConvexMixError(
+            f"{type(module).__name__}.{name} is not constrained by convexmix.simplex_; "
+            f"constrained: {sorted(constraints)}."
+        )
+    free: Tensor = getattr(module, name + FREE_SUFFIX)
+    with torch.no_grad():
+        value = getattr(module, name).detach().clone()
+    base = _base_class(module)
+    del module._parameters[name + FREE_SUFFIX]
+    del constraints[name]
+    if constraints:
+        object.__setattr__(module, "_convexmix_simplex", constraints)
+        module.__class__ = _simplex_class(base, tuple(constraints))
+    else:
+        del module.__dict__["_convexmix_simplex"]
+        module.__class__ = base
+    module.register_parameter(name, nn.Parameter(value, requires_grad=free.requires_grad))
+    return module
