@@ -48,7 +48,8 @@ def initial_weights(n: int, init: Init, total: float) -> Tensor | None:
     tol = 1e-6 * max(total, 1.0) * max(n, 1) ** 0.5
     if abs(float(p.sum()) - total) > tol:
         raise InvalidProbabilitiesError(
-            f"init probabilities must sum to {total}; got sum {float(p.sum()):.9g} for {p.tolist()}."
+            f"init probabilities must sum to {total}; "
+            f"got sum {float(p.sum()):.9g} for {p.tolist()}."
         )
     return p.float()
 
@@ -91,7 +92,12 @@ class SimplexWeights(nn.Module):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
         self.n = n
-        self.simplex = Simplex(map, dim=-1, total=total, temperature=temperature)
+        # A plain attribute, not a child module: it holds no tensors, and the repr of this
+        # layer already says everything about it.
+        self.simplex: Simplex
+        object.__setattr__(
+            self, "simplex", Simplex(map, dim=-1, total=total, temperature=temperature)
+        )
         p = initial_weights(n, init, self.simplex.total)
         if p is None:  # every map sends zeros to exactly uniform weights
             free = torch.zeros(self.simplex.free_shape((n,)))
@@ -112,12 +118,18 @@ class SimplexWeights(nn.Module):
     def forward(self, mask: Tensor | None = None) -> Tensor:
         """The ``(n,)`` weights; with a bool ``mask`` (``(n,)`` or ``(B, n)``), renormalised
         over the present entries (the map restricted to them), absent ones exactly 0."""
-        if mask is None:
-            return self.simplex(self.free)
-        z = self.free if self.simplex.temperature == 1.0 else self.free / self.simplex.temperature
-        if mask.shape[-1:] != (self.n,):
-            raise ShapeError(f"mask must have shape (n,) or (B, n) with n={self.n}; got {tuple(mask.shape)}.")
-        return self.simplex.spec.forward(z, -1, mask=mask, total=self.total)
+        free: Tensor = self.free
+        if mask is not None:
+            if (
+                not isinstance(mask, Tensor)
+                or mask.dim() not in (1, 2)
+                or mask.shape[-1:] != (self.n,)
+            ):
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ShapeError(f"mask must have shape (n,) or (B, n) with n={self.n}; got {got}.")
+            free = free.expand(*mask.shape[:-1], free.shape[-1])
+        out: Tensor = self.simplex(free, mask=mask)
+        return out
 
     @property
     def weights(self) -> Tensor:

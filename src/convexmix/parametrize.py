@@ -87,9 +87,13 @@ class Simplex(nn.Module):
         >>> import torch, convexmix as cx
         >>> from torch.nn.utils import parametrize
         >>> layer = torch.nn.Linear(4, 2)
-        >>> _ = parametrize.register_parametrization(
-        ...     layer, "weight", cx.Simplex("sparsemax"), unsafe=True
-        ... )  # doctest: +SKIP
+        >>> _ = parametrize.register_parametrization(layer, "weight", cx.Simplex("sparsemax"))
+        >>> layer.weight.sum(-1)  # started from the projection of the random weight
+        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> layer.weight = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.0, 0.0]])
+        >>> layer.weight
+        tensor([[0.1000, 0.2000, 0.3000, 0.4000],
+                [0.5000, 0.5000, 0.0000, 0.0000]], grad_fn=<...>)
         >>> s = cx.Simplex("softmax")
         >>> s(torch.zeros(4))
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
@@ -120,10 +124,14 @@ class Simplex(nn.Module):
         """The name of the map."""
         return self.spec.name
 
-    def forward(self, free: Tensor) -> Tensor:
-        """Map free values (size K, or K-1 for stick-breaking, along ``dim``) to weights."""
+    def forward(self, free: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Map free values (size K, or K-1 for stick-breaking, along ``dim``) to weights.
+
+        ``mask`` (bool, True = present, broadcastable to the weights) restricts the map to
+        the present entries; absent ones are exactly 0."""
         z = free if self.temperature == 1.0 else free / self.temperature
-        return self.spec.forward(z, self.dim, total=self.total)
+        out: Tensor = self.spec.forward(z, self.dim, mask=mask, total=self.total)
+        return out
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Free values whose image is ``value`` (projected onto the simplex first if needed)."""
@@ -149,7 +157,7 @@ class Simplex(nn.Module):
 
 # ----------------------------------------------------------------------------- simplex_
 
-_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+_CLASSES: dict[tuple[type[nn.Module], tuple[str, ...]], type[nn.Module]] = {}
 
 
 def _constraints(module: nn.Module) -> dict[str, Simplex]:
@@ -157,8 +165,8 @@ def _constraints(module: nn.Module) -> dict[str, Simplex]:
     return found
 
 
-def _base_class(module: nn.Module) -> type:
-    base: type = getattr(type(module), "_convexmix_base", type(module))
+def _base_class(module: nn.Module) -> type[nn.Module]:
+    base: type[nn.Module] = getattr(type(module), "_convexmix_base", type(module))
     return base
 
 
@@ -166,12 +174,11 @@ def _make_property(name: str) -> property:
     free_name = name + FREE_SUFFIX
 
     def fget(self: nn.Module) -> Tensor:
-        simplex: Simplex = self._convexmix_simplex[name]
-        out: Tensor = simplex(getattr(self, free_name))
+        out: Tensor = _constraints(self)[name](getattr(self, free_name))
         return out
 
     def fset(self: nn.Module, value: Tensor) -> None:
-        simplex: Simplex = self._convexmix_simplex[name]
+        simplex = _constraints(self)[name]
         free: Tensor = getattr(self, free_name)
         check_tensor(value, name)
         new = simplex.right_inverse(value.to(device=free.device, dtype=free.dtype))
@@ -194,7 +201,8 @@ def _setattr(self: nn.Module, key: str, value: Any) -> None:
 
 
 def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
-    return (_rebuild, (_base_class(self), tuple(_constraints(self))), self.__getstate__())
+    state = self.__getstate__()  # type: ignore[no-untyped-call]
+    return (_rebuild, (_base_class(self), tuple(_constraints(self))), state)
 
 
 def _extra_repr(self: nn.Module) -> str:
@@ -204,7 +212,9 @@ def _extra_repr(self: nn.Module) -> str:
     return ", ".join(parts)
 
 
-def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _load_from_state_dict(
+    self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
     # Accept the plain key ``prefix + name`` (e.g. a checkpoint of the unconstrained model).
     for name, simplex in _constraints(self).items():
         plain, free = prefix + name, prefix + name + FREE_SUFFIX
@@ -214,7 +224,7 @@ def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Any], prefix: s
     _base_class(self)._load_from_state_dict(self, state_dict, prefix, *args)
 
 
-def _simplex_class(base: type, names: tuple[str, ...]) -> type:
+def _simplex_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
     key = (base, names)
     if key not in _CLASSES:
         namespace: dict[str, Any] = {name: _make_property(name) for name in names}
@@ -231,7 +241,8 @@ def _simplex_class(base: type, names: tuple[str, ...]) -> type:
     return _CLASSES[key]
 
 
-def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+def _rebuild(base: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
+    """Unpickling: an empty instance of the constrained class; pickle then sets its state."""
     cls = _simplex_class(base, names)
     module: nn.Module = base.__new__(cls)
     return module
@@ -271,8 +282,8 @@ def simplex_(
         >>> layer = torch.nn.Linear(3, 2, bias=False)
         >>> with torch.no_grad():
         ...     _ = layer.weight.copy_(torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
-        >>> cx.simplex_(layer, "weight", map="sparsemax")
-        SimplexLinear(in_features=3, out_features=2, bias=False, weight: Simplex(map='sparsemax', dim=-1, total=1.0))
+        >>> cx.simplex_(layer, "weight", map="sparsemax")  # doctest: +ELLIPSIS
+        SimplexLinear(in_features=3, ..., weight: Simplex(map='sparsemax', dim=-1, total=1.0))
         >>> layer.weight.sum(-1)
         tensor([1., 1.], grad_fn=<SumBackward1>)
         >>> sorted(layer.state_dict())
@@ -283,7 +294,9 @@ def simplex_(
     if not isinstance(name, str):
         raise ConvexMixError(f"name must be a str; got {type(name).__name__}.")
     if name in _constraints(module):
-        raise ConvexMixError(f"{type(module).__name__}.{name} is already constrained to the simplex.")
+        raise ConvexMixError(
+            f"{type(module).__name__}.{name} is already constrained to the simplex."
+        )
     param = module._parameters.get(name)
     if param is None:
         known = [n for n, p in module._parameters.items() if p is not None]
@@ -312,8 +325,14 @@ def remove_simplex_(module: nn.Module, name: str) -> nn.Module:
 
     Example:
         >>> import torch, convexmix as cx
-        >>> layer = cx.simplex_(torch.nn.Linear(2, 1, bias=False), "weight")  # doctest: +SKIP
-        >>> layer = cx.remove_simplex_(layer, "weight")  # doctest: +SKIP
+        >>> layer = torch.nn.Linear(2, 1, bias=False)
+        >>> layer.weight = torch.nn.Parameter(torch.tensor([[0.25, 0.75]]))
+        >>> _ = cx.simplex_(layer, "weight")
+        >>> cx.remove_simplex_(layer, "weight")
+        Linear(in_features=2, out_features=1, bias=False)
+        >>> layer.weight
+        Parameter containing:
+        tensor([[0.2500, 0.7500]], requires_grad=True)
     """
     constraints = dict(_constraints(module))
     if name not in constraints:

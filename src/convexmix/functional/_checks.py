@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -39,11 +40,13 @@ def normalize_dim(x: Tensor, dim: int, name: str = "x") -> int:
     return dim % ndim
 
 
-def check_total(total: float) -> float:
+def check_total(total: float | Tensor) -> float:
     """The sum of the output: a finite number > 0."""
     if isinstance(total, Tensor):
         if total.numel() != 1:
-            raise ConvexMixError(f"total must be a positive number; got a tensor of {total.numel()}.")
+            raise ConvexMixError(
+                f"total must be a positive number; got a tensor of {total.numel()}."
+            )
         total = float(total.item())
     if isinstance(total, bool) or not isinstance(total, (int, float)):
         raise ConvexMixError(f"total must be a positive number; got {type(total).__name__}.")
@@ -52,10 +55,21 @@ def check_total(total: float) -> float:
     return float(total)
 
 
+def any_true(cond: Tensor) -> bool:
+    """``bool(cond.any())`` in eager mode; False where values cannot be read (torch.compile
+    tracing, torch.func transforms), so value checks never break those."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return bool(cond.any())
+    except RuntimeError:  # vmap: data-dependent control flow is not allowed
+        return False
+
+
 def check_temperature(temperature: float | Tensor) -> float | Tensor:
     """A temperature is a positive float or a positive tensor (checked eagerly)."""
     if isinstance(temperature, Tensor):
-        if not torch.compiler.is_compiling() and bool((temperature <= 0).any()):
+        if any_true(temperature <= 0):
             raise ConvexMixError("temperature must be > 0; got a tensor with entries <= 0.")
         return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -70,22 +84,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``."""
+    try:
+        out = torch.broadcast_shapes(tuple(shape), tuple(target))  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        return False
+    return bool(tuple(out) == tuple(target))
+
+
 def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:
     """Fill absent entries (mask False) with -inf; check that ``mask`` broadcasts to ``z``."""
     if mask is None:
         return z
     if not isinstance(mask, Tensor):
-        raise ConvexMixError(f"mask must be a bool tensor (True = present); got {type(mask).__name__}.")
+        raise ConvexMixError(
+            f"mask must be a bool tensor (True = present); got {type(mask).__name__}."
+        )
     if mask.dtype != torch.bool:
         raise ConvexMixError(
             f"mask must be a bool tensor (True = present); got dtype {mask.dtype}. "
             "Use mask.bool() or mask > 0."
         )
-    try:
-        shape = torch.broadcast_shapes(mask.shape, z.shape)
-    except RuntimeError:
-        shape = None
-    if shape != z.shape:
+    if not broadcasts_to(mask.shape, z.shape):
         raise ShapeError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape "
             f"{tuple(z.shape)}."

@@ -11,21 +11,24 @@ projection of x onto the simplex (sparsemax); alpha -> 1 recovers the softmax.
 
 Each map's forward is a ``torch.library`` custom op with a vmap rule (one opaque op for
 ``torch.compile(fullgraph=True)``), wrapped in a staticmethod ``autograd.Function`` whose
-backward is O(K) from the saved output, with no Jacobian; torch.func transforms work. Thresholds are computed in float64 so that the
-sums stay exact to the output dtype even at K = 1e5+.
+backward is O(K) from the saved output, with no Jacobian; torch.func transforms work.
+Thresholds are computed in float64 so that the sums stay exact to the output dtype even
+at K = 1e5+.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._checks import (
+    any_true,
     apply_mask,
+    broadcasts_to,
     check_tensor,
     check_total,
     compute_dtype,
@@ -106,7 +109,7 @@ class _Sparsemax(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, dim: int, total: float) -> Tensor:
-        return _sparsemax_op(x, dim, total)
+        return cast(Tensor, _sparsemax_op(x, dim, total))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -120,7 +123,9 @@ class _Sparsemax(torch.autograd.Function):
         return dx, None, None
 
 
-def sparsemax(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
+def sparsemax(
+    x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0
+) -> Tensor:
     r"""Sparsemax: the Euclidean projection of ``x`` onto the simplex that sums to ``total``.
 
     :math:`p = [x - \tau]_+` with :math:`\tau` such that :math:`\sum p = t` (Martins &
@@ -147,7 +152,8 @@ def sparsemax(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: fl
     d = normalize_dim(x, dim)
     total = check_total(total)
     z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
-    return _Sparsemax.apply(z, d, total).to(x.dtype)
+    out = cast(Tensor, _Sparsemax.apply(z, d, total))  # type: ignore[no-untyped-call]
+    return out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- entmax15
@@ -186,7 +192,7 @@ class _Entmax15(_Sparsemax):
 
     @staticmethod
     def forward(x: Tensor, dim: int, total: float) -> Tensor:
-        return _entmax15_op(x, dim, total)
+        return cast(Tensor, _entmax15_op(x, dim, total))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
@@ -219,7 +225,8 @@ def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: flo
     d = normalize_dim(x, dim)
     total = check_total(total)
     z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
-    return _Entmax15.apply(z, d, total).to(x.dtype)
+    out = cast(Tensor, _Entmax15.apply(z, d, total))  # type: ignore[no-untyped-call]
+    return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------- alpha-entmax (bisection)
@@ -256,7 +263,13 @@ def _(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
 
 
 def _entmax_vmap(
-    info: Any, in_dims: tuple[Any, ...], x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float
+    info: Any,
+    in_dims: tuple[Any, ...],
+    x: Tensor,
+    alpha: Tensor,
+    dim: int,
+    n_iter: int,
+    total: float,
 ) -> tuple[Tensor, int]:
     xb, ab = in_dims[0], in_dims[1]
     size = info.batch_size
@@ -275,7 +288,7 @@ class _Entmax(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
-        return _entmax_op(x, alpha, dim, n_iter, total)
+        return cast(Tensor, _entmax_op(x, alpha, dim, n_iter, total))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -305,7 +318,6 @@ def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, N
         dp = (y - tot * ghat) / (a - 1) ** 2 - (s - ghat * ent) / (a - 1)
         dalpha = (grad * dp).sum(dim, keepdim=True).sum_to_size(alpha.shape).to(alpha.dtype)
     return dx, dalpha, None, None, None
-
 
 
 def entmax(
@@ -357,13 +369,13 @@ def entmax(
         a = alpha
         if not a.is_floating_point():
             a = a.to(cdtype)
-        if not torch.compiler.is_compiling() and bool((a.detach() <= 1).any()):
+        if any_true(a.detach() <= 1):
             raise ConvexMixError(
                 "alpha must be > 1 (alpha = 1 is the softmax); got a tensor with entries <= 1."
             )
         target = list(x.shape)
         target[d] = 1
-        if a.dim() > x.dim() or torch.broadcast_shapes(a.shape, target) != torch.Size(target):
+        if a.dim() > x.dim() or not broadcasts_to(a.shape, target):
             raise ShapeError(
                 f"alpha of shape {tuple(a.shape)} must broadcast to {tuple(target)} "
                 f"(the shape of x={tuple(x.shape)} with size 1 along dim={d})."
@@ -378,7 +390,8 @@ def entmax(
             return softmax(x, d, mask=mask, total=total)
         a = torch.full((1,) * x.dim(), float(alpha), dtype=cdtype, device=x.device)
     z = apply_mask(x.to(cdtype), mask)
-    return _Entmax.apply(z, a, d, n_iter, total).to(x.dtype)
+    out = cast(Tensor, _Entmax.apply(z, a, d, n_iter, total))  # type: ignore[no-untyped-call]
+    return out.to(x.dtype)
 
 
 def entmax_inverse(p: Tensor, alpha: float, *, total: float = 1.0) -> Tensor:

@@ -71,7 +71,7 @@ def stick_breaking(
         dim=-1,
     )
     if u.shape[-1] == 0:  # K = 1: the single weight is the whole stick
-        log_p = u.new_zeros(u.shape[:-1] + (1,))
+        log_p = u.new_zeros((*u.shape[:-1], 1))
     log_p = apply_mask(log_p.movedim(-1, d), mask, "the stick-breaking output")
     # A softmax over exact log-weights renormalises them: sums are exact to rounding.
     p = safe_softmax(log_p, d)
@@ -100,7 +100,9 @@ def stick_breaking_inverse(p: Tensor, dim: int = -1, *, total: float = 1.0) -> T
     total = check_total(total)
     q = p.to(compute_dtype(p.dtype)).movedim(d, -1) / total
     if q.shape[-1] < 1:
-        raise ShapeError(f"p must have at least one entry along dim={dim}; got shape {tuple(p.shape)}.")
+        raise ShapeError(
+            f"p must have at least one entry along dim={dim}; got shape {tuple(p.shape)}."
+        )
     tail = q.flip(-1).cumsum(-1).flip(-1)[..., 1:]  # sum_{j>i} p_j
     z = q[..., :-1].log() - tail.log() + _offsets(tail.shape[-1], q)
     return z.movedim(-1, d).to(p.dtype)
