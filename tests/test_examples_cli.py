@@ -1,0 +1,87 @@
+"""The seed examples converge to their known weights; the CLI runs and fails cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import convexmix as cx
+from convexmix.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "tol"),
+    [
+        ("seed_learnable_weights", 0.02),
+        ("seed_weighted_sum_bias", 1e-3),
+        ("seed_varying_inputs", 1e-3),
+    ],
+)
+def test_seed_examples_converge(name: str, tol: float) -> None:
+    out = load_example(name).main(verbose=False)
+    torch.testing.assert_close(out["learned"].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(out["learned"], out["true"], atol=tol, rtol=0)
+    if "bias" in out:
+        assert abs(out["bias"] - out["true_bias"]) < 1e-3
+
+
+def test_sparsemax_recovers_exact_zero() -> None:
+    out = load_example("seed_learnable_weights").main(map="sparsemax", verbose=False)
+    assert out["learned"][3] == 0.0
+    torch.testing.assert_close(out["learned"], out["true"], atol=5e-3, rtol=0)
+
+
+def test_the_wrong_pattern_really_fails() -> None:
+    """The 'parameters inside forward' pattern of scenario (c) leaves the optimizer nothing."""
+
+    class Dynamic(torch.nn.Module):
+        def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+            self.w = torch.nn.Parameter(torch.zeros(len(inputs)))
+            return sum(p * t for p, t in zip(torch.softmax(self.w, 0), inputs, strict=False))
+
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam(Dynamic().parameters())
+
+
+def test_demo_prints_learned_and_true_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--steps", "300", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "map='softmax'" in out
+    assert out.count("learned") == 3
+    assert out.count("true") >= 3
+    sums = [float(s) for s in re.findall(r"sum (\d\.\d+)", out)]
+    assert sums == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+
+
+def test_cli_errors_are_one_line_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "convexmix", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "convexmix: error: --steps must be >= 1; got 0."
+    assert "Traceback" not in proc.stderr
+
+
+def test_version() -> None:
+    assert re.fullmatch(r"\d+\.\d+\.\d+", cx.__version__)
