@@ -63,7 +63,8 @@ def with_bias(map: str, steps: int, progress: Callable[[int], None]) -> Scenario
         x = torch.randn(3, 64, 8)
         target = torch.tensordot(true, x, 1) + true_bias
         weights: Tensor = w()
-        return (torch.tensordot(weights, x, 1) + bias - target).square().mean()
+        residual: Tensor = torch.tensordot(weights, x, 1) + bias - target
+        return residual.square().mean()
 
     loss = _fit(iter([*w.parameters(), bias]), loss_fn, steps, progress)
     return ScenarioResult(
