@@ -377,3 +377,26 @@ def test_reference_helpers_self_check() -> None:
     x = np.array([0.3, -0.2, 1.1, 0.4])
     np.testing.assert_allclose(entmax_bisect_ref(x, 2.0), projection_bruteforce(x), atol=1e-12)
     np.testing.assert_allclose(softmax_ref(x).sum(), 1.0)
+
+
+# ------------------------------------------------------------- the peer library
+
+
+def test_agrees_with_entmax_package_values_and_gradients() -> None:
+    peer = pytest.importorskip("entmax")
+    x = g64(6, 9, seed=30, scale=1.5).requires_grad_()
+    alpha = torch.tensor([[1.2], [1.4], [1.6], [1.8], [2.0], [2.5]], dtype=torch.float64)
+    alpha.requires_grad_()
+    g = g64(6, 9, seed=31)
+    pairs = [
+        (sparsemax(x), peer.sparsemax(x, -1)),
+        (entmax15(x), peer.entmax15(x, -1)),
+        (entmax(x, alpha, n_iter=60), peer.entmax_bisect(x, alpha, -1, n_iter=60)),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+        grads = torch.autograd.grad((ours * g).sum(), [x, alpha], allow_unused=True)
+        peer_grads = torch.autograd.grad((theirs * g).sum(), [x, alpha], allow_unused=True)
+        for a, b in zip(grads, peer_grads, strict=True):
+            if a is not None and b is not None:
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=0)

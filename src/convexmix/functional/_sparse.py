@@ -42,20 +42,39 @@ __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
 # --------------------------------------------------------------------------- helpers
 
 
-def _sorted_shifted(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Values sorted in descending order minus the row maximum, and that maximum (0 for
-    all--inf rows). Every support entry lies within ``total`` (sparsemax) or
-    ``sqrt(total)`` (1.5-entmax) of the maximum, so the shifted prefix sums over the
-    support are O(1) and free of cancellation, even for logits of 1e4."""
-    zs = torch.sort(z, dim=-1, descending=True).values
+def _sorted_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows sorted in descending order, in float64, minus the row maximum; that maximum
+    (0 for all--inf rows); and whether the row has any entry > -inf, all ``(..., 1)``
+    but the first. Every support entry lies within ``total`` (sparsemax) or
+    ``sqrt(total)`` (1.5-entmax) of the maximum, so shifted prefix sums over the support
+    are O(1) and free of cancellation, even for logits of 1e4. The sort runs in the
+    input dtype: only the order matters."""
+    zs = torch.sort(z, dim=-1, descending=True).values.to(torch.float64)
     top = zs[..., :1]
-    shift = torch.where(top > -math.inf, top, 0.0)
-    return zs - shift, shift
+    present = top > -math.inf
+    shift = torch.where(present, top, 0.0)
+    zs -= shift
+    return zs, shift, present
 
 
-def _present(z_last: Tensor) -> Tensor:
-    """(..., 1) bool: does the slice have any entry > -inf."""
-    return (z_last > -math.inf).any(-1, keepdim=True)
+def _finish(
+    z: Tensor, shift: Tensor, tau: Tensor, present: Tensor, dim: int, square: bool
+) -> Tensor:
+    """``[z - shift - tau]_+`` (its square / 4 for 1.5-entmax, ``z`` unscaled) in float64,
+    rounded once to ``z.dtype``; zeros for rows with nothing present. ``z - shift`` comes
+    first: it is exact near the maximum (Sterbenz), where folding ``shift + tau`` into one
+    offset would lose ulp(max) ~ 2e-12 at logits of 1e4."""
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    d = z - shift  # float64 (shift is float64)
+    if square:
+        d.sub_(tau).clamp_min_(0.0)
+        torch.mul(d, d, out=out)
+        out.mul_(0.25)  # exact: a power of two
+    else:
+        torch.sub(d, tau, out=out)  # rounded once to the output dtype
+        out.clamp_min_(0.0)
+    out.masked_fill_(~present, 0.0)
+    return out.movedim(-1, dim).contiguous()
 
 
 def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) -> Tensor:
@@ -64,13 +83,19 @@ def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) 
     With :math:`g = y^{2-\alpha}` on the support: :math:`dx = g \odot (dy - \langle g, dy\rangle
     / \sum g)`. ``power`` is ``2 - alpha`` (0 for sparsemax, where g is the support indicator).
     """
+    tiny = torch.finfo(grad.dtype).tiny
     if isinstance(power, float) and power == 0.0:
-        g = (y > 0).to(grad.dtype)
+        support = y > 0
+        gd = torch.where(support, grad, 0.0)
+        q = gd.sum(dim, keepdim=True) / support.sum(dim, keepdim=True).clamp_min(1)
+        return gd.sub_(q).masked_fill_(~support, 0.0)
+    if isinstance(power, float) and power == 0.5:
+        g = y.to(grad.dtype).sqrt()
     else:
         g = torch.where(y > 0, y.clamp_min(0) ** power, 0.0).to(grad.dtype)
     gd = g * grad
-    q = gd.sum(dim, keepdim=True) / g.sum(dim, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    return gd - q * g
+    q = gd.sum(dim, keepdim=True) / g.sum(dim, keepdim=True).clamp_min(tiny)
+    return gd.sub_(g * q)  # gd is fresh; g may be unbatched under vmap, so no g.mul_
 
 
 def _batch_rule_single(op: Any) -> Any:
@@ -90,20 +115,18 @@ def _batch_rule_single(op: Any) -> Any:
 
 @torch.library.custom_op("convexmix::sparsemax", mutates_args=())
 def _sparsemax_op(x: Tensor, dim: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1).to(torch.float64)
+    z = x.movedim(dim, -1)
     k = z.shape[-1]
-    zs, shift = _sorted_shifted(z)
+    zs, shift, present = _sorted_shifted(z)
     cs = zs.cumsum(-1)
     ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
     # Entry k (1-based, sorted) is in the support iff t + k z_(k) > sum_{j<=k} z_(j).
-    kstar = (total + ks * zs > cs).sum(-1, keepdim=True).clamp_min(1)
+    kstar = (torch.addcmul(cs.new_full((), total), ks, zs) > cs).sum(-1, keepdim=True)
+    kstar.clamp_(min=1)
     # The prefix sums only locate the support; its sum is retaken pairwise (torch.sum),
     # which keeps the threshold exact to a few ulp at K = 1e5.
-    top = torch.where(ks <= kstar, zs, 0.0)
-    tau = (top.sum(-1, keepdim=True) - total) / kstar
-    p = (z - shift - tau).clamp_min(0.0)
-    p = p.masked_fill(~_present(zs), 0.0)
-    return p.to(x.dtype).movedim(-1, dim).contiguous()
+    tau = (zs.masked_fill_(ks > kstar, 0.0).sum(-1, keepdim=True) - total) / kstar
+    return _finish(z, shift, tau, present, dim, square=False)
 
 
 @_sparsemax_op.register_fake
@@ -175,27 +198,25 @@ def sparsemax(
 
 @torch.library.custom_op("convexmix::entmax15", mutates_args=())
 def _entmax15_op(x: Tensor, dim: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1).to(torch.float64) / 2
+    z = x.movedim(dim, -1)
     k = z.shape[-1]
-    zs, shift = _sorted_shifted(z)
+    zs, shift, present = _sorted_shifted(z)
+    zs *= 0.5  # entmax15 works on x / 2; exact
     valid = zs > -math.inf
-    zf = torch.where(valid, zs, 0.0)
+    zs.masked_fill_(~valid, 0.0)
     ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
     # For support size k: tau_k solves sum_{j<=k} (z_(j) - tau)^2 = t, i.e.
     # tau_k = mean_k - sqrt((t - ss_k) / k) with ss_k the squared deviations from mean_k.
-    mean = zf.cumsum(-1) / ks
-    ss = (zf * zf).cumsum(-1) - ks * mean * mean
-    delta = ((total - ss) / ks).clamp_min(0.0)
-    tau = mean - delta.sqrt()
-    kstar = ((tau <= zs) & valid).sum(-1, keepdim=True).clamp_min(1)
+    mean = zs.cumsum(-1).div_(ks)
+    ss = (zs * zs).cumsum_(-1).sub_(ks * mean * mean)
+    tau = mean.sub_(ss.neg_().add_(total).div_(ks).clamp_min_(0.0).sqrt_())
+    kstar = ((tau <= zs) & valid).sum(-1, keepdim=True).clamp_(min=1)
     # Retake the support statistics pairwise (torch.sum) for an exact threshold.
-    top = torch.where(ks <= kstar, zf, 0.0)
-    m = top.sum(-1, keepdim=True) / kstar
-    dev = torch.where(ks <= kstar, zf - m, 0.0)
+    outside = ks > kstar
+    m = zs.masked_fill(outside, 0.0).sum(-1, keepdim=True) / kstar
+    dev = zs.sub_(m).masked_fill_(outside, 0.0)
     tau_star = m - ((total - (dev * dev).sum(-1, keepdim=True)) / kstar).clamp_min(0.0).sqrt()
-    p = (z - shift - tau_star).clamp_min(0.0) ** 2
-    p = p.masked_fill(~valid[..., :1], 0.0)
-    return p.to(x.dtype).movedim(-1, dim).contiguous()
+    return _finish(z, shift, 2 * tau_star, present, dim, square=True)
 
 
 @_entmax15_op.register_fake
