@@ -34,5 +34,6 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     layer = torch.load(tmp_path / "layer.pt", weights_only=False)
     torch.testing.assert_close(layer.weight[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
     p = namespace["p"]
-    assert p[0, 1] == 0 and (p[1] == 0).all()  # type: ignore[index]
+    assert p[0, 1] == 0
+    assert (p[1] == 0).all()
     torch.testing.assert_close(p[0].sum(), torch.tensor(1.0))  # type: ignore[index]

@@ -315,7 +315,8 @@ def test_extreme_logits(name: str) -> None:
 # --------------------------------------------------------------------- compile
 
 
-def test_compile_fullgraph_all_maps() -> None:
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_all_maps(backend: str) -> None:
     def all_maps(x: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return (
             softmax(x, temperature=0.7, mask=mask, total=2.0)
@@ -325,7 +326,7 @@ def test_compile_fullgraph_all_maps() -> None:
             + stick_breaking(x[..., :-1], mask=mask)
         )
 
-    compiled = torch.compile(all_maps, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(all_maps, fullgraph=True, backend=backend)
     x = torch.randn(3, 5, requires_grad=True)
     mask = torch.rand(3, 5) > 0.3
     alpha = torch.tensor(1.4, requires_grad=True)
