@@ -112,3 +112,13 @@ def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:
             f"{tuple(z.shape)}."
         )
     return z.masked_fill(~mask, -math.inf)
+
+
+def prepare(x: Tensor, dim: int, mask: Tensor | None, total: float) -> tuple[Tensor, int, float]:
+    """The common preamble of the maps: check ``x``, ``dim`` and ``total``; cast half
+    precision to float32; fill absent entries with -inf. Returns ``(z, dim, total)``
+    with ``dim`` non-negative."""
+    check_tensor(x)
+    d = normalize_dim(x, dim)
+    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    return z, d, check_total(total)

@@ -7,14 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from convexmix.functional._checks import (
-    apply_mask,
-    check_temperature,
-    check_tensor,
-    check_total,
-    compute_dtype,
-    normalize_dim,
-)
+from convexmix.functional._checks import check_temperature, compute_dtype, prepare
 
 __all__ = ["softmax", "softmax_inverse"]
 
@@ -69,14 +62,10 @@ def softmax(
         >>> cx.functional.softmax(torch.zeros(2), mask=torch.tensor([False, False]))
         tensor([0., 0.])
     """
-    check_tensor(x)
-    d = normalize_dim(x, dim)
-    total = check_total(total)
     temperature = check_temperature(temperature)
-    z = x.to(compute_dtype(x.dtype))
+    z, d, total = prepare(x, dim, mask, total)
     if isinstance(temperature, Tensor) or temperature != 1.0:
-        z = z / temperature
-    z = apply_mask(z, mask)
+        z = z / temperature  # -inf (absent) stays -inf
     p = safe_softmax(z, d)
     if total != 1.0:
         p = p * total

@@ -25,15 +25,7 @@ import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import (
-    any_true,
-    apply_mask,
-    broadcasts_to,
-    check_tensor,
-    check_total,
-    compute_dtype,
-    normalize_dim,
-)
+from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare
 from convexmix.functional._softmax import softmax
 
 __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
@@ -185,10 +177,7 @@ def sparsemax(
         >>> cx.functional.sparsemax(torch.tensor([0.2, 0.3, 0.5]))  # identity on the simplex
         tensor([0.2000, 0.3000, 0.5000])
     """
-    check_tensor(x)
-    d = normalize_dim(x, dim)
-    total = check_total(total)
-    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    z, d, total = prepare(x, dim, mask, total)
     out = cast(Tensor, _Sparsemax.apply(z, d, total))  # type: ignore[no-untyped-call]
     return out.to(x.dtype)
 
@@ -261,10 +250,7 @@ def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: flo
         >>> cx.functional.entmax15(torch.tensor([2.0, 1.0, -2.0]))
         tensor([0.8307, 0.1693, 0.0000])
     """
-    check_tensor(x)
-    d = normalize_dim(x, dim)
-    total = check_total(total)
-    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    z, d, total = prepare(x, dim, mask, total)
     out = cast(Tensor, _Entmax15.apply(z, d, total))  # type: ignore[no-untyped-call]
     return out.to(x.dtype)
 
@@ -399,16 +385,14 @@ def entmax(
         >>> bool(alpha.grad.isfinite())
         True
     """
-    check_tensor(x)
-    d = normalize_dim(x, dim)
-    total = check_total(total)
+    z, d, total = prepare(x, dim, mask, total)
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ConvexMixError(f"n_iter must be an int >= 1; got {n_iter!r}.")
-    cdtype = compute_dtype(x.dtype)
+
     if isinstance(alpha, Tensor):
         a = alpha
         if not a.is_floating_point():
-            a = a.to(cdtype)
+            a = a.to(z.dtype)
         if any_true(a.detach() <= 1):
             raise ConvexMixError(
                 "alpha must be > 1 (alpha = 1 is the softmax); got a tensor with entries <= 1."
@@ -428,8 +412,7 @@ def entmax(
             raise ConvexMixError(f"alpha must be finite and >= 1; got {alpha}.")
         if alpha == 1:
             return softmax(x, d, mask=mask, total=total)
-        a = torch.full((1,) * x.dim(), float(alpha), dtype=cdtype, device=x.device)
-    z = apply_mask(x.to(cdtype), mask)
+        a = torch.full((1,) * x.dim(), float(alpha), dtype=z.dtype, device=x.device)
     out = cast(Tensor, _Entmax.apply(z, a, d, n_iter, total))  # type: ignore[no-untyped-call]
     return out.to(x.dtype)
 
