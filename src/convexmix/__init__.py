@@ -14,8 +14,9 @@ from convexmix.errors import (
     ShapeError,
     UnknownMapError,
 )
-from convexmix.nn import SimplexWeights
+from convexmix.nn import LazyWeightedSum, ScalarMix, SimplexWeights, WeightedSum
 from convexmix.parametrize import Simplex, remove_simplex_, simplex_
+from convexmix.record import WeightRecorder
 
 __version__ = "0.1.0"
 
@@ -23,10 +24,14 @@ __all__ = [
     "ConvexMixError",
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
+    "LazyWeightedSum",
+    "ScalarMix",
     "ShapeError",
     "Simplex",
     "SimplexWeights",
     "UnknownMapError",
+    "WeightRecorder",
+    "WeightedSum",
     "__version__",
     "functional",
     "remove_simplex_",

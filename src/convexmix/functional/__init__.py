@@ -11,12 +11,14 @@ tensor([[1.0000, 0.0000, 0.0000],
         [0.3333, 0.3333, 0.3333]])
 """
 
+from convexmix.functional._combine import convex_combination
 from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax
 from convexmix.functional._sparse import entmax, entmax15, sparsemax
 from convexmix.functional._stick import stick_breaking, stick_breaking_inverse
 
 __all__ = [
     "SOFTMAX_ZERO_EPS",
+    "convex_combination",
     "entmax",
     "entmax15",
     "softmax",
