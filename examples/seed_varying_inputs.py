@@ -12,9 +12,11 @@ arrived::
 
 Parameters made in ``forward`` do not exist when the optimizer is built, and are
 replaced on every call, so nothing ever trains. The right pattern declares every
-source once, up front, and passes a mask of which ones are present in a batch: the
-weights are renormalised over the present sources (for softmax, the softmax over
-their logits), and a batch with none present gives zeros, never NaN.
+source once, up front: ``cx.WeightedSum(n, sources=[...])`` takes a dict in which an
+absent key is a missing input, and renormalises the weights over the present sources
+(for softmax, the softmax over their logits). ``mask=`` does the same per sample, and a
+sample with nothing present gives zeros, never NaN. (``cx.LazyWeightedSum`` infers n
+from a first dry run, for when the count is fixed but not known in advance.)
 
     python examples/seed_varying_inputs.py
 """
@@ -22,31 +24,16 @@ their logits), and a batch with none present gives zeros, never NaN.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import convexmix as cx
 
 SOURCES = ["audio", "video", "text", "depth"]
 
 
-class MaskedFusion(nn.Module):
-    def __init__(self, sources: list[str]) -> None:
-        super().__init__()
-        self.sources = list(sources)
-        self.weights = cx.SimplexWeights(len(sources))  # exists before the optimizer
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        present = torch.tensor([name in inputs for name in self.sources])
-        w = self.weights(mask=present)  # 0 for absent sources, the rest sum to 1
-        like = next(iter(inputs.values()))
-        stacked = torch.stack([inputs.get(n, torch.zeros_like(like)) for n in self.sources])
-        return torch.einsum("k,k...->...", w, stacked)
-
-
 def main(steps: int = 600, seed: int = 0, verbose: bool = True) -> dict:
     torch.manual_seed(seed)
     true = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    model = MaskedFusion(SOURCES)
+    model = cx.WeightedSum(len(SOURCES), sources=SOURCES)  # exists before the optimizer
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         present = torch.rand(4) < 0.7
@@ -60,12 +47,12 @@ def main(steps: int = 600, seed: int = 0, verbose: bool = True) -> dict:
         loss.backward()
         opt.step()
 
-    learned = model.weights().detach()
+    learned = model.weights.detach()
     if verbose:
         print(f"learned={learned.numpy().round(3)} true={true.numpy()}")
+        only = {"text": torch.ones(1), "depth": torch.zeros(1)}  # renormalised: 0.2 / (0.2 + 0.1)
         print(
-            f"sum={learned.sum().item():.6f}; with only text and depth present:",
-            model.weights(mask=torch.tensor([False, False, True, True])).detach().numpy().round(3),
+            f"sum={learned.sum().item():.6f}; text=1, depth=0, others absent -> {model(only).item():.3f}"
         )
     return {"learned": learned, "true": true}
 

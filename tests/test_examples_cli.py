@@ -85,3 +85,16 @@ def test_cli_errors_are_one_line_exit_2() -> None:
 
 def test_version() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", cx.__version__)
+
+
+def test_digits_missing_views_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    example = load_example("digits_missing_views")
+    res = example.main(epochs=3, seeds=1, out=str(tmp_path), noise=0.5, verbose=False)
+    for fusion in example.FUSIONS:
+        acc = res[fusion]
+        assert set(acc) == {"all views", "1 missing", "2 missing", "1 view left"}
+        assert acc["all views"][0] > 0.6  # ten classes: chance is 0.1
+        assert acc["all views"][0] >= acc["1 view left"][0]
+    torch.testing.assert_close(torch.tensor(res["_weights"]["mean"]).sum(), torch.tensor(1.0))
+    assert (tmp_path / "digits_fusion_weights_noise0.5.png").stat().st_size > 5_000

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from convexmix.nn import SimplexWeights
+from convexmix.nn import SimplexWeights, WeightedSum
 
 __all__: list[str] = []
 
@@ -55,43 +55,45 @@ def mixing(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioRes
 
 
 def with_bias(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioResult:
-    """(b) batched inputs (3, B, D), a convex combination plus a free bias."""
+    """(b) batched inputs (3, B, D): a WeightedSum with a free bias."""
     true, true_bias = torch.tensor([0.25, 0.6, 0.15]), -0.4
-    w, bias = SimplexWeights(3, map=map), nn.Parameter(torch.zeros(()))
+    layer = WeightedSum(3, map=map, bias=True)
 
     def loss_fn() -> Tensor:
         x = torch.randn(3, 64, 8)
         target = torch.tensordot(true, x, 1) + true_bias
-        weights: Tensor = w()
-        residual: Tensor = torch.tensordot(weights, x, 1) + bias - target
+        residual: Tensor = layer(x) - target
         return residual.square().mean()
 
-    loss = _fit(iter([*w.parameters(), bias]), loss_fn, steps, progress)
+    loss = _fit(layer.parameters(), loss_fn, steps, progress)
+    bias = float(layer.bias.detach())
     return ScenarioResult(
         "weighted sum + bias",
         map,
-        w().detach(),
+        layer.weights.detach(),
         true,
         loss,
-        f"bias {bias.item():+.3f} (true {true_bias:+.3f})",
+        f"bias {bias:+.3f} (true {true_bias:+.3f})",
     )
 
 
 def varying(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioResult:
-    """(c) 4 declared sources, a random subset present per batch, weights masked."""
+    """(c) 4 named sources, declared up front; a random subset arrives in each batch."""
+    names = ["audio", "video", "text", "depth"]
     true = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    w = SimplexWeights(4, map=map)
+    layer = WeightedSum(4, map=map, sources=names)
 
     def loss_fn() -> Tensor:
         present = torch.rand(4) < 0.6
         present[int(torch.randint(4, ()))] = True
         x = torch.randn(4, 128)
         target_w = true * present / (true * present).sum()
-        weights: Tensor = w(mask=present)
-        return (weights @ x - target_w @ x).square().mean()
+        inputs = {n: x[i] for i, n in enumerate(names) if present[i]}  # absent keys: missing
+        residual: Tensor = layer(inputs) - target_w @ x
+        return residual.square().mean()
 
-    loss = _fit(w.parameters(), loss_fn, steps, progress)
-    return ScenarioResult("varying inputs (masked)", map, w().detach(), true, loss)
+    loss = _fit(layer.parameters(), loss_fn, steps, progress)
+    return ScenarioResult("varying inputs (named sources)", map, layer.weights.detach(), true, loss)
 
 
 SCENARIOS = (mixing, with_bias, varying)

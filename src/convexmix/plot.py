@@ -33,6 +33,7 @@ def plot_weight_history(
     *,
     labels: Mapping[str, Sequence[str] | None] | None = None,
     title: str | None = None,
+    xlabel: str = "step",
 ) -> Path:
     """One panel per recorded layer, one line per weight, saved as a PNG at ``path``.
 
@@ -65,7 +66,7 @@ def plot_weight_history(
         ax.set_ylabel("weight")
         ax.set_ylim(-0.02, max(1.02, float(v.max()) + 0.02))
         ax.legend(loc="best", fontsize="small", ncols=min(v.shape[1], 4))
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(xlabel)
     if title:
         fig.suptitle(title)
     out = Path(path)

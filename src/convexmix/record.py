@@ -98,9 +98,11 @@ class WeightRecorder:
         """The recorded weights, stacked: ``{name: (records, *weight_shape)}``."""
         return {n: torch.stack(r) for n, r in self._records.items() if r}
 
-    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+    def plot(self, path: str | Path, *, title: str | None = None, xlabel: str = "step") -> Path:
         """Draw the trajectories to a PNG (needs the ``[plot]`` extra, matplotlib)."""
         from convexmix.plot import plot_weight_history
 
         steps = {n: self.steps[-len(r) :] for n, r in self._records.items() if r}
-        return plot_weight_history(self.history, steps, path, labels=self.labels, title=title)
+        return plot_weight_history(
+            self.history, steps, path, labels=self.labels, title=title, xlabel=xlabel
+        )
