@@ -51,9 +51,8 @@ def main(steps: int = 600, seed: int = 0, verbose: bool = True) -> dict:
     if verbose:
         print(f"learned={learned.numpy().round(3)} true={true.numpy()}")
         only = {"text": torch.ones(1), "depth": torch.zeros(1)}  # renormalised: 0.2 / (0.2 + 0.1)
-        print(
-            f"sum={learned.sum().item():.6f}; text=1, depth=0, others absent -> {model(only).item():.3f}"
-        )
+        fused = model(only).item()
+        print(f"sum={learned.sum().item():.6f}; text=1, depth=0, others absent -> {fused:.3f}")
     return {"learned": learned, "true": true}
 
 
