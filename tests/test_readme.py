@@ -37,3 +37,5 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert p[0, 1] == 0
     assert (p[1] == 0).all()
     torch.testing.assert_close(p[0].sum(), torch.tensor(1.0))  # type: ignore[index]
+    assert namespace["fused"].shape == (8, 16)  # type: ignore[attr-defined]
+    assert namespace["layer_mix"].shape == (2, 5, 32)  # type: ignore[attr-defined]
