@@ -344,3 +344,25 @@ def test_scalar_mix_errors_and_roundtrip() -> None:
     )
     clone = pickle.loads(pickle.dumps(cx.ScalarMix(3, init=[0.5, 0.25, 0.25])))
     torch.testing.assert_close(clone.weights, torch.tensor([0.5, 0.25, 0.25]))
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_masks_work_with_every_map(name: str, channels: int | None) -> None:
+    layer = double(cx.WeightedSum(4, map=name, channels=channels, init="random"))
+    xs = [rand(3, 2, 3, seed=k) for k in range(4)]
+    mask = torch.tensor([[False, True, False, False], [True, True, True, True], [False] * 4])
+    out = layer(xs, mask=mask)
+    torch.testing.assert_close(out[0], xs[1][0])  # a single present input takes all the weight
+    torch.testing.assert_close(out[1], layer(xs)[1])  # all present: the plain weights
+    assert (out[2] == 0).all()
+
+
+def test_scalar_mix_state_dict_and_deepcopy() -> None:
+    mix = cx.ScalarMix(3, init=[0.6, 0.3, 0.1], gamma=0.5, layer_norm="token")
+    fresh = cx.ScalarMix(3, layer_norm="token")
+    fresh.load_state_dict(mix.state_dict())
+    layers = [torch.randn(2, 4, 5) for _ in range(3)]
+    torch.testing.assert_close(fresh(layers), mix(layers))
+    torch.testing.assert_close(copy.deepcopy(mix)(layers), mix(layers))
+    assert sorted(mix.state_dict()) == ["gamma", "mix.free"]
