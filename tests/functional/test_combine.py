@@ -85,3 +85,86 @@ def test_errors() -> None:
         convex_combination(torch.ones(2), [xs[0], xs[1].double()])
     with pytest.raises(cx.ConvexMixError, match=r"inputs\[1\] must be a tensor; got int"):
         convex_combination(torch.ones(2), [xs[0], 3])  # type: ignore[list-item]
+
+
+# ------------------------------------------------------------ the blocked CPU kernels
+
+BIG = 3 * (1 << 18) + 17  # more than three blocks, with a ragged end
+
+
+@pytest.mark.parametrize("layout", ["list", "stacked", "strided"])
+@pytest.mark.parametrize("wkind", ["scalar", "per-channel", "per-sample"])
+def test_blocked_kernels_match_float64(layout: str, wkind: str) -> None:
+    k, rows, cols = 5, BIG // 7 + 1, 7
+    base = rand(k, rows, cols, seed=20).float()
+    if layout == "list":
+        xs = [t.clone() for t in base]
+    elif layout == "stacked":
+        xs = base  # K along dim 0, contiguous: the GEMV path for scalar weights
+    else:
+        xs = [t.T.contiguous().T for t in base]  # non-contiguous views
+    shapes = {"scalar": (k,), "per-channel": (k, cols), "per-sample": (k, rows, 1)}
+    w = torch.rand(*shapes[wkind], generator=torch.Generator().manual_seed(3)).requires_grad_()
+    inputs = [t.requires_grad_() for t in (xs if isinstance(xs, list) else [xs])]
+    out = convex_combination(w, inputs if isinstance(xs, list) else inputs[0])
+    ref = sum(w.double()[i] * base[i].double() for i in range(k))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(rows, cols)
+    out.backward(g)
+    ref_gw = torch.stack(
+        [(g.double() * base[i].double()).sum_to_size(shapes[wkind][1:]) for i in range(k)]
+    )
+    torch.testing.assert_close(w.grad.double(), ref_gw, atol=1e-3, rtol=1e-5)
+    if layout == "list":
+        for i in range(k):
+            torch.testing.assert_close(inputs[i].grad, w.detach()[i] * g)
+
+
+def test_gradients_only_where_needed() -> None:
+    xs = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)]
+    w = torch.tensor([0.3, 0.7])
+    convex_combination(w, xs).sum().backward()
+    torch.testing.assert_close(xs[0].grad, torch.full((4, 3), 0.3))
+    assert xs[1].grad is None
+    w2 = torch.tensor([0.3, 0.7], requires_grad=True)
+    convex_combination(w2, [x.detach() for x in xs]).sum().backward()
+    assert w2.grad is not None
+
+
+def test_out_reuses_a_buffer() -> None:
+    xs = [torch.randn(BIG) for _ in range(3)]
+    w = torch.tensor([0.2, 0.3, 0.5])
+    buf = torch.empty(BIG)
+    res = convex_combination(w, xs, out=buf)
+    assert res is buf
+    torch.testing.assert_close(buf, 0.2 * xs[0] + 0.3 * xs[1] + 0.5 * xs[2])
+    with pytest.raises(
+        cx.ShapeError, match=r"out must have shape \(786449,\) and dtype torch.float32"
+    ):
+        convex_combination(w, xs, out=torch.empty(3))
+    with pytest.raises(cx.ConvexMixError, match="out= does not support autograd"):
+        convex_combination(w.requires_grad_(), xs, out=buf)
+
+
+def test_half_inputs_over_many_blocks() -> None:
+    xs = [torch.randn(BIG).to(torch.bfloat16) for _ in range(4)]
+    w = torch.softmax(torch.randn(4), 0)
+    out = convex_combination(w, xs)
+    exact = sum(w[i].double() * xs[i].double() for i in range(4))
+    assert out.dtype == torch.bfloat16
+    assert (
+        (out.double() - exact).abs() <= torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-6
+    ).all()
+
+
+def test_compile_inductor_with_backward() -> None:
+    def f(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+        return convex_combination(torch.softmax(w, 0), xs).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    w = torch.randn(3, requires_grad=True)
+    xs = [torch.randn(5, 4, requires_grad=True) for _ in range(3)]
+    grads = torch.autograd.grad(compiled(w, xs), [w, *xs])
+    ref = torch.autograd.grad(f(w, xs), [w, *xs])
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,21 +1,89 @@
-"""``convex_combination``: sum_k weights[k] * inputs[k] (private module).
+"""``convex_combination``: sum_k weights[k] * inputs[k], fused (private module).
 
-This is the reference implementation: one accumulator and ``addcmul`` steps, so no K
-temporaries and no ``torch.stack``; autograd differentiates it. Issue 4 replaces the
-body with fused CPU/Triton kernels behind the same signature.
+The forward and backward are ``torch.library`` custom ops (opaque to
+``torch.compile(fullgraph=True)``), with the autograd formula registered on the forward op.
+On CPU they run the cache-blocked kernels of ``convexmix._kernels.cpu``: about K reads
+and one write forward, one read of the output gradient plus K reads (and K writes for the
+inputs' gradients) backward, and no K temporaries. Other devices run the same blocked
+code through ATen for now.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from convexmix._kernels import cpu
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._checks import broadcasts_to, compute_dtype, normalize_dim
 
 __all__ = ["convex_combination"]
+
+
+# ------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("convexmix::combine", mutates_args=())
+def _combine_op(weights: Tensor, inputs: list[Tensor]) -> Tensor:
+    out = torch.empty(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    cpu.forward(weights, inputs, out)
+    return out
+
+
+@_combine_op.register_fake
+def _(weights: Tensor, inputs: list[Tensor]) -> Tensor:
+    return inputs[0].new_empty(inputs[0].shape)
+
+
+@torch.library.custom_op("convexmix::combine_out", mutates_args=("out",))
+def _combine_out_op(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
+    cpu.forward(weights, inputs, out)
+
+
+@_combine_out_op.register_fake
+def _(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("convexmix::combine_backward", mutates_args=())
+def _combine_backward_op(
+    grad: Tensor, weights: Tensor, inputs: list[Tensor], need_w: bool, need_x: bool
+) -> tuple[Tensor, list[Tensor]]:
+    grad_w, grad_xs = cpu.backward(grad, weights, inputs, need_w, need_x)
+    return (grad_w if grad_w is not None else weights.new_empty(0)), grad_xs
+
+
+@_combine_backward_op.register_fake
+def _(
+    grad: Tensor, weights: Tensor, inputs: list[Tensor], need_w: bool, need_x: bool
+) -> tuple[Tensor, list[Tensor]]:
+    grad_w = weights.new_empty(weights.shape if need_w else (0,))
+    return grad_w, [x.new_empty(x.shape) for x in inputs] if need_x else []
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    weights, xs = inputs
+    ctx.k = len(xs)
+    ctx.save_for_backward(weights, *xs)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, list[Tensor | None] | None]:
+    weights, *xs = ctx.saved_tensors
+    need_w = bool(ctx.needs_input_grad[0])
+    need_x = bool(ctx.needs_input_grad[1])
+    grad_w, grad_xs = _combine_backward_op(grad.contiguous(), weights, xs, need_w, need_x)
+    return (grad_w if need_w else None), (list(grad_xs) if need_x else None)
+
+
+# register_autograd (not an autograd.Function): Dynamo mis-binds a varargs Function that
+# passes its tensors on as a list. torch.func transforms are not supported on this op.
+_combine_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------- public
 
 
 def _as_list(inputs: Tensor | Sequence[Tensor], dim: int) -> list[Tensor]:
@@ -39,26 +107,37 @@ def _as_list(inputs: Tensor | Sequence[Tensor], dim: int) -> list[Tensor]:
         raise ConvexMixError(
             f"all inputs must have the same dtype; got {sorted(map(str, dtypes))}."
         )
+    devices = {x.device for x in xs}
+    if len(devices) > 1:
+        raise ConvexMixError(f"all inputs must be on one device; got {sorted(map(str, devices))}.")
     return xs
 
 
 def convex_combination(
-    weights: Tensor, inputs: Tensor | Sequence[Tensor], *, dim: int = 0
+    weights: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    dim: int = 0,
+    out: Tensor | None = None,
 ) -> Tensor:
-    r"""Weighted sum :math:`\sum_k w_k \, x_k` of K same-shape inputs.
+    r"""Fused weighted sum :math:`\sum_k w_k \, x_k` of K same-shape inputs.
 
-    The weights are usually on the simplex (the output of a map), but any weights work
-    (e.g. a ScalarMix gamma folded in); they are not checked, so no synchronisation.
+    One pass: no ``torch.stack``, no K temporaries, one output (or ``out``). The weights
+    are usually on the simplex (the output of a map), but any weights work (a ScalarMix
+    gamma is folded in this way); they are not checked, so nothing synchronises.
 
     Args:
         weights: ``(K,)``, or ``(K, *S)`` with ``S`` broadcasting to an input's shape
             (per-channel weights ``(K, C)``, per-sample weights ``(K, B, 1, ..., 1)``).
-        inputs: a list/tuple of K tensors of one shape and dtype, or one tensor with K
-            along ``dim``.
+        inputs: a list/tuple of K tensors of one shape, dtype and device (any strides),
+            or one tensor with K along ``dim``.
         dim: the dimension of K when ``inputs`` is one tensor.
+        out: a preallocated output of the inputs' shape and dtype, to reuse a buffer
+            (no autograd through ``out=``).
 
     Returns:
         Tensor of the inputs' shape and dtype; float16/bfloat16 accumulate in float32.
+        Gradients flow to the weights and the inputs, only to those that need them.
 
     Example:
         >>> import torch, convexmix as cx
@@ -86,9 +165,22 @@ def convex_combination(
         )
     if not xs[0].is_floating_point():
         raise ConvexMixError(f"inputs must be floating point; got dtype {xs[0].dtype}.")
+    if weights.device != xs[0].device:
+        raise ConvexMixError(
+            f"weights are on {weights.device} but the inputs on {xs[0].device}; move one of them."
+        )
     acc = torch.promote_types(compute_dtype(xs[0].dtype), weights.dtype)
     w = weights.to(acc)
-    out = w[0] * xs[0].to(acc)
-    for i in range(1, k):
-        out = torch.addcmul(out, w[i], xs[i])
-    return out.to(xs[0].dtype)
+    if out is not None:
+        if not isinstance(out, Tensor) or out.shape != shape or out.dtype != xs[0].dtype:
+            got = (tuple(out.shape), out.dtype) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeError(
+                f"out must have shape {tuple(shape)} and dtype {xs[0].dtype}; got {got}."
+            )
+        if torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xs)):
+            raise ConvexMixError(
+                "out= does not support autograd: drop out= or run under torch.no_grad()."
+            )
+        _combine_out_op(w.detach(), xs, out)
+        return out
+    return cast(Tensor, _combine_op(w, xs))

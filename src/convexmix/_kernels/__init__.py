@@ -1,0 +1,1 @@
+"""Kernels behind ``convex_combination`` (private): nothing else in convexmix knows them."""
