@@ -119,16 +119,20 @@ def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
 
 
 def backward(
-    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, need_x: bool
+    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, need_x: list[bool]
 ) -> tuple[Tensor | None, list[Tensor]]:
-    """``grad_w[k] = sum(grad * x_k)`` reduced to the weights' shape; ``grad_x[k] = w_k grad``."""
+    """``grad_w[k] = sum(grad * x_k)`` reduced to the weights' shape, and ``grad_x[k] = w_k
+    grad`` for the inputs with ``need_x[k]`` (returned in order, only those)."""
     acc = weights.dtype
     scalar = weights.dim() == 1
-    grad_xs = (
-        [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs] if need_x else []
-    )
+    grads = {
+        k: torch.empty_like(x, memory_format=torch.contiguous_format)
+        for k, x in enumerate(xs)
+        if need_x[k]
+    }
+    grad_xs = list(grads.values())
     grad_w: Tensor | None = torch.zeros_like(weights) if need_w else None
-    if not (need_w or need_x):
+    if not (need_w or grads):
         return grad_w, grad_xs
     # Rows of one block (stacked inputs): grad_w by one GEMV per block, read once.
     stacked = None
@@ -157,9 +161,9 @@ def backward(
                     if cut.w_rows and not flat:
                         target = target[a:b]
                     target.add_(part)
-            if need_x:
+            if k in grads:
                 w = wl[k] if wl is not None else cut.w(k, a, b)
-                torch.mul(g, w, out=cut.x(grad_xs[k], a, b))
+                torch.mul(g, w, out=cut.x(grads[k], a, b))
     if need_w and wl is not None:
         grad_w = sums.to(acc)
     return grad_w, grad_xs

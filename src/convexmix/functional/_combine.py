@@ -48,34 +48,72 @@ def _(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
     return None
 
 
-@torch.library.custom_op("convexmix::combine_backward", mutates_args=())
-def _combine_backward_op(
-    grad: Tensor, weights: Tensor, inputs: list[Tensor], need_w: bool, need_x: bool
-) -> tuple[Tensor, list[Tensor]]:
-    grad_w, grad_xs = cpu.backward(grad, weights, inputs, need_w, need_x)
-    return (grad_w if grad_w is not None else weights.new_empty(0)), grad_xs
+# One backward op per need (weights, inputs, both), each with a fixed output structure and
+# no flags. The inputs' gradients are computed for all inputs or none; when only some
+# inputs need one, the others are dropped.
 
 
-@_combine_backward_op.register_fake
-def _(
-    grad: Tensor, weights: Tensor, inputs: list[Tensor], need_w: bool, need_x: bool
-) -> tuple[Tensor, list[Tensor]]:
-    grad_w = weights.new_empty(weights.shape if need_w else (0,))
-    return grad_w, [x.new_empty(x.shape) for x in inputs] if need_x else []
+@torch.library.custom_op("convexmix::combine_grad_w", mutates_args=())
+def _grad_w_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
+    grad_w, _ = cpu.backward(grad, weights, inputs, True, [False] * len(inputs))
+    assert grad_w is not None
+    return grad_w
+
+
+@_grad_w_op.register_fake
+def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
+    return weights.new_empty(weights.shape)
+
+
+@torch.library.custom_op("convexmix::combine_grad_x", mutates_args=())
+def _grad_x_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    return cpu.backward(grad, weights, inputs, False, [True] * len(inputs))[1]
+
+
+@_grad_x_op.register_fake
+def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    return [x.new_empty(x.shape) for x in inputs]
+
+
+@torch.library.custom_op("convexmix::combine_grad_wx", mutates_args=())
+def _grad_wx_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    grad_w, grad_xs = cpu.backward(grad, weights, inputs, True, [True] * len(inputs))
+    assert grad_w is not None
+    return grad_w, grad_xs
+
+
+@_grad_wx_op.register_fake
+def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    return weights.new_empty(weights.shape), [x.new_empty(x.shape) for x in inputs]
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     weights, xs = inputs
-    ctx.k = len(xs)
     ctx.save_for_backward(weights, *xs)
 
 
-def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, list[Tensor | None] | None]:
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+    """One pass over the output gradient for whatever is needed. Inputs that need no
+    gradient get None (when only some do, the others' are computed and dropped)."""
     weights, *xs = ctx.saved_tensors
     need_w = bool(ctx.needs_input_grad[0])
-    need_x = bool(ctx.needs_input_grad[1])
-    grad_w, grad_xs = _combine_backward_op(grad.contiguous(), weights, xs, need_w, need_x)
-    return (grad_w if need_w else None), (list(grad_xs) if need_x else None)
+    flags = ctx.needs_input_grad[1]  # one flag per input (eager), or one bool (AOTAutograd)
+    need_x = (
+        [bool(n) for n in flags] if isinstance(flags, (list, tuple)) else [bool(flags)] * len(xs)
+    )
+    grad = grad.contiguous()
+    grad_w: Tensor | None = None
+    grad_xs: list[Tensor] | None = None
+    if need_w and any(need_x):
+        grad_w, grad_xs = _grad_wx_op(grad, weights, xs)
+    elif need_w:
+        grad_w = _grad_w_op(grad, weights, xs)
+    elif any(need_x):
+        grad_xs = _grad_x_op(grad, weights, xs)
+    gx: list[Tensor | None] = [None] * len(xs)
+    if grad_xs is not None:
+        gx = [g if n else None for g, n in zip(grad_xs, need_x, strict=True)]
+    return grad_w, gx
 
 
 # register_autograd (not an autograd.Function): Dynamo mis-binds a varargs Function that

@@ -1,0 +1,200 @@
+"""convex_combination against the obvious PyTorch code, as ratios to the memory bound.
+
+    python benchmarks/bench_combine.py [--quick] [--no-compile] [--repeats 5]
+
+One run measures the read bandwidth of a reduction over 512 MiB (larger than the
+last-level cache), then for each case and implementation prints the time divided by the
+bound, the bytes a fused op must move at that bandwidth:
+
+* forward: read K inputs, write 1 output;
+* backward, weights only: read the output gradient and the K inputs;
+* backward, weights and inputs: the same plus K writes.
+
+"peak extra" is the peak resident memory above what the inputs hold, during a forward
+(and a forward + backward for the weights and inputs), in units of one output; it is
+read from the kernel's high-water mark, reset before each measurement (Linux).
+Implementations: fused (``cx.functional.convex_combination``; "fused out=" reuses an
+output buffer), the seed loop ``sum(w * x for ...)``, ``torch.stack`` + ``tensordot``,
+and ``torch.compile`` of the loop (its compile time in the last column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+import convexmix as cx
+
+Impl = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+
+def seed_loop(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    return sum(wk * x for wk, x in zip(w, xs, strict=True))  # type: ignore[return-value]
+
+
+def stack_tensordot(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensordot(w, torch.stack(xs), dims=1)
+
+
+def fused(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    return cx.functional.convex_combination(w, xs)
+
+
+def best_time(f: Callable[[], object], repeats: int) -> float:
+    f()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(repeats: int) -> float:
+    big = torch.ones(1 << 27)  # 512 MiB
+    t = best_time(lambda: big.sum(), repeats)
+    return big.numel() * 4 / t
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra(f: Callable[[], object]) -> float:
+    """Peak resident bytes above the current resident set while ``f`` runs."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return float("nan")
+    before = _status("VmRSS")
+    f()
+    return float(_status("VmHWM") - before)
+
+
+def run_case(
+    name: str,
+    k: int,
+    shape: tuple[int, ...],
+    impls: dict[str, Impl],
+    bw: float,
+    repeats: int,
+    compile_loop: bool,
+) -> list[str]:
+    torch.manual_seed(0)
+    xs = [torch.randn(shape) for _ in range(k)]
+    w = torch.softmax(torch.randn(k), 0)
+    n = xs[0].numel()
+    unit = n * 4  # bytes of one output
+    bound = {
+        "fwd": (k + 1) * unit / bw,
+        "bwd_w": (k + 1) * unit / bw,
+        "bwd_wx": (2 * k + 1) * unit / bw,
+    }
+    rows = []
+    impls = dict(impls)
+    compile_s = {}
+    if compile_loop:
+        compiled = torch.compile(seed_loop, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(w, xs)
+        compile_s["compiled loop"] = time.perf_counter() - t0
+        impls["compiled loop"] = compiled
+        wg = w.clone().requires_grad_()
+        xg = [x.clone().requires_grad_() for x in xs]
+        t0 = time.perf_counter()
+        compiled(wg, xg).backward(torch.ones(shape))
+        compile_s["compiled loop"] += time.perf_counter() - t0
+        del wg, xg
+    out_buf = torch.empty(shape)
+    g = torch.randn(shape)
+    for label, f in [*impls.items(), ("fused out=", None)]:
+        with torch.no_grad():
+            if f is None:
+
+                def into_buffer() -> torch.Tensor:
+                    return cx.functional.convex_combination(w, xs, out=out_buf)
+
+                t_fwd = best_time(into_buffer, repeats)
+                mem_fwd = peak_extra(into_buffer)
+            else:
+                t_fwd = best_time(lambda f=f: f(w, xs), repeats)
+                mem_fwd = peak_extra(lambda f=f: f(w, xs))
+        cells = [f"{t_fwd / bound['fwd']:.2f}"]
+        mem_bwd = float("nan")
+        if f is not None:
+            for mode in ("bwd_w", "bwd_wx"):
+                wg = w.clone().requires_grad_()
+                xg = [x.requires_grad_(mode == "bwd_wx") for x in xs]
+                out = f(wg, xg)
+
+                def backward(out: torch.Tensor = out, wg: torch.Tensor = wg, xg: list = xg) -> None:
+                    wg.grad = None
+                    for x in xg:
+                        x.grad = None
+                    out.backward(g, retain_graph=True)
+
+                cells.append(f"{best_time(backward, repeats) / bound[mode]:.2f}")
+                if mode == "bwd_wx":
+                    del out
+                    for x in xg:
+                        x.grad = None
+                    mem_bwd = peak_extra(lambda f=f, wg=wg, xg=xg: f(wg, xg).backward(g))
+                for x in xs:
+                    x.requires_grad_(False)
+                    x.grad = None
+        else:
+            cells += ["-", "-"]
+        mem = f"{mem_fwd / unit:.1f}" + ("" if mem_bwd != mem_bwd else f" / {mem_bwd / unit:.1f}")
+        comp = f"{compile_s[label]:.1f}" if label in compile_s else ""
+        rows.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {mem} | {comp} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="N = 1e5 and 1e6 only")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    bw = read_bandwidth(args.repeats)
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, float32; read bandwidth (sum over 512 MiB): "
+        f"{bw / 1e9:.1f} GB/s"
+    )
+    print(
+        "bound: bytes a fused op must move / read bandwidth; cells are time / bound "
+        f"(min of {args.repeats} runs); peak extra in outputs (forward / forward+backward)\n"
+    )
+    print("| case | impl | fwd | bwd w | bwd w+x | peak extra | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    ns = [100_000, 1_000_000] if args.quick else [100_000, 16_000_000]
+    impls: dict[str, Impl] = {
+        "fused": fused,
+        "seed loop": seed_loop,
+        "stack+tensordot": stack_tensordot,
+    }
+    cases = [(f"K={k}, N={n:.0e}", k, (n,)) for k in (2, 8, 32) for n in ns]
+    cases.append(("ScalarMix 25 x (8, 512, 768)", 25, (8, 512, 768)))
+    for name, k, shape in cases:
+        for row in run_case(name, k, shape, impls, bw, args.repeats, not args.no_compile):
+            print(row, flush=True)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
