@@ -106,7 +106,14 @@ def run_case(
     impls = dict(impls)
     compile_s = {}
     if compile_loop:
-        compiled = torch.compile(seed_loop, dynamic=False)
+        # A fresh compile per case: one shared function would hit Dynamo's recompile limit
+        # (8 shapes/grad modes) and silently fall back to eager.
+        torch._dynamo.reset()
+
+        def loop(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+            return seed_loop(w, xs)
+
+        compiled = torch.compile(loop, dynamic=False)
         t0 = time.perf_counter()
         compiled(w, xs)
         compile_s["compiled loop"] = time.perf_counter() - t0
