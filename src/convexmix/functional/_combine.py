@@ -134,20 +134,19 @@ def _as_list(inputs: Tensor | Sequence[Tensor], dim: int) -> list[Tensor]:
             f"got {type(inputs).__name__}{' (empty)' if isinstance(inputs, (list, tuple)) else ''}."
         )
     xs = list(inputs)
+    x0 = xs[0]
     for i, x in enumerate(xs):
         if not isinstance(x, Tensor):
             raise ConvexMixError(f"inputs[{i}] must be a tensor; got {type(x).__name__}.")
-    shapes = [tuple(x.shape) for x in xs]
-    if len(set(shapes)) > 1:
-        raise ShapeError(f"all inputs must have the same shape; got {shapes}.")
-    dtypes = {x.dtype for x in xs}
-    if len(dtypes) > 1:
-        raise ConvexMixError(
-            f"all inputs must have the same dtype; got {sorted(map(str, dtypes))}."
-        )
-    devices = {x.device for x in xs}
-    if len(devices) > 1:
-        raise ConvexMixError(f"all inputs must be on one device; got {sorted(map(str, devices))}.")
+        if x.shape != x0.shape:
+            shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in xs]
+            raise ShapeError(f"all inputs must have the same shape; got {shapes}.")
+        if x.dtype != x0.dtype:
+            dtypes = sorted({str(t.dtype) for t in xs if isinstance(t, Tensor)})
+            raise ConvexMixError(f"all inputs must have the same dtype; got {dtypes}.")
+        if x.device != x0.device:
+            devices = sorted({str(t.device) for t in xs if isinstance(t, Tensor)})
+            raise ConvexMixError(f"all inputs must be on one device; got {devices}.")
     return xs
 
 
@@ -196,7 +195,7 @@ def convex_combination(
         raise ShapeError(
             f"weights must have shape (K, ...) with K={k} inputs; got {tuple(weights.shape)}."
         )
-    if not broadcasts_to(weights.shape[1:], shape):
+    if weights.dim() > 1 and not broadcasts_to(weights.shape[1:], shape):
         raise ShapeError(
             f"weights of shape {tuple(weights.shape)} do not broadcast against inputs of shape "
             f"{tuple(shape)}: the trailing shape {tuple(weights.shape[1:])} must broadcast to it."
@@ -208,7 +207,7 @@ def convex_combination(
             f"weights are on {weights.device} but the inputs on {xs[0].device}; move one of them."
         )
     acc = torch.promote_types(compute_dtype(xs[0].dtype), weights.dtype)
-    w = weights.to(acc)
+    w = weights if weights.dtype == acc else weights.to(acc)
     if out is not None:
         if not isinstance(out, Tensor) or out.shape != shape or out.dtype != xs[0].dtype:
             got = (tuple(out.shape), out.dtype) if isinstance(out, Tensor) else type(out).__name__
