@@ -134,26 +134,27 @@ def backward(
     grad_w: Tensor | None = torch.zeros_like(weights) if need_w else None
     if not (need_w or grads):
         return grad_w, grad_xs
-    # Rows of one block (stacked inputs): grad_w by one GEMV per block, read once.
-    stacked = None
-    if need_w and scalar and grad.dtype == acc == xs[0].dtype and grad.is_contiguous():
-        stacked = as_block(xs) if acc in (torch.float32, torch.float64) else None
     flat = scalar and grad.is_contiguous() and all(x.is_contiguous() for x in xs)
     cut = _Slicer(xs[0].shape, weights, flat)
     wl = weights.tolist() if scalar else None
-    sums = torch.zeros(len(xs), dtype=torch.float64)  # block results summed in float64
+    # Each block's products go to a reused, cache-sized buffer and are reduced by torch's
+    # cascade sum; the blocks are then summed in float64. (BLAS sdot/sgemv accumulate in
+    # float32 and lose ~1e-3 on sums with cancellation over a 256K block.)
+    sums = torch.zeros(len(xs), dtype=torch.float64)
     half = xs[0].dtype != acc or grad.dtype != acc
+    tmp = torch.empty(0, dtype=acc)
     for a, b in _blocks(xs[0].shape, weights.shape, flat):
         g = cut.x(grad, a, b)
         if half:
             g = g.to(acc)  # one block-sized float32 copy, in cache
-        if stacked is not None:
-            sums += torch.mv(stacked[:, a:b], g)
+        if tmp.numel() < g.numel():
+            tmp = torch.empty(g.numel(), dtype=acc)
+        prod = tmp[: g.numel()].view(g.shape)
         for k, x in enumerate(xs):
             xc = cut.x(x, a, b)
-            if need_w and stacked is None:
+            if need_w:
                 if wl is not None:
-                    sums[k] += torch.dot(g.reshape(-1), xc.reshape(-1).to(acc))
+                    sums[k] += torch.mul(g, xc, out=prod).sum()
                 else:
                     assert grad_w is not None
                     part = (g * xc).sum_to_size(cut.w(k, a, b).shape)  # block-sized, in cache

@@ -12,6 +12,7 @@ tensor([[1.0000, 0.0000, 0.0000],
 """
 
 from convexmix.functional._combine import convex_combination
+from convexmix.functional._project import project_simplex
 from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax
 from convexmix.functional._sparse import entmax, entmax15, sparsemax
 from convexmix.functional._stick import stick_breaking, stick_breaking_inverse
@@ -21,6 +22,7 @@ __all__ = [
     "convex_combination",
     "entmax",
     "entmax15",
+    "project_simplex",
     "softmax",
     "sparsemax",
     "stick_breaking",

@@ -1,0 +1,171 @@
+"""``project_simplex``: the exact Euclidean projection onto {p >= 0, sum p = total} (private).
+
+Two methods, one backward (the sparsemax Jacobian, O(K) from the output):
+
+* ``"sort"``: sort, prefix sums, threshold (the sparsemax op), O(K log K);
+* ``"bisect"``: a few halvings of the bracket [max - t, max - t/K] on the threshold tau,
+  then Michelot steps tau <- (sum_{x > tau} x - t) / #{x > tau} (Newton's method on the
+  piecewise-linear mass) until tau stops changing, when it is exact. O(K) per step, no
+  sort, and the same code on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from convexmix.errors import ConvexMixError
+from convexmix.functional._checks import prepare
+from convexmix.functional._sparse import _finish, _Sparsemax
+
+__all__ = ["project_simplex"]
+
+METHODS = ("auto", "sort", "bisect")
+#: Halvings of the bracket before the exact Michelot steps of ``"bisect"``.
+BISECT_STEPS = 8
+#: ``"auto"`` on CPU bisects rows of at least this length when the whole input has at
+#: least ``AUTO_BISECT_NUMEL`` entries (measured: benchmarks/bench_projection.py), and
+#: any row on GPU; it sorts otherwise.
+AUTO_BISECT_K = 512
+AUTO_BISECT_NUMEL = 1 << 16
+
+
+#: Rows are projected in blocks of about this many elements, so that the scratch
+#: tensors stay small and are reused instead of faulting in fresh pages.
+ROW_BLOCK = 1 << 20
+
+
+@torch.library.custom_op("convexmix::project_bisect", mutates_args=())
+def _bisect_op(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
+    z = x.movedim(dim, -1)
+    shape = z.shape
+    rows = z.reshape(-1, shape[-1])
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    step = max(1, ROW_BLOCK // max(shape[-1], 1))
+    for a in range(0, rows.shape[0], step):
+        out[a : a + step] = _bisect_rows(rows[a : a + step], total, n_iter)
+    return out.reshape(shape).movedim(-1, dim).contiguous()
+
+
+def _bisect_rows(z: Tensor, total: float, n_iter: int) -> Tensor:
+    """Project each row of a 2-D block ``z``."""
+    k = z.shape[-1]
+    top = z.amax(-1, keepdim=True)
+    present = top > -math.inf
+    shift = torch.where(present, top, 0.0)
+    zs = z - shift  # <= 0, in the input dtype; exact near the maximum (Sterbenz)
+    # tau relative to the row maximum lies in [-t, -t/K]: at -t the maximum alone has
+    # mass t, at -t/K every entry has at most t/K. A few halvings get close, cheaply.
+    # The steps only select the support, so they run in the input dtype (no full-size
+    # float64 copies); the exact threshold is taken in float64 at the end.
+    lo = torch.full(shift.shape, -total, dtype=zs.dtype, device=z.device)
+    hi = torch.full(shift.shape, -total / k, dtype=zs.dtype, device=z.device)
+    buf = torch.empty_like(zs)  # scratch reused by every step: no fresh pages per step
+    support = torch.empty(zs.shape, dtype=torch.bool, device=z.device)
+    zero = zs.new_zeros(())
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        above = torch.sub(zs, mid, out=buf).clamp_min_(0.0).sum(-1, keepdim=True) >= total
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    # Michelot's step tau <- (sum_{z > tau} z - t) / #{z > tau} is Newton's method on the
+    # piecewise-linear mass: from the right it lands at or below tau*, from the left it
+    # rises monotonically and stops at tau*. A stable support means converged.
+    # Michelot's classic start (sum z - t) / K is a lower bound too, exact when every
+    # entry is in the support; start from the larger of the two bounds.
+    finite = torch.where(zs > -math.inf, zs, zero, out=buf)
+    tau = torch.maximum(lo, (finite.sum(-1, keepdim=True) - total) / k)
+    count = torch.zeros_like(tau)
+    for step in range(1, 2 * k + 5):
+        torch.gt(zs, tau, out=support)
+        new_count = support.sum(-1, keepdim=True).clamp_min(1).to(zs.dtype)
+        tau = (torch.where(support, zs, zero, out=buf).sum(-1, keepdim=True) - total) / new_count
+        done = step % 2 == 0 and bool(torch.equal(new_count, count))  # one sync per 2 steps
+        count = new_count
+        if done:
+            break
+    # The exact threshold from the support: inputs summed in float64, minus the shift.
+    count64 = count.to(torch.float64)
+    top64 = shift.to(torch.float64)
+    support_sum = torch.where(support, z, zero, out=buf).to(torch.float64).sum(-1, keepdim=True)
+    tau = (support_sum - count64 * top64 - total) / count64
+    return _finish(z, shift.to(torch.float64), tau, present, -1, square=False)
+
+
+@_bisect_op.register_fake
+def _(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _bisect_vmap(
+    info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int, total: float, n_iter: int
+) -> tuple[Tensor, int | None]:
+    if in_dims[0] is None:
+        return _bisect_op(x, dim, total, n_iter), None
+    return _bisect_op(x.movedim(in_dims[0], 0), dim + 1, total, n_iter), 0
+
+
+torch.library.register_vmap(_bisect_op, _bisect_vmap)
+
+
+class _Bisect(_Sparsemax):
+    """The projection by bisection; the backward is sparsemax's (inherited)."""
+
+    @staticmethod
+    def forward(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:  # type: ignore[override]
+        return cast(Tensor, _bisect_op(x, dim, total, n_iter))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        dx, _, _ = _Sparsemax.backward(ctx, grad)
+        return dx, None, None, None
+
+
+def project_simplex(
+    x: Tensor, dim: int = -1, *, total: float = 1.0, method: str = "auto"
+) -> Tensor:
+    r"""Euclidean projection of ``x`` onto :math:`\{p \ge 0, \sum p = t\}` along ``dim``.
+
+    :math:`p = [x - \tau]_+`, the closest point of the simplex; exact zeros, ties and
+    ``-inf`` entries (which get 0) are handled, and a slice of only ``-inf`` gives zeros.
+    Differentiable with the sparsemax Jacobian (O(K) backward, no Jacobian matrix).
+
+    Args:
+        x: any shape; ``dim`` indexes the K entries.
+        dim: the dimension that sums to ``total``.
+        total: the sum, > 0.
+        method: ``"sort"`` (O(K log K)), ``"bisect"`` (O(K) per step, no sort: a few
+            halvings of a bracket, then exact Michelot steps) or ``"auto"``: bisect on GPU,
+            and on CPU for rows of 512+ entries in inputs of 65536+; sort otherwise.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> cx.functional.project_simplex(torch.tensor([0.5, 1.2, -0.3]))
+        tensor([0.1500, 0.8500, 0.0000])
+        >>> x = torch.tensor([[3.0], [0.0]])
+        >>> cx.functional.project_simplex(x, dim=0, total=2.0, method="bisect")
+        tensor([[2.],
+                [0.]])
+    """
+    if method not in METHODS:
+        raise ConvexMixError(f"method must be one of {list(METHODS)}; got {method!r}.")
+    z, d, total = prepare(x, dim, None, total)
+    if method == "auto":
+        big = z.shape[d] >= AUTO_BISECT_K and z.numel() >= AUTO_BISECT_NUMEL
+        method = "bisect" if big or z.device.type != "cpu" else "sort"
+    if method == "sort":
+        out = cast(Tensor, _Sparsemax.apply(z, d, total))  # type: ignore[no-untyped-call]
+    else:
+        out = cast(Tensor, _Bisect.apply(z, d, total, BISECT_STEPS))  # type: ignore[no-untyped-call]
+    return out.to(x.dtype)
