@@ -6,7 +6,7 @@
 tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 """
 
-from convexmix import functional
+from convexmix import functional, optim
 from convexmix.errors import (
     ConvexMixError,
     ConvexMixWarning,
@@ -34,6 +34,7 @@ __all__ = [
     "WeightedSum",
     "__version__",
     "functional",
+    "optim",
     "remove_simplex_",
     "simplex_",
 ]

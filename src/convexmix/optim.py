@@ -1,0 +1,197 @@
+"""Optimizers for parameters that themselves live on the simplex.
+
+* :class:`ExponentiatedGradient`: mirror descent with the entropy mirror map,
+  ``p <- total * softmax(log p - lr * grad)``, exactly on the simplex after every step.
+* :class:`Projected`: wraps any torch optimizer and projects chosen parameters back onto
+  the simplex (exact Euclidean projection) after each of its steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from convexmix.errors import ConvexMixError
+from convexmix.functional._checks import check_total, compute_dtype, normalize_dim
+from convexmix.functional._project import METHODS, project_simplex
+from convexmix.functional._softmax import safe_softmax
+
+__all__ = ["ExponentiatedGradient", "Projected"]
+
+
+def _check_on_simplex(p: Tensor, dim: int, total: float, who: str) -> None:
+    d = normalize_dim(p, dim, "parameter")
+    v = p.detach().to(compute_dtype(p.dtype))
+    tol = 64 * torch.finfo(v.dtype).eps * math.sqrt(max(v.shape[d], 1)) * max(total, 1.0)
+    if not (bool((v >= -tol).all()) and bool(((v.sum(d) - total).abs() <= tol).all())):
+        raise ConvexMixError(
+            f"{who} needs parameters on the simplex (entries >= 0 summing to {total} along "
+            f"dim={dim}); got one of shape {tuple(p.shape)} that is not. Start from "
+            "probabilities, e.g. with torch.no_grad(): p.copy_(cx.functional.project_simplex(p))."
+        )
+
+
+class ExponentiatedGradient(Optimizer):
+    r"""Exponentiated gradient (mirror descent) for parameters on the simplex.
+
+    Each step is :math:`p \leftarrow t\,\mathrm{softmax}(\log p - \eta\, \nabla f)` along
+    ``dim``, computed in log space (no overflow for any gradient) and renormalised, so
+    the parameter is on the simplex after every step, to rounding. Zeros: a weight that
+    is exactly 0 stays 0 forever (its log is -inf): start from the interior, e.g. uniform
+    weights, unless you want an entry switched off for good.
+
+    Args:
+        params: parameters (or groups) whose slices along ``dim`` lie on the simplex.
+        lr: the step size eta, > 0.
+        dim: the dimension that sums to ``total``.
+        total: the sum, > 0.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+        >>> opt = cx.optim.ExponentiatedGradient([w], lr=1.0)
+        >>> for _ in range(200):
+        ...     opt.zero_grad()
+        ...     ((w - torch.tensor([0.7, 0.2, 0.1])) ** 2).sum().backward()
+        ...     opt.step()
+        >>> w.data
+        tensor([0.7000, 0.2000, 0.1000])
+    """
+
+    def __init__(
+        self, params: Iterable[Any], lr: float, *, dim: int = -1, total: float = 1.0
+    ) -> None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ConvexMixError(f"lr must be a finite number > 0; got {lr!r}.")
+        super().__init__(params, {"lr": float(lr), "dim": dim, "total": check_total(total)})
+        for group in self.param_groups:
+            for p in group["params"]:
+                _check_on_simplex(p, group["dim"], group["total"], "ExponentiatedGradient")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One multiplicative step for every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, total = group["lr"], group["total"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = normalize_dim(p, group["dim"], "parameter")
+                dtype = compute_dtype(p.dtype)
+                z = torch.log(p.to(dtype)) - lr * p.grad.to(dtype)
+                p.copy_(safe_softmax(z, d).mul_(total))
+        return loss
+
+
+class Projected(Optimizer):
+    """Wrap any torch optimizer; after each step, project chosen parameters onto the simplex.
+
+    The projection is exact (:func:`convexmix.functional.project_simplex`), so the chosen
+    parameters sit on the simplex after every step and can have exact zeros. The wrapper
+    shares the inner optimizer's ``param_groups`` and ``state`` (LR schedulers work on
+    it), projects the chosen parameters once at construction, and its ``state_dict`` is
+    the inner one plus a ``"projected"`` entry with its settings.
+
+    Projected SGD converges to the constrained optimum. Adaptive optimizers (Adam) scale
+    each coordinate before the Euclidean projection, and their fixed points need not be
+    the constrained optimum: in ``tests/test_optim.py`` projected Adam stalls at
+    (0.707, 0.285, 0, 0.008) where the optimum is (0.8, 0.2, 0, 0). Prefer SGD or
+    :class:`ExponentiatedGradient` when the exact optimum matters.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over (at least) ``params``.
+        params: the parameters to keep on the simplex.
+        dim: the dimension that sums to ``total``.
+        total: the sum, > 0.
+        method: the projection method (``"auto"``, ``"sort"`` or ``"bisect"``).
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+        >>> opt = cx.optim.Projected(torch.optim.SGD([w], lr=0.1), [w])
+        >>> for _ in range(200):
+        ...     opt.zero_grad()
+        ...     ((w - torch.tensor([0.9, 0.3, -0.2])) ** 2).sum().backward()
+        ...     opt.step()
+        >>> w.data  # the projection of the target: an exact zero
+        tensor([0.8000, 0.2000, 0.0000])
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        params: Iterable[Tensor],
+        *,
+        dim: int = -1,
+        total: float = 1.0,
+        method: str = "auto",
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise ConvexMixError(
+                f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}."
+            )
+        if method not in METHODS:
+            raise ConvexMixError(f"method must be one of {list(METHODS)}; got {method!r}.")
+        self.optimizer = optimizer
+        self.projected = list(params)
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for i, p in enumerate(self.projected):
+            if id(p) not in known:
+                raise ConvexMixError(
+                    f"params[{i}] (shape {tuple(p.shape)}) is not optimised by the wrapped "
+                    f"{type(optimizer).__name__}: add it to that optimizer first."
+                )
+            normalize_dim(p, dim, f"params[{i}]")
+        self.dim, self.total, self.method = dim, check_total(total), method
+        super().__init__([dict(g) for g in optimizer.param_groups], dict(optimizer.defaults))
+        self.param_groups = optimizer.param_groups  # shared, not copied
+        self.state = optimizer.state
+        self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Project the chosen parameters onto the simplex (done after every step)."""
+        for p in self.projected:
+            p.copy_(project_simplex(p, self.dim, total=self.total, method=self.method))
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """The wrapped optimizer's step, then the projection."""
+        loss = self.optimizer.step(closure)
+        self.project()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["projected"] = {"dim": self.dim, "total": self.total, "method": self.method}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        settings = state.pop("projected", None)
+        self.optimizer.load_state_dict(state)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        if settings is not None:
+            self.dim, self.total, self.method = (
+                settings["dim"],
+                settings["total"],
+                settings["method"],
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Projected({type(self.optimizer).__name__}, {len(self.projected)} parameter(s), "
+            f"dim={self.dim}, total={self.total}, method={self.method!r})"
+        )
