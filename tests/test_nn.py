@@ -122,3 +122,15 @@ def test_init_errors_never_take_logits() -> None:
         cx.SimplexWeights(0)
     with pytest.raises(cx.UnknownMapError, match=r"got 'max'"):
         cx.SimplexWeights(2, map="max")
+
+
+def test_parameters_follow_the_default_dtype() -> None:
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        for init in ("uniform", "random", [0.5, 0.5, 0.0]):
+            assert cx.SimplexWeights(3, init=init).free.dtype == torch.float64
+        assert cx.WeightedSum(2, channels=2, init=torch.ones(2, 2) / 2).free.dtype == torch.float64
+    finally:
+        torch.set_default_dtype(old)
+    assert cx.SimplexWeights(3, init=[0.5, 0.5, 0.0]).free.dtype == torch.float32

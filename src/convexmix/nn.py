@@ -28,7 +28,7 @@ def initial_weights(n: int, init: Init, total: float) -> Tensor | None:
             return None
         if init == "random":
             e = torch.empty(n, dtype=torch.float64).exponential_()
-            return (e / e.sum() * total).float()
+            return (e / e.sum() * total).to(torch.get_default_dtype())
         raise ConvexMixError(
             f"init must be 'uniform', 'random' or a sequence of {n} probabilities; got {init!r}."
         )
@@ -53,7 +53,7 @@ def initial_weights(n: int, init: Init, total: float) -> Tensor | None:
             f"init probabilities must sum to {total}; "
             f"got sum {float(p.sum()):.9g} for {p.tolist()}."
         )
-    return p.float()
+    return p.to(torch.get_default_dtype())
 
 
 class SimplexWeights(nn.Module):
@@ -265,7 +265,7 @@ class WeightedSum(nn.Module):
         shape = (n,) if self.channels is None else (n, self.channels)
         init = _check_init(self.init, n, self.channels)
         if not isinstance(init, str) and torch.as_tensor(init).dim() == 2:
-            p: Tensor | None = torch.as_tensor(init, dtype=torch.float32)
+            p: Tensor | None = torch.as_tensor(init, dtype=torch.get_default_dtype())
         else:
             p = initial_weights(n, init, 1.0)
             if p is not None and self.channels is not None:
