@@ -74,7 +74,7 @@ def make_problems() -> list[Problem]:
     preds = []
     for k in range(10):
         if k < 7:
-            noise = 0.5 + 0.25 * k
+            noise = 2.0 + 0.2 * k
             logits = 3.0 * onehot + noise * torch.randn(n, c, generator=gen)
         else:
             logits = 2.0 * torch.randn(n, c, generator=gen)
@@ -115,17 +115,19 @@ def exact_optimum(problem: Problem, steps: int = 20000) -> tuple[torch.Tensor, f
 
     for _ in range(steps):
         fz, gz = f_and_g(z)
-        while True:
+        for _ in range(200):  # backtracking, bounded
             cand = cx.functional.project_simplex(z - step * gz, method="sort")
             d = cand - z
             fc, _ = f_and_g(cand)
-            if fc <= fz + float(gz @ d) + float(d @ d) / (2 * step) + 1e-15:
+            if math.isfinite(fc) and fc <= fz + float(gz @ d) + float(d @ d) / (2 * step) + 1e-15:
                 break
             step /= 2
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        z = cand + (t - 1) / t_next * (cand - w)
+        # The extrapolated point is projected back: outside the simplex the log-loss of
+        # problem (b) is undefined.
+        z = cx.functional.project_simplex(cand + (t - 1) / t_next * (cand - w), method="sort")
         w, t = cand, t_next
-        step *= 1.1
+        step = min(step * 1.1, 1e6)  # grows back after backtracking, never overflows
     return w, f_and_g(w)[0]
 
 
