@@ -44,7 +44,7 @@ def as_block(xs: list[Tensor]) -> Tensor | None:
     return x0.as_strided((len(xs), n), (step, 1), x0.storage_offset())
 
 
-def _blocks(shape: torch.Size, weights_shape: torch.Size, flat: bool) -> list[tuple[int, int]]:
+def _blocks(shape: torch.Size, flat: bool) -> list[tuple[int, int]]:
     """Ranges to process: over the flat elements (scalar weights, contiguous inputs) or
     over dim 0 (any strides and any broadcast weights)."""
     if flat:
@@ -92,7 +92,7 @@ def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
     wl = weights.tolist() if scalar else None
     direct = out.dtype == acc
     buf = None if direct else torch.empty(BLOCK, dtype=acc)
-    for a, b in _blocks(xs[0].shape, weights.shape, flat):
+    for a, b in _blocks(xs[0].shape, flat):
         o = cut.x(out, a, b)
         if direct:
             dst = o
@@ -143,7 +143,7 @@ def backward(
     sums = torch.zeros(len(xs), dtype=torch.float64)
     half = xs[0].dtype != acc or grad.dtype != acc
     tmp = torch.empty(0, dtype=acc)
-    for a, b in _blocks(xs[0].shape, weights.shape, flat):
+    for a, b in _blocks(xs[0].shape, flat):
         g = cut.x(grad, a, b)
         if half:
             g = g.to(acc)  # one block-sized float32 copy, in cache

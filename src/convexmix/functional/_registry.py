@@ -50,10 +50,8 @@ def _softmax_inverse(p: Tensor, dim: int, total: float) -> Tensor:
 
 
 def _stick_inverse(p: Tensor, dim: int, total: float) -> Tensor:
-    k = p.shape[dim]
-    q = p.clamp_min(SOFTMAX_ZERO_EPS * total)
-    q = q * (total / q.sum(dim, keepdim=True))
-    return stick_breaking_inverse(q, dim, total=total) if k > 1 else q.narrow(dim, 0, 0)
+    q = p.clamp_min(SOFTMAX_ZERO_EPS * total)  # zeros would give infinite free values
+    return stick_breaking_inverse(q * (total / q.sum(dim, keepdim=True)), dim, total=total)
 
 
 MAPS: dict[str, MapSpec] = {
