@@ -61,8 +61,8 @@ def test_the_wrong_pattern_really_fails() -> None:
         torch.optim.Adam(Dynamic().parameters())
 
 
-def test_demo_prints_learned_and_true_weights(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--steps", "300", "--quiet"]) == 0
+def test_seeds_prints_learned_and_true_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["seeds", "--steps", "300", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "map='softmax'" in out
     assert out.count("learned") == 3
@@ -73,7 +73,7 @@ def test_demo_prints_learned_and_true_weights(capsys: pytest.CaptureFixture[str]
 
 def test_cli_errors_are_one_line_exit_2() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "convexmix", "demo", "--steps", "0"],
+        [sys.executable, "-m", "convexmix", "seeds", "--steps", "0"],
         capture_output=True,
         text=True,
         check=False,

@@ -1,99 +1,195 @@
-"""The seed scenarios, trained for ``convexmix demo`` (private; see examples/ for scripts).
+"""The ``convexmix demo`` job: blend weights for scikit-learn classifiers (private).
 
-Each scenario draws data from known weights, fits ``SimplexWeights`` and reports the
-learned weights beside the true ones. Until the ensemble job lands, this is the demo.
+For each dataset bundled with scikit-learn (nothing is downloaded):
+
+1. split off a stratified test set;
+2. train a set of different classifiers and take their out-of-fold class probabilities
+   on the training split (5-fold ``cross_val_predict``), then refit each on the whole
+   training split and predict the test split;
+3. fit blend weights on the out-of-fold predictions with every method, and score each
+   blend on the test split.
+
+Needs the ``[demo]`` extra (scikit-learn, matplotlib).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from convexmix.nn import SimplexWeights, WeightedSum
+from convexmix.ensemble import ensemble_selection, fit_weights
+from convexmix.errors import ConvexMixError
 
 __all__: list[str] = []
 
+DATASETS = ("digits", "breast_cancer")
+
+
+def _sklearn() -> Any:
+    try:
+        import sklearn
+    except ImportError:
+        raise ConvexMixError(
+            "convexmix demo needs scikit-learn: pip install 'convexmix[demo]'"
+        ) from None
+    return sklearn
+
+
+def models(seed: int) -> dict[str, Any]:
+    """Eight classifiers of different families, from well to poorly calibrated."""
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+    from sklearn.tree import DecisionTreeClassifier
+
+    def scaled(model: Any) -> Any:
+        return make_pipeline(StandardScaler(), model)
+
+    return {
+        "logistic": scaled(LogisticRegression(C=0.5, max_iter=3000)),
+        "svm_rbf": scaled(SVC(probability=True, random_state=seed)),
+        "knn": scaled(KNeighborsClassifier(n_neighbors=10)),
+        "random_forest": RandomForestClassifier(n_estimators=200, random_state=seed),
+        "extra_trees": ExtraTreesClassifier(n_estimators=200, random_state=seed),
+        "mlp": scaled(MLPClassifier((64,), alpha=1e-3, max_iter=400, random_state=seed)),
+        "naive_bayes": GaussianNB(),
+        "decision_tree": DecisionTreeClassifier(max_depth=6, random_state=seed),
+    }
+
 
 @dataclass
-class ScenarioResult:
-    name: str
-    map: str
-    learned: Tensor
-    true: Tensor
-    loss: float
-    extra: str = ""
+class MethodScore:
+    method: str
+    weights: Tensor
+    val_loss: float
+    test_loss: float
+    test_accuracy: float
+    fit_seconds: float
 
 
-def _fit(
-    params: Iterator[nn.Parameter],
-    loss_fn: Callable[[], Tensor],
-    steps: int,
-    progress: Callable[[int], None],
-) -> float:
-    opt = torch.optim.Adam(params, lr=0.05)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        progress(1)
-    return float(loss.detach())
+@dataclass
+class DatasetReport:
+    dataset: str
+    n_train: int
+    n_test: int
+    n_classes: int
+    model_names: list[str]
+    scores: list[MethodScore] = field(default_factory=list)
+    plot: str | None = None
 
 
-def mixing(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioResult:
-    """(a) recover the mixture of K = 5 sources behind a noisy signal."""
-    true = torch.tensor([0.45, 0.3, 0.15, 0.1, 0.0])
-    x = torch.randn(5, 4096)
-    y = true @ x + 0.01 * torch.randn(4096)
-    w = SimplexWeights(5, map=map)
-    loss = _fit(w.parameters(), lambda: (w() @ x - y).square().mean(), steps, progress)
-    return ScenarioResult("learnable weights", map, w().detach(), true, loss)
+def _log_loss(p: Tensor, y: Tensor) -> float:
+    q = p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-15)
+    return float(-q.log().mean())
 
 
-def with_bias(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioResult:
-    """(b) batched inputs (3, B, D): a WeightedSum with a free bias."""
-    true, true_bias = torch.tensor([0.25, 0.6, 0.15]), -0.4
-    layer = WeightedSum(3, map=map, bias=True)
+def _slsqp(val: Tensor, y: Tensor) -> Tensor:
+    """scipy SLSQP with the analytic gradient: the usual way to fit blend weights."""
+    import numpy as np
+    from scipy.optimize import minimize
 
-    def loss_fn() -> Tensor:
-        x = torch.randn(3, 64, 8)
-        target = torch.tensordot(true, x, 1) + true_bias
-        residual: Tensor = layer(x) - target
-        return residual.square().mean()
+    q = val.gather(2, y[None, :, None].expand(val.shape[0], -1, 1))[..., 0].numpy()
+    q = np.maximum(q, 1e-15)
+    K = q.shape[0]
 
-    loss = _fit(layer.parameters(), loss_fn, steps, progress)
-    bias = float(layer.bias.detach())
-    return ScenarioResult(
-        "weighted sum + bias",
-        map,
-        layer.weights.detach(),
-        true,
-        loss,
-        f"bias {bias:+.3f} (true {true_bias:+.3f})",
+    def objective(w: Any) -> tuple[float, Any]:
+        u = w @ q
+        return float(-np.log(u).mean()), -(q / u).mean(1)
+
+    res = minimize(
+        objective,
+        np.full(K, 1.0 / K),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * K,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(K)}],
+        options={"ftol": 1e-12, "maxiter": 1000},
     )
+    w = np.clip(res.x, 0.0, None)
+    return torch.from_numpy(w / w.sum())
 
 
-def varying(map: str, steps: int, progress: Callable[[int], None]) -> ScenarioResult:
-    """(c) 4 named sources, declared up front; a random subset arrives in each batch."""
-    names = ["audio", "video", "text", "depth"]
-    true = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    layer = WeightedSum(4, map=map, sources=names)
+def run_dataset(
+    name: str, seed: int, progress: Callable[[str], None], out_dir: str | None
+) -> DatasetReport:
+    import numpy as np
+    from sklearn import datasets
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 
-    def loss_fn() -> Tensor:
-        present = torch.rand(4) < 0.6
-        present[int(torch.randint(4, ()))] = True
-        x = torch.randn(4, 128)
-        target_w = true * present / (true * present).sum()
-        inputs = {n: x[i] for i, n in enumerate(names) if present[i]}  # absent keys: missing
-        residual: Tensor = layer(inputs) - target_w @ x
-        return residual.square().mean()
+    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}[name]
+    X, y = loader(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.4, stratify=y, random_state=seed)
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    val, test = [], []
+    names = list(models(seed))
+    for model_name, model in models(seed).items():
+        progress(f"{name}: {model_name}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence chatter of the MLP and friends
+            val.append(cross_val_predict(clone(model), X_tr, y_tr, cv=cv, method="predict_proba"))
+            test.append(clone(model).fit(X_tr, y_tr).predict_proba(X_te))
+    P_val = torch.from_numpy(np.stack(val)).double()
+    P_test = torch.from_numpy(np.stack(test)).double()
+    yv = torch.from_numpy(y_tr).long()
+    yt = torch.from_numpy(y_te).long()
+    K = len(names)
+    report = DatasetReport(name, len(y_tr), len(y_te), int(P_val.shape[2]), names)
 
-    loss = _fit(layer.parameters(), loss_fn, steps, progress)
-    return ScenarioResult("varying inputs (named sources)", map, layer.weights.detach(), true, loss)
+    def score(method: str, fit: Callable[[], Tensor]) -> None:
+        start = time.perf_counter()
+        w = fit().double()
+        seconds = time.perf_counter() - start
+        blend_val = torch.tensordot(w, P_val, 1)
+        blend_test = torch.tensordot(w, P_test, 1)
+        acc = float((blend_test.argmax(1) == yt).double().mean())
+        report.scores.append(
+            MethodScore(
+                method,
+                w,
+                _log_loss(blend_val, yv),
+                _log_loss(blend_test, yt),
+                acc,
+                seconds,
+            )
+        )
+
+    progress(f"{name}: fitting weights")
+    score("convexmix", lambda: fit_weights(P_val, yv).weights)
+    score("convexmix, cv guard", lambda: fit_weights(P_val, yv, regularization="cv").weights)
+    score("SLSQP (scipy)", lambda: _slsqp(P_val, yv))
+    score("Caruana (50)", lambda: ensemble_selection(P_val, yv, size=50).weights)
+    score("equal weights", lambda: torch.full((K,), 1.0 / K, dtype=torch.float64))
+    single = [_log_loss(P_val[k], yv) for k in range(K)]
+    best = int(torch.tensor(single).argmin())
+    score(f"best single ({names[best]})", lambda: torch.eye(K, dtype=torch.float64)[best])
+    if out_dir is not None:
+        from convexmix.plot import plot_ensemble_weights
+
+        shown = {s.method: s.weights for s in report.scores[:4] if s.method != "SLSQP (scipy)"}
+        path = plot_ensemble_weights(
+            shown,
+            names,
+            f"{out_dir}/{name}_weights.png",
+            losses={s.method: s.test_loss for s in report.scores},
+            title=f"{name}: blend weights (top) and test log-loss (bottom)",
+        )
+        report.plot = str(path)
+    return report
 
 
-SCENARIOS = (mixing, with_bias, varying)
+def run(seed: int, out_dir: str | None, progress: Callable[[str], None]) -> list[DatasetReport]:
+    """Run the demo on every dataset in :data:`DATASETS`."""
+    _sklearn()
+    return [run_dataset(name, seed, progress, out_dir) for name in DATASETS]

@@ -1,14 +1,23 @@
-"""The ``convexmix`` command line: ``convexmix demo``.
+"""The ``convexmix`` command line (also ``python -m convexmix``).
 
-Errors become one line on stderr and exit code 2, never a traceback.
+* ``convexmix ensemble --predictions FILE [FILE ...] --targets FILE``: exact convex blend
+  weights for stored predictions, beside equal weights, the best model and Caruana.
+* ``convexmix demo``: the same job on classifiers trained on scikit-learn's bundled data.
+* ``convexmix seeds``: the seed scenarios (recover known weights with ``SimplexWeights``).
+
+Errors become one line on stderr and exit code 2, never a traceback. Tables and progress
+bars come from ``rich`` (the ``[cli]`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -19,43 +28,233 @@ from convexmix.functional._registry import MAPS
 __all__ = ["main"]
 
 
-def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """(update, close) for a progress display: tqdm when installed, a plain counter otherwise."""
-    if not enabled:
-        return (lambda n: None), (lambda: None)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _rich() -> Any:
     try:
-        from tqdm.auto import tqdm
+        import rich
     except ImportError:
-        done = [0]
+        raise ConvexMixError(
+            "the convexmix command line needs rich: pip install 'convexmix[cli]'"
+        ) from None
+    return rich
 
-        def update(n: int) -> None:
-            done[0] += n
-            if done[0] % max(total // 10, 1) == 0 or done[0] == total:
-                print(f"\rtraining {done[0]}/{total} steps", end="", file=sys.stderr, flush=True)
 
-        return update, lambda: print(file=sys.stderr)
-    bar = tqdm(total=total, desc="training", unit="step", leave=False)
-    return bar.update, bar.close
+def _console(stderr: bool = False) -> Any:
+    _rich()
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Pipes and files get 120 columns rather than rich's 80, so tables do not wrap.
+    width = None if stream.isatty() else 120
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr while the block runs; ``advance(**fields)`` moves it."""
+    if not enabled:
+        yield lambda **kw: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(
+        *columns, TimeElapsedColumn(), console=_console(stderr=True), transient=True
+    ) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(info: str = "", completed: int | None = None) -> None:
+            if completed is None:
+                bar.advance(task)
+            else:
+                bar.update(task, completed=completed)
+            bar.update(task, info=info)
+
+        yield advance
+
+
+def _regularization(text: str) -> float | str:
+    if text == "cv":
+        return "cv"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'cv'; got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from convexmix import _io
+    from convexmix.ensemble import compare
+
+    console = _console()
+    targets = _io.load_targets(args.targets)
+    predictions, names = _io.load_predictions(args.predictions, n_samples=len(targets))
+    show = not args.quiet and sys.stderr.isatty()
+    with (
+        _progress(show, "fitting", args.max_iter) as fit_bar,
+        _progress(show, "Caruana", args.size) as sel_bar,
+    ):
+        result = compare(
+            predictions,
+            targets,
+            loss=args.loss,
+            map=args.map,
+            regularization=args.regularization,
+            size=args.size,
+            tol=args.tol,
+            max_iter=args.max_iter,
+            fit_callback=lambda it, f, gap: fit_bar(info=f"gap {gap:.1e}", completed=it),
+            selection_callback=lambda m, f: sel_bar(info=f"loss {f:.5f}"),
+        )
+    fit, car = result.fit, result.caruana
+    K = len(names)
+    title = f"{K} models, {predictions.shape[1]} samples, loss {args.loss}"
+    table = Table(title=f"Blend weights ({title})")
+    table.add_column("model")
+    table.add_column("convexmix", justify="right")
+    table.add_column(f"Caruana ({args.size})", justify="right")
+    table.add_column("loss alone", justify="right")
+    for k in range(K):
+        table.add_row(
+            names[k],
+            f"{float(fit.weights[k]):.4f}",
+            f"{float(car.weights[k]):.4f}",
+            f"{float(result.single_losses[k]):.5f}",
+        )
+    console.print(table)
+    losses = result.losses()
+    labels = {
+        "convexmix": "convexmix (exact optimum)",
+        "caruana": f"Caruana ensemble selection ({args.size})",
+        "equal_weights": "equal weights",
+        "best_single": f"best single model ({names[result.best_single]})",
+    }
+    summary = Table(title="Loss of each blend")
+    summary.add_column("method")
+    summary.add_column(args.loss, justify="right")
+    summary.add_column("minus convexmix", justify="right")
+    for key, value in losses.items():
+        summary.add_row(labels[key], f"{value:.6f}", f"{value - fit.loss:+.2e}")
+    console.print(summary)
+    status = "converged" if fit.converged else "did NOT converge"
+    console.print(
+        f"convexmix: {status} in {fit.n_iter} Newton iterations; optimality gap <= {fit.gap:.1e}"
+        + (f"; regularization {fit.regularization:g}" if fit.regularization else "")
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "weights": [float(v) for v in fit.weights],
+            "models": names,
+            "loss": args.loss,
+            "losses": losses,
+            "best_single_model": names[result.best_single],
+            "caruana_weights": [float(v) for v in car.weights],
+            "n_iter": fit.n_iter,
+            "gap": fit.gap,
+            "converged": fit.converged,
+            "regularization": fit.regularization,
+        }
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {out}")
+    if args.plot:
+        from convexmix.plot import plot_ensemble_weights
+
+        path = plot_ensemble_weights(
+            {"convexmix": fit.weights, f"Caruana ({args.size})": car.weights},
+            names,
+            args.plot,
+            losses={labels[k]: v for k, v in losses.items()},
+            title=title,
+        )
+        console.print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from convexmix import _demo
+
+    console = _console()
+    show = not args.quiet and sys.stderr.isatty()
+    out_dir = None if args.no_plots else args.out_dir
+    steps = len(_demo.DATASETS) * 9
+    with _progress(show, "demo", steps) as bar:
+        reports = _demo.run(args.seed, out_dir, lambda msg: bar(info=msg))
+    console.print(
+        f"convexmix {__version__} demo: blend weights for 8 scikit-learn classifiers,\n"
+        "fitted on out-of-fold predictions of the training split, "
+        "scored on a held-out test split.\n"
+    )
+    for rep in reports:
+        table = Table(
+            title=f"{rep.dataset}: {rep.n_train} train / {rep.n_test} test samples, "
+            f"{rep.n_classes} classes"
+        )
+        table.add_column("method")
+        table.add_column("val log-loss", justify="right")
+        table.add_column("test log-loss", justify="right")
+        table.add_column("test accuracy", justify="right")
+        table.add_column("fit time", justify="right")
+        table.add_column("models used", justify="right")
+        for s in rep.scores:
+            table.add_row(
+                s.method,
+                f"{s.val_loss:.4f}",
+                f"{s.test_loss:.4f}",
+                f"{100 * s.test_accuracy:.1f}%",
+                f"{1e3 * s.fit_seconds:.1f} ms",
+                str(int((s.weights > 0).sum())),
+            )
+        console.print(table)
+        fit = rep.scores[0]
+        used = ", ".join(
+            f"{n} {w:.3f}"
+            for n, w in zip(rep.model_names, fit.weights.tolist(), strict=True)
+            if w > 0
+        )
+        console.print(f"convexmix weights: {used}")
+        if rep.plot:
+            console.print(f"plot: {rep.plot}")
+        console.print()
+    return 0
+
+
+# ------------------------------------------------------------------------------ seeds
 
 
 def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in t.tolist()) + "]"
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from convexmix._demo import SCENARIOS
+def run_seeds(args: argparse.Namespace) -> int:
+    from convexmix._seeds import SCENARIOS
 
     if args.steps < 1:
         raise ConvexMixError(f"--steps must be >= 1; got {args.steps}.")
     torch.manual_seed(args.seed)
-    update, close = _progress_bar(args.steps * len(SCENARIOS), not args.quiet)
-    try:
-        results = [scenario(args.map, args.steps, update) for scenario in SCENARIOS]
-    finally:
-        close()
+    show = not args.quiet and sys.stderr.isatty()
+    with _progress(show, "training", args.steps * len(SCENARIOS)) as bar:
+        results = [scenario(args.map, args.steps, lambda n: bar()) for scenario in SCENARIOS]
     print(
-        f"convexmix {__version__} demo: the seed scenarios, map={args.map!r}, "
-        f"{args.steps} Adam steps each\n"
+        f"convexmix {__version__} seed scenarios, map={args.map!r}, {args.steps} Adam steps each\n"
     )
     for r in results:
         err = (r.learned - r.true).abs().max().item()
@@ -70,17 +269,59 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convexmix", description="Learnable weights that sum to one, for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"convexmix {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the seed scenarios and compare with the true weights")
-    demo.add_argument("--map", default="softmax", choices=sorted(MAPS), help="the simplex map")
-    demo.add_argument("--steps", type=int, default=400, help="Adam steps per scenario")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ens = sub.add_parser(
+        "ensemble",
+        help="exact convex blend weights for stored predictions",
+        description="Fit convex blend weights to K models' stored predictions and compare "
+        "them with equal weights, the best single model and Caruana's ensemble selection.",
+    )
+    ens.add_argument(
+        "--predictions",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="one (K, N[, C]) file, or one (N[, C]) file per model (.npy .npz .csv .parquet)",
+    )
+    ens.add_argument("--targets", required=True, metavar="FILE", help="(N,) labels or values")
+    ens.add_argument("--loss", default="log_loss", choices=["log_loss", "mse"])
+    ens.add_argument("--map", default="softmax", choices=sorted(MAPS), help=argparse.SUPPRESS)
+    ens.add_argument(
+        "--regularization",
+        type=_regularization,
+        default=0.0,
+        metavar="LAM|cv",
+        help="pull towards equal weights (a guard for small validation sets), or 'cv'",
+    )
+    ens.add_argument("--size", type=int, default=50, help="Caruana's number of picks")
+    ens.add_argument("--tol", type=float, default=1e-10, help="optimality gap to stop at")
+    ens.add_argument("--max-iter", type=int, default=200, help="most Newton iterations")
+    ens.add_argument("--out", metavar="JSON", help="write the weights and losses as JSON")
+    ens.add_argument("--plot", metavar="PNG", help="draw the weights and losses")
+    ens.add_argument("--quiet", action="store_true", help="no progress display")
+    ens.set_defaults(func=run_ensemble)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the ensemble job on classifiers trained on scikit-learn's bundled datasets",
+    )
+    demo.add_argument("--out-dir", default="convexmix-demo", help="folder for the plots")
+    demo.add_argument("--no-plots", action="store_true", help="do not draw plots")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=run_demo)
+
+    seeds = sub.add_parser("seeds", help="recover known weights in the seed scenarios")
+    seeds.add_argument("--map", default="softmax", choices=sorted(MAPS), help="the simplex map")
+    seeds.add_argument("--steps", type=int, default=400, help="Adam steps per scenario")
+    seeds.add_argument("--seed", type=int, default=0, help="random seed")
+    seeds.add_argument("--quiet", action="store_true", help="no progress display")
+    seeds.set_defaults(func=run_seeds)
     return parser
 
 
@@ -90,8 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
+        if func is not run_seeds:
+            _rich()
         return int(func(args))
     except ConvexMixError as err:
+        print(f"convexmix: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"convexmix: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

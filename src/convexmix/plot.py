@@ -10,7 +10,7 @@ from torch import Tensor
 
 from convexmix.errors import ConvexMixError
 
-__all__ = ["plot_weight_history"]
+__all__ = ["plot_ensemble_weights", "plot_weight_history"]
 
 _MAX_LINES = 12
 
@@ -67,6 +67,69 @@ def plot_weight_history(
         ax.set_ylim(-0.02, max(1.02, float(v.max()) + 0.02))
         ax.legend(loc="best", fontsize="small", ncols=min(v.shape[1], 4))
     axes[-1].set_xlabel(xlabel)
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_ensemble_weights(
+    weights: Mapping[str, Sequence[float] | Tensor],
+    names: Sequence[str],
+    path: str | Path,
+    *,
+    losses: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Grouped bars of the weights each method gives each model, saved as a PNG at ``path``.
+
+    Args:
+        weights: method name -> (K,) weights, e.g. ``{"convexmix": fit.weights}``.
+        names: the K model names.
+        path: the PNG to write (folders are created).
+        losses: optional method name -> loss, drawn as a second panel.
+        title: optional figure title.
+    """
+    if not weights:
+        raise ConvexMixError("give the weights of at least one method.")
+    rows = 2 if losses else 1
+    fig = _figure(rows)
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    ax = axes[0]
+    K = len(names)
+    width = 0.8 / len(weights)
+    for i, (method, w) in enumerate(weights.items()):
+        values = [float(v) for v in w]
+        if len(values) != K:
+            raise ConvexMixError(f"{method}: expected {K} weights; got {len(values)}.")
+        ax.bar(
+            [k + (i - (len(weights) - 1) / 2) * width for k in range(K)],
+            values,
+            width,
+            label=method,
+        )
+    ax.set_xticks(
+        range(K), list(names), rotation=30 if K > 4 else 0, ha="right" if K > 4 else "center"
+    )
+    ax.set_ylabel("weight")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="best", fontsize="small")
+    if losses:
+        lx = axes[1]
+        items = list(losses.items())
+        lx.barh([m for m, _ in items], [v for _, v in items], color="0.55")
+        best = min(v for _, v in items)
+        lo = min(v for _, v in items)
+        hi = max(v for _, v in items)
+        lx.set_xlim(max(0.0, lo - 0.15 * (hi - lo + 1e-12)), hi + 0.05 * (hi - lo + 1e-12))
+        for y, (_, v) in enumerate(items):
+            lx.text(
+                v, y, f" {v:.4f}" + (" (best)" if v == best else ""), va="center", fontsize="small"
+            )
+        lx.invert_yaxis()
+        lx.set_xlabel("loss (lower is better)")
     if title:
         fig.suptitle(title)
     out = Path(path)
