@@ -39,3 +39,35 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(p[0].sum(), torch.tensor(1.0))  # type: ignore[index]
     assert namespace["fused"].shape == (8, 16)  # type: ignore[attr-defined]
     assert namespace["layer_mix"].shape == (2, 5, 32)  # type: ignore[attr-defined]
+
+
+def test_readme_ensemble_block_and_cli_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+    import json
+    import shlex
+
+    import numpy as np
+
+    from convexmix.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    for block in python_blocks():
+        exec(compile(block, str(README), "exec"), namespace)
+    fit = namespace["fit"]
+    assert fit.weights.sum().item() == pytest.approx(1.0)  # type: ignore[attr-defined]
+    assert fit.gap <= 1e-10  # type: ignore[attr-defined]
+    oof = namespace["oof"]
+    for name, p in zip(["lr", "nb", "tree"], oof, strict=True):  # type: ignore[call-overload]
+        np.save(tmp_path / f"{name}.npy", p)
+    np.save(tmp_path / "y.npy", namespace["y"])
+    line = next(
+        ln for ln in README.read_text().splitlines() if ln.startswith("convexmix ensemble ")
+    )
+    assert main(shlex.split(line)[1:] + ["--quiet"]) == 0
+    out = json.loads((tmp_path / "w.json").read_text())
+    np.testing.assert_allclose(out["weights"], fit.weights.numpy(), atol=1e-12)  # type: ignore[attr-defined]
+    assert (tmp_path / "w.png").stat().st_size > 5_000
+    assert "Caruana" in capsys.readouterr().out

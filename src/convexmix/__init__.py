@@ -6,7 +6,7 @@
 tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 """
 
-from convexmix import functional, optim
+from convexmix import ensemble, functional, optim
 from convexmix.errors import (
     ConvexMixError,
     ConvexMixWarning,
@@ -33,6 +33,7 @@ __all__ = [
     "WeightRecorder",
     "WeightedSum",
     "__version__",
+    "ensemble",
     "functional",
     "optim",
     "remove_simplex_",

@@ -120,9 +120,20 @@ def _slsqp(val: Tensor, y: Tensor) -> Tensor:
     return torch.from_numpy(w / w.sum())
 
 
-def run_dataset(
-    name: str, seed: int, progress: Callable[[str], None], out_dir: str | None
-) -> DatasetReport:
+@dataclass
+class Predictions:
+    """Out-of-fold predictions on the training split and test-split predictions."""
+
+    dataset: str
+    model_names: list[str]
+    val: Tensor  # (K, N_train, C)
+    y_val: Tensor  # (N_train,)
+    test: Tensor  # (K, N_test, C)
+    y_test: Tensor  # (N_test,)
+
+
+def predictions(name: str, seed: int, progress: Callable[[str], None]) -> Predictions:
+    """Train the classifiers of :func:`models` on ``name`` and collect their predictions."""
     import numpy as np
     from sklearn import datasets
     from sklearn.base import clone
@@ -133,19 +144,29 @@ def run_dataset(
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.4, stratify=y, random_state=seed)
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
     val, test = [], []
-    names = list(models(seed))
     for model_name, model in models(seed).items():
         progress(f"{name}: {model_name}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter of the MLP and friends
             val.append(cross_val_predict(clone(model), X_tr, y_tr, cv=cv, method="predict_proba"))
             test.append(clone(model).fit(X_tr, y_tr).predict_proba(X_te))
-    P_val = torch.from_numpy(np.stack(val)).double()
-    P_test = torch.from_numpy(np.stack(test)).double()
-    yv = torch.from_numpy(y_tr).long()
-    yt = torch.from_numpy(y_te).long()
+    return Predictions(
+        name,
+        list(models(seed)),
+        torch.from_numpy(np.stack(val)).double(),
+        torch.from_numpy(y_tr).long(),
+        torch.from_numpy(np.stack(test)).double(),
+        torch.from_numpy(y_te).long(),
+    )
+
+
+def run_dataset(
+    name: str, seed: int, progress: Callable[[str], None], out_dir: str | None
+) -> DatasetReport:
+    data = predictions(name, seed, progress)
+    P_val, yv, P_test, yt, names = data.val, data.y_val, data.test, data.y_test, data.model_names
     K = len(names)
-    report = DatasetReport(name, len(y_tr), len(y_te), int(P_val.shape[2]), names)
+    report = DatasetReport(name, len(yv), len(yt), int(P_val.shape[2]), names)
 
     def score(method: str, fit: Callable[[], Tensor]) -> None:
         start = time.perf_counter()
