@@ -4,7 +4,8 @@
 
 For each size K x N x C (K models, N samples, C classes; float64 class probabilities of
 synthetic models of mixed quality, made by a softmax of a class signal plus independent
-noise, so that the optimum blends several of them) it times, from the (K, N, C) array to the weights:
+noise, so that the optimum blends several of them) it times, from the (K, N, C) array to
+the weights:
 
 * convexmix: ``fit_weights(P, y)`` with its input checks;
 * SLSQP, finite differences: the blend script found in many Kaggle kernels: a Python
@@ -108,6 +109,19 @@ def log_loss(w: np.ndarray, q: np.ndarray) -> float:
     return float(-np.log(np.maximum(w @ q, 1e-15)).mean())
 
 
+def build_methods(
+    P: np.ndarray, y: np.ndarray, repeats: int, fd_repeats: int
+) -> dict[str, tuple[Callable[[], np.ndarray], int]]:
+    Pt, yt = torch.from_numpy(P), torch.from_numpy(y)
+    return {
+        "convexmix fit_weights": (lambda: fit_weights(Pt, yt).weights.numpy(), repeats),
+        "SLSQP, finite differences": (lambda: slsqp_finite_differences(P, y), fd_repeats),
+        "SLSQP, analytic gradient": (lambda: slsqp_analytic(P, y), repeats),
+        "SLSQP, reduced, ftol 1e-12": (lambda: slsqp_reduced(P, y), repeats),
+        "Caruana (50)": (lambda: ensemble_selection(Pt, yt, size=50).weights.numpy(), repeats),
+    }
+
+
 def timed(f: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
     best, out = float("inf"), np.empty(0)
     for _ in range(repeats):
@@ -132,29 +146,20 @@ def main() -> None:
     for size in args.sizes:
         K, N, C = (int(v) for v in size.split("x"))
         P, y = make_problem(K, N, C)
-        Pt, yt = torch.from_numpy(P), torch.from_numpy(y)
         q = P[:, np.arange(N), y]
-        fit_weights(Pt[:, :1000], yt[:1000])  # warm-up of torch's kernels
-        methods: dict[str, tuple[Callable[[], np.ndarray], int]] = {
-            "convexmix fit_weights": (lambda: fit_weights(Pt, yt).weights.numpy(), args.repeats),
-            "SLSQP, finite differences": (lambda: slsqp_finite_differences(P, y), args.fd_repeats),
-            "SLSQP, analytic gradient": (lambda: slsqp_analytic(P, y), args.repeats),
-            "SLSQP, reduced, ftol 1e-12": (lambda: slsqp_reduced(P, y), args.repeats),
-            "Caruana (50)": (
-                lambda: ensemble_selection(Pt, yt, size=50).weights.numpy(),
-                args.repeats,
-            ),
-        }
+        fit_weights(P[:, :1000], y[:1000])  # warm-up of torch's kernels
+        methods = build_methods(P, y, args.repeats, args.fd_repeats)
         results = {name: timed(f, reps) for name, (f, reps) in methods.items()}
         t_ref, w_ref = results["convexmix fit_weights"]
         best = log_loss(w_ref, q)
         print(f"K={K} models, N={N} samples, C={C} classes ({P.nbytes / 1e6:.0f} MB)")
-        print(f"  {'method':28s} {'time':>9s} {'x convexmix':>12s} {'log-loss':>12s} {'above opt':>10s}")
+        print(
+            f"  {'method':28s} {'time':>9s} {'x convexmix':>12s} "
+            f"{'log-loss':>12s} {'above opt':>10s}"
+        )
         for name, (t, w) in results.items():
             loss = log_loss(w, q)
-            print(
-                f"  {name:28s} {t:8.3f}s {t / t_ref:11.1f}x {loss:12.8f} {loss - best:10.1e}"
-            )
+            print(f"  {name:28s} {t:8.3f}s {t / t_ref:11.1f}x {loss:12.8f} {loss - best:10.1e}")
         print(f"  convexmix weights used: {int((w_ref > 0).sum())} of {K}\n")
 
 

@@ -37,10 +37,10 @@ def main() -> None:
     K, n_all = data.val.shape[0], data.val.shape[1]
     eye = torch.eye(K, dtype=torch.float64)
     equal = log_loss(data.test, data.y_test, torch.full((K,), 1 / K, dtype=torch.float64))
-    full = fit_weights(data.val, data.y_val)
+    full = log_loss(data.test, data.y_test, fit_weights(data.val, data.y_val).weights)
     print(
         f"{args.dataset}: {K} models; test log-loss of equal weights {equal:.4f}, "
-        f"of the fit on all {n_all} validation samples {log_loss(data.test, data.y_test, full.weights):.4f}\n"
+        f"of the fit on all {n_all} validation samples {full:.4f}\n"
     )
     print(
         f"{'n':>5s} {'no guard':>16s} {'cv guard':>16s} {'best single':>16s} "

@@ -66,7 +66,7 @@ def test_readme_ensemble_block_and_cli_line(
     line = next(
         ln for ln in README.read_text().splitlines() if ln.startswith("convexmix ensemble ")
     )
-    assert main(shlex.split(line)[1:] + ["--quiet"]) == 0
+    assert main([*shlex.split(line)[1:], "--quiet"]) == 0
     out = json.loads((tmp_path / "w.json").read_text())
     np.testing.assert_allclose(out["weights"], fit.weights.numpy(), atol=1e-12)  # type: ignore[attr-defined]
     assert (tmp_path / "w.png").stat().st_size > 5_000
