@@ -41,6 +41,7 @@ def main() -> None:
         "plain torch sort": naive_sparsemax,
         "cx sort": lambda x: cx.functional.project_simplex(x, method="sort"),
         "cx bisect": lambda x: cx.functional.project_simplex(x, method="bisect"),
+        "cx condat": lambda x: cx.functional.project_simplex(x, method="condat"),
         "cx auto": lambda x: cx.functional.project_simplex(x),
     }
     try:

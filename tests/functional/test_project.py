@@ -12,7 +12,7 @@ import convexmix as cx
 from convexmix.functional import project_simplex
 from tests.reference import apply_rows, projection_bruteforce
 
-METHODS = ["sort", "bisect", "auto"]
+METHODS = ["sort", "bisect", "condat", "auto"]
 
 
 def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -68,11 +68,25 @@ def test_methods_agree_on_long_rows_in_float32() -> None:
         x = torch.randn(3, 200_000) * scale
         a = project_simplex(x, method="sort")
         b = project_simplex(x, method="bisect")
+        c = project_simplex(x, method="condat")
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
         assert abs(b.double().sum(-1) - 1).max() < 1e-6
 
 
-@pytest.mark.parametrize("method", ["sort", "bisect"])
+@pytest.mark.parametrize("rows", [1, 3, 128, 129, 300])
+@pytest.mark.parametrize("total", [1.0, 3.0])
+def test_condat_row_by_row_and_batched_paths(rows: int, total: float) -> None:
+    """Up to 128 rows run Condat's filter on Python floats, more rows on tensors."""
+    x = rand(rows, 9, seed=rows, scale=2.0)
+    x[0, 2] = x[0, 5]  # a tie
+    x[-1, 0] = -math.inf
+    ref = apply_rows(projection_bruteforce, np.where(np.isinf(x.numpy()), -1e3, x.numpy()), total)
+    out = project_simplex(x, total=total, method="condat")
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sort", "bisect", "condat"])
 def test_gradcheck_and_sparsemax_jacobian(method: str) -> None:
     x = rand(3, 5, seed=3).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: project_simplex(t, total=1.5, method=method), (x,))
@@ -85,17 +99,22 @@ def test_gradcheck_and_sparsemax_jacobian(method: str) -> None:
 
 def test_compile_fullgraph() -> None:
     f = torch.compile(
-        lambda t: project_simplex(t, method="bisect") + project_simplex(t, method="sort"),
+        lambda t: (
+            project_simplex(t, method="bisect")
+            + project_simplex(t, method="sort")
+            + project_simplex(t, method="condat")
+        ),
         fullgraph=True,
         backend="aot_eager",
     )
     x = torch.randn(4, 9)
-    torch.testing.assert_close(f(x), 2 * project_simplex(x))
+    torch.testing.assert_close(f(x), 3 * project_simplex(x))
 
 
 def test_errors() -> None:
     with pytest.raises(
-        cx.ConvexMixError, match=r"method must be one of \['auto', 'sort', 'bisect'\]; got 'quick'"
+        cx.ConvexMixError,
+        match=r"method must be one of \['auto', 'sort', 'bisect', 'condat'\]; got 'quick'",
     ):
         project_simplex(torch.randn(3), method="quick")
     with pytest.raises(cx.ConvexMixError, match=r"total must be finite and > 0; got 0.0"):
