@@ -28,6 +28,7 @@ import argparse
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,9 @@ def run(
         if method == "exponentiated gradient":
             opt = cx.optim.ExponentiatedGradient(params, lr=lr)
         elif method == "projected Adam":
-            opt = cx.optim.Projected(torch.optim.Adam(params, lr=lr), params, method="sort")
+            with warnings.catch_warnings():  # the warning this study is the evidence for
+                warnings.simplefilter("ignore", cx.ConvexMixWarning)
+                opt = cx.optim.Projected(torch.optim.Adam(params, lr=lr), params, method="sort")
         elif method == "projected SGD":
             opt = cx.optim.Projected(torch.optim.SGD(params, lr=lr), params, method="sort")
         else:  # clip and renormalise after each SGD step

@@ -53,7 +53,11 @@ def test_projected_stays_on_simplex_and_sgd_reaches_the_optimum(inner: str) -> N
     target = torch.tensor([0.9, 0.3, -0.2, 0.05], dtype=torch.float64)
     w = torch.nn.Parameter(torch.full((4,), 0.25, dtype=torch.float64))
     base = torch.optim.SGD([w], lr=0.1) if inner == "sgd" else torch.optim.Adam([w], lr=0.02)
-    opt = cx.optim.Projected(base, [w])
+    if inner == "sgd":
+        opt = cx.optim.Projected(base, [w])
+    else:
+        with pytest.warns(cx.ConvexMixWarning, match=r"Projected\(Adam\).*can stall"):
+            opt = cx.optim.Projected(base, [w])
     start = quadratic(w, target).item()
     for _ in range(1000):
         opt.zero_grad()
@@ -87,7 +91,8 @@ def test_projected_projects_at_construction_and_only_the_chosen() -> None:
 def test_projected_state_dict_round_trip_and_scheduler() -> None:
     def make() -> tuple[torch.nn.Parameter, cx.optim.Projected]:
         w = torch.nn.Parameter(torch.full((3,), 1 / 3, dtype=torch.float64))
-        return w, cx.optim.Projected(torch.optim.Adam([w], lr=0.05), [w], method="sort")
+        with pytest.warns(cx.ConvexMixWarning, match="Prefer torch.optim.SGD"):
+            return w, cx.optim.Projected(torch.optim.Adam([w], lr=0.05), [w], method="sort")
 
     target = torch.tensor([0.7, 0.5, -0.4], dtype=torch.float64)
     w1, opt1 = make()
@@ -109,3 +114,15 @@ def test_projected_state_dict_round_trip_and_scheduler() -> None:
         quadratic(w, target).backward()
         opt.step()
     torch.testing.assert_close(w1.detach(), w2.detach())
+
+
+def test_projected_warns_only_for_adaptive_optimizers() -> None:
+    import warnings
+
+    w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cx.optim.Projected(torch.optim.SGD([w], lr=0.1, momentum=0.9), [w])
+    for cls in (torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
+        with pytest.warns(cx.ConvexMixWarning, match=cls.__name__):
+            cx.optim.Projected(cls([w], lr=0.1), [w])

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,10 +17,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from convexmix.errors import ConvexMixError
+from convexmix.errors import ConvexMixError, ConvexMixWarning
 from convexmix.functional._checks import check_total, compute_dtype, normalize_dim
 from convexmix.functional._project import METHODS, project_simplex
 from convexmix.functional._softmax import safe_softmax
+
+#: Optimizers that scale each coordinate of the step: projected, they can stall.
+_ADAPTIVE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+)
 
 __all__ = ["ExponentiatedGradient", "Projected"]
 
@@ -107,14 +120,15 @@ class Projected(Optimizer):
     (0.707, 0.285, 0, 0.008) where the optimum is (0.8, 0.2, 0, 0). Worse, when every
     gradient coordinate has the same sign (the log-loss of a mixture), Adam's normalised
     step is nearly uniform and the projection cancels it: projected Adam does not move
-    (benchmarks/convergence.py, problem b). Prefer SGD or :class:`ExponentiatedGradient`.
+    (benchmarks/convergence.py, problem b). Prefer SGD or :class:`ExponentiatedGradient`;
+    wrapping an adaptive optimizer (Adam, AdamW, Adagrad, RMSprop and kin) warns.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over (at least) ``params``.
         params: the parameters to keep on the simplex.
         dim: the dimension that sums to ``total``.
         total: the sum, > 0.
-        method: the projection method (``"auto"``, ``"sort"`` or ``"bisect"``).
+        method: the projection method (``"auto"``, ``"sort"``, ``"bisect"`` or ``"condat"``).
 
     Example:
         >>> import torch, convexmix as cx
@@ -154,6 +168,15 @@ class Projected(Optimizer):
                 )
             normalize_dim(p, dim, f"params[{i}]")
         self.dim, self.total, self.method = dim, check_total(total), method
+        if isinstance(optimizer, _ADAPTIVE):
+            warnings.warn(
+                f"Projected({type(optimizer).__name__}): per-coordinate step scaling and a "
+                "Euclidean projection do not commute, and projected adaptive optimizers can "
+                "stall away from the optimum (docs/convergence.md). Prefer "
+                "torch.optim.SGD or cx.optim.ExponentiatedGradient.",
+                ConvexMixWarning,
+                stacklevel=2,
+            )
         super().__init__([dict(g) for g in optimizer.param_groups], dict(optimizer.defaults))
         self.param_groups = optimizer.param_groups  # shared, not copied
         self.state = optimizer.state
