@@ -64,13 +64,18 @@ def test_any_dim_and_idempotence(method: str, dim: int) -> None:
 
 
 def test_methods_agree_on_long_rows_in_float32() -> None:
+    gen = torch.Generator().manual_seed(7)
     for scale in (1e-4, 1.0, 1e3):
-        x = torch.randn(3, 200_000) * scale
+        x = torch.randn(3, 200_000, generator=gen) * scale
         a = project_simplex(x, method="sort")
         b = project_simplex(x, method="bisect")
         c = project_simplex(x, method="condat")
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-        torch.testing.assert_close(a, c, atol=0, rtol=0)
+        # The threshold is a float64 sum over the support, in a different order per
+        # method: the outputs agree to an ulp or two of float32 (most of them exactly).
+        ulps = {"rtol": 2.4e-7, "atol": 1e-12 * scale}
+        torch.testing.assert_close(a, b, **ulps)
+        torch.testing.assert_close(a, c, **ulps)
+        assert (a != b).float().mean() < 1e-3
         assert abs(b.double().sum(-1) - 1).max() < 1e-6
 
 

@@ -284,9 +284,9 @@ def project_simplex(
             filter pass, O(K) expected, then exact Michelot steps; sequential along a
             row: on Python floats for up to 128 rows, else one tensor step per position
             for all rows at once) or ``"auto"``: bisect on GPU, and on CPU for rows of
-            512+ entries in inputs of 65536+; sort otherwise. All give the same result
-            to the last bit in practice (the threshold is taken in float64 from the
-            support).
+            512+ entries in inputs of 65536+; sort otherwise. All agree to an ulp or
+            two (each takes the threshold in float64 from the support, summed in its
+            own order).
 
     Returns:
         Tensor of the shape and dtype of ``x``.
