@@ -6,7 +6,7 @@
 tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 """
 
-from convexmix import ensemble, functional, optim
+from convexmix import ensemble, functional, merge, optim
 from convexmix.errors import (
     ConvexMixError,
     ConvexMixWarning,
@@ -35,6 +35,7 @@ __all__ = [
     "__version__",
     "ensemble",
     "functional",
+    "merge",
     "optim",
     "remove_simplex_",
     "simplex_",
