@@ -98,3 +98,18 @@ def test_digits_missing_views_smoke(tmp_path: Path) -> None:
         assert acc["all views"][0] >= acc["1 view left"][0]
     torch.testing.assert_close(torch.tensor(res["_weights"]["mean"]).sum(), torch.tensor(1.0))
     assert (tmp_path / "digits_fusion_weights_noise0.5.png").stat().st_size > 5_000
+
+
+def test_digits_soup_smoke() -> None:
+    pytest.importorskip("sklearn")
+    table = load_example("digits_soup").main(models=3, seeds=1, epochs=2, verbose=False)
+    assert set(table) == {
+        "best single",
+        "uniform soup",
+        "greedy soup",
+        "learned soup (global)",
+        "learned soup (per tensor)",
+    }
+    for acc, loss in table.values():
+        assert acc > 0.5  # ten classes: chance is 0.1
+        assert 0 < loss < 2.3
