@@ -15,7 +15,8 @@ training step of the merging weights (batch 64, cross-entropy) runs with:
 Each method runs in a fresh process, and its peak memory is the growth of the process's
 maximum resident set size over the state right after the ingredients are built (Linux
 ``ru_maxrss``, with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave
-the resident set at once). The step time is the median of ``--steps`` steps after one
+the resident set at once), after one step on tiny models that pays torch's one-off
+set-up. The step time is the median of ``--steps`` steps after one
 warm-up, in a second process with the default allocator settings.
 """
 
@@ -72,18 +73,25 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def build(method: str, models: list[nn.Module]) -> tuple[nn.Module, list[torch.Tensor]]:
+    if method == "per-step copy":
+        soup = CopySoup(models)
+        return soup, [soup.alpha]
+    granularity = method.split()[-1]
+    merge = cx.merge.LearnedMerge(models, granularity=granularity)  # type: ignore[arg-type]
+    return merge, list(merge.parameters())
+
+
 def child(method: str, k: int, width: int, depth: int, steps: int) -> dict[str, float]:
+    # One step on tiny models first: torch's one-off set-up (thread pools, kernels, about
+    # 70 MB here) is not part of any method's footprint.
+    tiny, _ = build(method, make_models(2, 16, 1))
+    nn.functional.cross_entropy(tiny(torch.randn(4, 16)), torch.randint(0, 10, (4,))).backward()
     torch.manual_seed(0)
     models = make_models(k, width, depth)
     x, y = torch.randn(64, width), torch.randint(0, 10, (64,))
     base = max_rss_mb()
-    if method == "per-step copy":
-        module: nn.Module = CopySoup(models)
-        params = [module.alpha]  # type: ignore[list-item]
-    else:
-        granularity = method.split()[-1]
-        module = cx.merge.LearnedMerge(models, granularity=granularity)  # type: ignore[arg-type]
-        params = list(module.parameters())
+    module, params = build(method, models)
     opt = torch.optim.SGD(params, lr=0.1)
     times = []
     for step in range(steps + 1):

@@ -69,7 +69,7 @@ def test_training_touches_only_the_weights(nets: list[nn.Module]) -> None:
             torch.testing.assert_close(p, state[name])
         for name, b in net.named_buffers():  # BatchNorm statistics: the merge's own copy
             torch.testing.assert_close(b, state[name])
-    assert not torch.equal(merge._buf_1__running_mean, before[0]["1.running_mean"])
+    assert not torch.equal(merge.net[1].running_mean, before[0]["1.running_mean"])
     for xs in merge.__dict__["_ingredients"].values():
         assert all(not x.requires_grad for x in xs)
 
@@ -115,15 +115,48 @@ def test_state_dicts_with_template_and_round_trips(nets: list[nn.Module]) -> Non
     torch.testing.assert_close(merge.weights, torch.tensor([0.6, 0.4, 0.0]))
     assert set(merge.state_dict()) == {
         "free",
-        "_buf_1__running_mean",
-        "_buf_1__running_var",
-        "_buf_1__num_batches_tracked",
+        "net.1.running_mean",
+        "net.1.running_var",
+        "net.1.num_batches_tracked",
     }
     clone = pickle.loads(pickle.dumps(merge))
     x = torch.randn(5, 4)
     merge.eval()
     clone.eval()
     torch.testing.assert_close(clone(x), merge(x))
+
+
+def test_parents_that_read_a_childs_weight() -> None:
+    """MultiheadAttention reads out_proj.weight without calling out_proj."""
+    torch.manual_seed(0)
+    models = [nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(2)]
+    merge = LearnedMerge(models, granularity="per_module", init=[0.3, 0.7]).eval()
+    x = torch.randn(2, 5, 8)
+    plain = merge.merged_model().eval()
+    torch.testing.assert_close(merge(x, x, x)[0], plain(x, x, x)[0])
+    weight = 0.3 * models[0].out_proj.weight + 0.7 * models[1].out_proj.weight
+    torch.testing.assert_close(plain.out_proj.weight, weight.detach())
+
+
+def test_merged_tensors_are_built_when_read(nets: list[nn.Module]) -> None:
+    """Each layer's merge runs right before the layer: its backward then frees the
+    layer's gradient at once, instead of keeping all of them until the end."""
+    merge = LearnedMerge(nets)
+    order: list[str] = []
+    for name, module in merge.net.named_modules():
+        module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+    reads = []
+    original = merge._tensor
+
+    def spy(i: int) -> torch.Tensor:
+        reads.append((len(order), merge.param_names[i]))
+        return original(i)
+
+    merge._tensor = spy  # type: ignore[method-assign]
+    merge(torch.randn(4, 4))
+    first_read = {name: when for when, name in reversed(reads)}
+    assert first_read["0.weight"] < first_read["3.weight"]
+    assert first_read["3.weight"] == order.index("3") + 1
 
 
 def test_compile_fullgraph(nets: list[nn.Module]) -> None:

@@ -3,14 +3,17 @@
 :class:`LearnedMerge` holds K models that share an architecture (the "ingredients") and
 learns the weights of their convex combination, per model ("global"), per parameter
 tensor ("per_tensor") or per module ("per_module", by the owning module's name). The
-merged parameters are computed in ``forward`` with the fused
-:func:`~convexmix.functional.convex_combination` and the network runs on them through
-:func:`torch.func.functional_call`; only the weights are parameters.
+network runs as a parameter-free copy of the template whose parameters are properties:
+each merged tensor is computed with the fused
+:func:`~convexmix.functional.convex_combination` when the network reads it (once per
+forward). Only the weights are parameters.
 
 Memory: the ingredients are kept by reference (``detach()`` views of the given tensors):
 no copies, no gradients, no ``.grad`` buffers. A training step holds the ingredients,
-one merged copy of the parameters and the activations; the backward needs no gradient
-of any ingredient, only ``<grad, theta_k>`` per weight.
+one merged copy of the parameters and the activations: merging a layer right before it
+runs puts that merge's backward right after the layer's, so each parameter gradient is
+consumed at once. The backward needs no gradient of any ingredient, only
+``<grad, theta_k>`` per weight.
 
 >>> import torch, convexmix as cx
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -103,6 +106,47 @@ def _group_names(names: list[str], granularity: str) -> tuple[list[str], list[in
     )
 
 
+_MERGED_CLASSES: dict[tuple[type[nn.Module], tuple[str, ...]], type[nn.Module]] = {}
+
+
+def _merged_property(local: str) -> property:
+    def fget(module: nn.Module) -> Tensor:
+        owner: LearnedMerge = module.__dict__["_cx_merge"]
+        return owner._tensor(module.__dict__["_cx_index"][local])
+
+    return property(fget, doc=f"``{local}``: the merged tensor, computed when it is read.")
+
+
+def _merged_base(module: nn.Module) -> type[nn.Module]:
+    base: type[nn.Module] = getattr(type(module), "_cx_base", type(module))
+    return base
+
+
+def _merged_reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+    state = self.__getstate__()  # type: ignore[no-untyped-call]
+    return (_rebuild_merged, (_merged_base(self), tuple(self.__dict__["_cx_index"])), state)
+
+
+def _merged_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
+    key = (base, names)
+    if key not in _MERGED_CLASSES:
+        namespace: dict[str, Any] = {name: _merged_property(name) for name in names}
+        namespace.update(
+            __reduce_ex__=_merged_reduce_ex,
+            _cx_base=base,
+            __module__=__name__,
+            __doc__=base.__doc__,
+        )
+        _MERGED_CLASSES[key] = type(f"Merged{base.__name__}", (base,), namespace)
+    return _MERGED_CLASSES[key]
+
+
+def _rebuild_merged(base: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
+    """Unpickling: an empty instance of the merged class; pickle then sets its state."""
+    module: nn.Module = base.__new__(_merged_class(base, names))
+    return module
+
+
 class LearnedMerge(nn.Module):
     r"""A learned soup of K models: ``theta_g = sum_k w_{g,k} theta_{k,g}`` per group g.
 
@@ -175,14 +219,17 @@ class LearnedMerge(nn.Module):
             n: [states[k][0][n] for k in range(len(models))] for n in self.param_names
         }
         self.n_models = len(models)
-        for name, b in template.named_buffers():
-            value = b.detach().clone()
-            if buffers == "mean" and b.is_floating_point():
-                parts = [st[1].get(name) for st in states]
-                if all(p is not None for p in parts):
-                    value = torch.stack([p.to(b.dtype) for p in parts if p is not None]).mean(0)
-            self.register_buffer("_buf_" + name.replace(".", "__"), value)
-        self._buffer_names = [n for n, _ in template.named_buffers()]
+        self.net = self._skeleton(template)
+        if buffers == "mean":
+            with torch.no_grad():
+                for name, b in self.net.named_buffers():
+                    parts = [st[1].get(name) for st in states]
+                    if b.is_floating_point() and all(p is not None for p in parts):
+                        b.copy_(
+                            torch.stack([p.to(b.dtype) for p in parts if p is not None]).mean(0)
+                        )
+        self._cx_cache: dict[int, Tensor] | None = None
+        self._cx_weights: Tensor | None = None
         self.free = nn.Parameter(self._initial_free(init))
 
     # ------------------------------------------------------------------ weights
@@ -217,33 +264,54 @@ class LearnedMerge(nn.Module):
 
     # ------------------------------------------------------------------ merging
 
-    def _merged(self, weights: Tensor) -> dict[str, Tensor]:
-        ingredients: dict[str, list[Tensor]] = self.__dict__["_ingredients"]
-        out = {}
-        for i, name in enumerate(self.param_names):
-            w = weights if weights.dim() == 1 else weights[self._group_of[i]]
-            xs = ingredients[name]
-            out[name] = convex_combination(w.to(xs[0].dtype), xs)
+    def _skeleton(self, template: nn.Module) -> nn.Module:
+        """A copy of the template without parameters: each one becomes a property that
+        merges the ingredients when it is read, so a layer's merge runs right before the
+        layer, and its backward (which consumes that layer's gradient) right after the
+        layer's backward. Parameters are copied as empty meta tensors; buffers for real.
+        """
+        memo: dict[int, Any] = {
+            id(p): torch.empty_like(p, device="meta") for p in template.parameters()
+        }
+        names = {id(memo[id(p)]): n for n, p in template.named_parameters()}
+        skeleton = copy.deepcopy(template, memo)
+        for module in skeleton.modules():
+            index = {}
+            for local, p in list(module._parameters.items()):
+                if p is not None:
+                    index[local] = self.param_names.index(names[id(p)])
+                    del module._parameters[local]
+            if index:
+                module.__class__ = _merged_class(type(module), tuple(sorted(index)))
+                module.__dict__["_cx_merge"] = self
+                module.__dict__["_cx_index"] = index
+        return skeleton
+
+    def _tensor(self, i: int) -> Tensor:
+        """Merged tensor ``i`` (once per forward: cached while the network runs)."""
+        cache = self._cx_cache
+        if cache is not None and i in cache:
+            return cache[i]
+        w = self._cx_weights if self._cx_weights is not None else self.weights
+        row = w if w.dim() == 1 else w[self._group_of[i]]
+        xs: list[Tensor] = self.__dict__["_ingredients"][self.param_names[i]]
+        out = convex_combination(row.to(xs[0].dtype), xs)
+        if cache is not None:
+            cache[i] = out
         return out
 
-    def _own_buffers(self) -> dict[str, Tensor]:
-        return {n: getattr(self, "_buf_" + n.replace(".", "__")) for n in self._buffer_names}
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = {**self._merged(self.weights), **self._own_buffers()}
-        template: nn.Module = self.__dict__["_template"]
-        was = template.training
-        template.train(self.training)
+        self._cx_cache, self._cx_weights = {}, self.weights
         try:
-            return torch.func.functional_call(template, tensors, args, kwargs, strict=True)
+            return self.net(*args, **kwargs)
         finally:
-            template.train(was)
+            self._cx_cache, self._cx_weights = None, None
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The merged parameters and this module's buffers, as a template state_dict."""
-        state = {n: t.detach().clone() for n, t in self._merged(self.weights).items()}
-        state.update({n: b.detach().clone() for n, b in self._own_buffers().items()})
+        state = {n: self._tensor(i).clone() for i, n in enumerate(self.param_names)}
+        state.update({n: b.detach().clone() for n, b in self.net.named_buffers()})
         return state
 
     def merged_model(self) -> nn.Module:
@@ -260,8 +328,6 @@ class LearnedMerge(nn.Module):
         ingredients: dict[str, list[Tensor]] = self.__dict__["_ingredients"]
         for name, xs in ingredients.items():
             ingredients[name] = [fn(x) for x in xs]
-        # The template's own tensors are left alone: functional_call(strict=True) replaces
-        # every parameter and buffer, so they are never read (and model 0 is not copied).
         return self
 
     def extra_repr(self) -> str:
