@@ -124,3 +124,11 @@ def test_errors() -> None:
         project_simplex(torch.randn(3), method="quick")
     with pytest.raises(cx.ConvexMixError, match=r"total must be finite and > 0; got 0.0"):
         project_simplex(torch.randn(3), total=0.0)
+
+
+@pytest.mark.parametrize("method", ["bisect", "condat"])
+def test_vmap_matches_a_loop(method: str) -> None:
+    x = rand(3, 4, 6, seed=9)
+    f = lambda t: project_simplex(t, dim=0, total=2.0, method=method)  # noqa: E731
+    out = torch.func.vmap(f, in_dims=2, out_dims=2)(x)
+    torch.testing.assert_close(out, torch.stack([f(x[..., j]) for j in range(6)], dim=2))

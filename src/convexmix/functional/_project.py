@@ -14,6 +14,7 @@ Three methods, one backward (the sparsemax Jacobian, O(K) from the output):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from convexmix.errors import ConvexMixError
 from convexmix.functional._checks import prepare
-from convexmix.functional._sparse import _finish, _Sparsemax
+from convexmix.functional._sparse import _batch_rule_single, _finish, _Sparsemax
 
 __all__ = ["project_simplex"]
 
@@ -40,24 +41,34 @@ AUTO_BISECT_NUMEL = 1 << 16
 ROW_BLOCK = 1 << 20
 
 
-@torch.library.custom_op("convexmix::project_bisect", mutates_args=())
-def _bisect_op(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
+def _by_row_blocks(x: Tensor, dim: int, project: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``project`` (2-D rows -> projected rows) to blocks of rows along ``dim``."""
     z = x.movedim(dim, -1)
     shape = z.shape
     rows = z.reshape(-1, shape[-1])
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     step = max(1, ROW_BLOCK // max(shape[-1], 1))
     for a in range(0, rows.shape[0], step):
-        out[a : a + step] = _bisect_rows(rows[a : a + step], total, n_iter)
+        out[a : a + step] = project(rows[a : a + step])
     return out.reshape(shape).movedim(-1, dim).contiguous()
+
+
+def _shift_by_max(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(row max, or 0 for rows of only -inf; whether a row has a finite entry)."""
+    top = z.amax(-1, keepdim=True)
+    present = top > -math.inf
+    return torch.where(present, top, 0.0), present
+
+
+@torch.library.custom_op("convexmix::project_bisect", mutates_args=())
+def _bisect_op(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
+    return _by_row_blocks(x, dim, lambda rows: _bisect_rows(rows, total, n_iter))
 
 
 def _bisect_rows(z: Tensor, total: float, n_iter: int) -> Tensor:
     """Project each row of a 2-D block ``z``."""
     k = z.shape[-1]
-    top = z.amax(-1, keepdim=True)
-    present = top > -math.inf
-    shift = torch.where(present, top, 0.0)
+    shift, present = _shift_by_max(z)
     zs = z - shift  # <= 0, in the input dtype; exact near the maximum (Sterbenz)
     # tau relative to the row maximum lies in [-t, -t/K]: at -t the maximum alone has
     # mass t, at -t/K every entry has at most t/K. A few halvings get close, cheaply.
@@ -110,14 +121,7 @@ def _michelot(
 
 @torch.library.custom_op("convexmix::project_condat", mutates_args=())
 def _condat_op(x: Tensor, dim: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1)
-    shape = z.shape
-    rows = z.reshape(-1, shape[-1])
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    step = max(1, ROW_BLOCK // max(shape[-1], 1))
-    for a in range(0, rows.shape[0], step):
-        out[a : a + step] = _condat_rows(rows[a : a + step], total)
-    return out.reshape(shape).movedim(-1, dim).contiguous()
+    return _by_row_blocks(x, dim, lambda rows: _condat_rows(rows, total))
 
 
 #: Blocks of at most this many rows run Condat's filter on Python floats, row by row
@@ -181,9 +185,7 @@ def _condat_filter_batched(zs: Tensor, total: float) -> Tensor:
 
 def _condat_rows(z: Tensor, total: float) -> Tensor:
     """Project each row of a 2-D block ``z``: Condat's filter, then exact Michelot steps."""
-    top = z.amax(-1, keepdim=True)
-    present = top > -math.inf
-    shift = torch.where(present, top, 0.0)
+    shift, present = _shift_by_max(z)
     zs = z - shift
     if zs.shape[0] <= CONDAT_SCALAR_ROWS:
         rho = torch.tensor(
@@ -203,33 +205,15 @@ def _(x: Tensor, dim: int, total: float) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _condat_vmap(
-    info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int, total: float
-) -> tuple[Tensor, int | None]:
-    if in_dims[0] is None:
-        return _condat_op(x, dim, total), None
-    return _condat_op(x.movedim(in_dims[0], 0), dim + 1, total), 0
-
-
-torch.library.register_vmap(_condat_op, _condat_vmap)
+torch.library.register_vmap(_condat_op, _batch_rule_single(_condat_op))
 
 
 class _Condat(_Sparsemax):
-    """The projection by Condat's algorithm; the backward is sparsemax's (inherited)."""
+    """The projection by Condat's algorithm; context and backward are sparsemax's."""
 
     @staticmethod
     def forward(x: Tensor, dim: int, total: float) -> Tensor:
         return cast(Tensor, _condat_op(x, dim, total))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[1]
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        dx, _, _ = _Sparsemax.backward(ctx, grad)
-        return dx, None, None
 
 
 @_bisect_op.register_fake
@@ -237,15 +221,7 @@ def _(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _bisect_vmap(
-    info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int, total: float, n_iter: int
-) -> tuple[Tensor, int | None]:
-    if in_dims[0] is None:
-        return _bisect_op(x, dim, total, n_iter), None
-    return _bisect_op(x.movedim(in_dims[0], 0), dim + 1, total, n_iter), 0
-
-
-torch.library.register_vmap(_bisect_op, _bisect_vmap)
+torch.library.register_vmap(_bisect_op, _batch_rule_single(_bisect_op))
 
 
 class _Bisect(_Sparsemax):
