@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from convexmix._subclass import register_kind, subclass
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
 from convexmix.functional import convex_combination
 from convexmix.functional._registry import get_map
@@ -106,9 +107,6 @@ def _group_names(names: list[str], granularity: str) -> tuple[list[str], list[in
     )
 
 
-_MERGED_CLASSES: dict[tuple[type[nn.Module], tuple[str, ...]], type[nn.Module]] = {}
-
-
 def _merged_property(local: str) -> property:
     def fget(module: nn.Module) -> Tensor:
         owner: LearnedMerge = module.__dict__["_cx_merge"]
@@ -117,34 +115,7 @@ def _merged_property(local: str) -> property:
     return property(fget, doc=f"``{local}``: the merged tensor, computed when it is read.")
 
 
-def _merged_base(module: nn.Module) -> type[nn.Module]:
-    base: type[nn.Module] = getattr(type(module), "_cx_base", type(module))
-    return base
-
-
-def _merged_reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
-    state = self.__getstate__()  # type: ignore[no-untyped-call]
-    return (_rebuild_merged, (_merged_base(self), tuple(self.__dict__["_cx_index"])), state)
-
-
-def _merged_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
-    key = (base, names)
-    if key not in _MERGED_CLASSES:
-        namespace: dict[str, Any] = {name: _merged_property(name) for name in names}
-        namespace.update(
-            __reduce_ex__=_merged_reduce_ex,
-            _cx_base=base,
-            __module__=__name__,
-            __doc__=base.__doc__,
-        )
-        _MERGED_CLASSES[key] = type(f"Merged{base.__name__}", (base,), namespace)
-    return _MERGED_CLASSES[key]
-
-
-def _rebuild_merged(base: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
-    """Unpickling: an empty instance of the merged class; pickle then sets its state."""
-    module: nn.Module = base.__new__(_merged_class(base, names))
-    return module
+register_kind("Merged", lambda names: {name: _merged_property(name) for name in names})
 
 
 class LearnedMerge(nn.Module):
@@ -282,7 +253,7 @@ class LearnedMerge(nn.Module):
                     index[local] = self.param_names.index(names[id(p)])
                     del module._parameters[local]
             if index:
-                module.__class__ = _merged_class(type(module), tuple(sorted(index)))
+                module.__class__ = subclass("Merged", type(module), tuple(sorted(index)))
                 module.__dict__["_cx_merge"] = self
                 module.__dict__["_cx_index"] = index
         return skeleton

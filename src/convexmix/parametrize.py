@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convexmix._subclass import base_class, register_kind, subclass
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional._checks import (
     check_temperature,
@@ -157,17 +158,10 @@ class Simplex(nn.Module):
 
 # ----------------------------------------------------------------------------- simplex_
 
-_CLASSES: dict[tuple[type[nn.Module], tuple[str, ...]], type[nn.Module]] = {}
-
 
 def _constraints(module: nn.Module) -> dict[str, Simplex]:
     found: dict[str, Simplex] = module.__dict__.get("_convexmix_simplex", {})
     return found
-
-
-def _base_class(module: nn.Module) -> type[nn.Module]:
-    base: type[nn.Module] = getattr(type(module), "_convexmix_base", type(module))
-    return base
 
 
 def _make_property(name: str) -> property:
@@ -197,16 +191,11 @@ def _setattr(self: nn.Module, key: str, value: Any) -> None:
     if key in _constraints(self):
         object.__setattr__(self, key, value)  # the property's setter
     else:
-        _base_class(self).__setattr__(self, key, value)
-
-
-def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
-    state = self.__getstate__()  # type: ignore[no-untyped-call]
-    return (_rebuild, (_base_class(self), tuple(_constraints(self))), state)
+        base_class(self).__setattr__(self, key, value)
 
 
 def _extra_repr(self: nn.Module) -> str:
-    base = _base_class(self).extra_repr(self)
+    base = base_class(self).extra_repr(self)
     parts = [base] if base else []
     parts += [f"{n}: Simplex({s.extra_repr()})" for n, s in _constraints(self).items()]
     return ", ".join(parts)
@@ -221,31 +210,24 @@ def _load_from_state_dict(
         if plain in state_dict and free not in state_dict:
             value = state_dict.pop(plain)
             state_dict[free] = simplex.right_inverse(value)
-    _base_class(self)._load_from_state_dict(self, state_dict, prefix, *args)
+    base_class(self)._load_from_state_dict(self, state_dict, prefix, *args)
+
+
+def _namespace(names: tuple[str, ...]) -> dict[str, Any]:
+    namespace: dict[str, Any] = {name: _make_property(name) for name in names}
+    namespace.update(
+        __setattr__=_setattr,
+        extra_repr=_extra_repr,
+        _load_from_state_dict=_load_from_state_dict,
+    )
+    return namespace
+
+
+register_kind("Simplex", _namespace)
 
 
 def _simplex_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
-    key = (base, names)
-    if key not in _CLASSES:
-        namespace: dict[str, Any] = {name: _make_property(name) for name in names}
-        namespace.update(
-            __setattr__=_setattr,
-            __reduce_ex__=_reduce_ex,
-            extra_repr=_extra_repr,
-            _load_from_state_dict=_load_from_state_dict,
-            _convexmix_base=base,
-            __module__=__name__,
-            __doc__=base.__doc__,
-        )
-        _CLASSES[key] = type(f"Simplex{base.__name__}", (base,), namespace)
-    return _CLASSES[key]
-
-
-def _rebuild(base: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
-    """Unpickling: an empty instance of the constrained class; pickle then sets its state."""
-    cls = _simplex_class(base, names)
-    module: nn.Module = base.__new__(cls)
-    return module
+    return subclass("Simplex", base, names)
 
 
 def simplex_(
@@ -316,7 +298,7 @@ def simplex_(
     del module._parameters[name]
     module.register_parameter(free_name, nn.Parameter(free, requires_grad=param.requires_grad))
     object.__setattr__(module, "_convexmix_simplex", constraints)
-    module.__class__ = _simplex_class(_base_class(module), names)
+    module.__class__ = _simplex_class(base_class(module), names)
     return module
 
 
@@ -343,7 +325,7 @@ def remove_simplex_(module: nn.Module, name: str) -> nn.Module:
     free: Tensor = getattr(module, name + FREE_SUFFIX)
     with torch.no_grad():
         value = getattr(module, name).detach().clone()
-    base = _base_class(module)
+    base = base_class(module)
     del module._parameters[name + FREE_SUFFIX]
     del constraints[name]
     if constraints:
