@@ -26,6 +26,15 @@ def _figure(rows: int) -> Any:
     return fig
 
 
+def _save(fig: Any, path: str | Path, title: str | None) -> Path:
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def plot_weight_history(
     history: Mapping[str, Tensor],
     steps: Mapping[str, Sequence[int]],
@@ -67,12 +76,7 @@ def plot_weight_history(
         ax.set_ylim(-0.02, max(1.02, float(v.max()) + 0.02))
         ax.legend(loc="best", fontsize="small", ncols=min(v.shape[1], 4))
     axes[-1].set_xlabel(xlabel)
-    if title:
-        fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, path, title)
 
 
 def plot_ensemble_weights(
@@ -120,8 +124,7 @@ def plot_ensemble_weights(
         lx = axes[1]
         items = list(losses.items())
         lx.barh([m for m, _ in items], [v for _, v in items], color="0.55")
-        best = min(v for _, v in items)
-        lo = min(v for _, v in items)
+        lo = best = min(v for _, v in items)
         hi = max(v for _, v in items)
         lx.set_xlim(max(0.0, lo - 0.15 * (hi - lo + 1e-12)), hi + 0.05 * (hi - lo + 1e-12))
         for y, (_, v) in enumerate(items):
@@ -130,9 +133,4 @@ def plot_ensemble_weights(
             )
         lx.invert_yaxis()
         lx.set_xlabel("loss (lower is better)")
-    if title:
-        fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, path, title)
