@@ -103,7 +103,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     predictions, names = _io.load_predictions(args.predictions, n_samples=len(targets))
     show = not args.quiet and sys.stderr.isatty()
     with (
-        _progress(show, "fitting", args.max_iter) as fit_bar,
+        _progress(show, "fitting", None) as fit_bar,  # a few iterations: no fixed total
         _progress(show, "Caruana", args.size) as sel_bar,
     ):
         result = compare(

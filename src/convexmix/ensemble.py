@@ -478,9 +478,10 @@ def _objective(
 
 
 def _initial_support(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
-    """The coordinates whose gradient at ``v`` is below the mean: a first support guess."""
+    """The coordinates whose gradient at ``v`` is at most its mean: a first support guess
+    (never empty in exact arithmetic: the support's smallest gradient is below the mean)."""
     g = A @ v + c
-    return (g <= float(v @ g)) | (v > 0) & (g <= float(g[v > 0].min()))
+    return g <= float(v @ g)
 
 
 def _eqp(A: Tensor, c: Tensor, F: Tensor) -> tuple[Tensor, float]:
@@ -535,7 +536,7 @@ def _simplex_qp(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     v = v.clone()
     # A relative ridge on each diagonal entry: identical models make A singular.
     A = A + torch.diag(1e-12 * A.diagonal().abs() + 1e-300)
-    guess = _pdas(A, c, torch.ones(K, dtype=torch.bool) if K <= 2 else _initial_support(A, c, v))
+    guess = _pdas(A, c, _initial_support(A, c, v))
     if guess is not None:
         return guess
     free = v > 0
