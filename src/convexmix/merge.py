@@ -94,14 +94,12 @@ def _group_names(names: list[str], granularity: str) -> tuple[list[str], list[in
     if granularity == "per_tensor":
         return list(names), list(range(len(names)))
     if granularity == "per_module":
-        labels: list[str] = []
-        index: list[int] = []
-        for name in names:
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            if owner not in labels:
-                labels.append(owner)
-            index.append(labels.index(owner))
-        return labels, index
+        groups: dict[str, int] = {}  # owner module -> group, in order of first appearance
+        index = [
+            groups.setdefault(name.rsplit(".", 1)[0] if "." in name else "", len(groups))
+            for name in names
+        ]
+        return list(groups), index
     raise ConvexMixError(
         f"granularity must be 'global', 'per_tensor' or 'per_module'; got {granularity!r}."
     )
@@ -131,16 +129,17 @@ class LearnedMerge(nn.Module):
             ``group_names`` lists them).
         map: the simplex map of the weights (see ``cx.functional``).
         init: "uniform", or probabilities: (K,) (shared by every group) or (G, K).
-        template: the module whose ``forward`` runs on the merged parameters; by default
-            ``models[0]``. It is held by reference, not registered: its own parameters
-            are never trained and never appear in this module's ``parameters()``.
+        template: the architecture, by default ``models[0]``. The network runs as a copy
+            of it without parameters (``net``; buffers copied, parameters replaced by
+            merged tensors), so the template's own parameters are never read, trained
+            or copied.
         buffers: "first" (copy model 0's buffers, e.g. BatchNorm running statistics) or
             "mean" (the mean of the models' floating-point buffers; others from model 0).
             They become this module's own buffers, saved in its ``state_dict`` and
             updated by the template's usual rules (BatchNorm in train mode), so the
             ingredients are never modified.
 
-    ``forward(*args, **kwargs)`` calls the template's ``forward`` on the merged
+    ``forward(*args, **kwargs)`` runs ``net``, the template's copy, on the merged
     parameters. :meth:`merged_state_dict` and :meth:`merged_model` export a plain model.
 
     Example:
@@ -244,13 +243,14 @@ class LearnedMerge(nn.Module):
         memo: dict[int, Any] = {
             id(p): torch.empty_like(p, device="meta") for p in template.parameters()
         }
-        names = {id(memo[id(p)]): n for n, p in template.named_parameters()}
+        position = {n: i for i, n in enumerate(self.param_names)}
+        tensor_of = {id(memo[id(p)]): position[n] for n, p in template.named_parameters()}
         skeleton = copy.deepcopy(template, memo)
         for module in skeleton.modules():
             index = {}
             for local, p in list(module._parameters.items()):
                 if p is not None:
-                    index[local] = self.param_names.index(names[id(p)])
+                    index[local] = tensor_of[id(p)]
                     del module._parameters[local]
             if index:
                 module.__class__ = subclass("Merged", type(module), tuple(sorted(index)))
