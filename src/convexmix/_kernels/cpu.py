@@ -1,4 +1,8 @@
-"""CPU kernels for ``convex_combination``: one pass over the inputs, cache-blocked.
+"""CPU kernels for ``convex_combination``: one pass over the inputs.
+
+Contiguous inputs with scalar weights run the native kernels of :mod:`.native` (one
+vectorised pass, several threads). Everything else (strided inputs, broadcast weights,
+weights wider than the accumulation dtype, no C compiler) runs blocked ATen code:
 
 Forward, ``out = sum_k w_k x_k``:
 
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from convexmix._kernels import alloc, native
 
 __all__: list[str] = []
 
@@ -78,8 +84,17 @@ class _Slicer:
         return wk[a:b] if self.w_rows and not self.flat else wk
 
 
+def empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A contiguous output; large CPU ones on huge pages (see :mod:`.alloc`)."""
+    if device.type == "cpu":
+        return alloc.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
     """``out[...] = sum_k weights[k] * xs[k]``; ``weights`` is in the accumulation dtype."""
+    if native.forward(weights, xs, out):
+        return
     acc = weights.dtype
     scalar = weights.dim() == 1
     if scalar and out.is_contiguous() and out.dtype == acc == xs[0].dtype:
@@ -125,12 +140,11 @@ def backward(
     grad`` for the inputs with ``need_x[k]`` (returned in order, only those)."""
     acc = weights.dtype
     scalar = weights.dim() == 1
-    grads = {
-        k: torch.empty_like(x, memory_format=torch.contiguous_format)
-        for k, x in enumerate(xs)
-        if need_x[k]
-    }
+    grads = {k: empty(x.shape, x.dtype, x.device) for k, x in enumerate(xs) if need_x[k]}
     grad_xs = list(grads.values())
+    done, dots = native.backward(grad, weights, xs, need_w, [grads.get(k) for k in range(len(xs))])
+    if done:
+        return (dots.to(acc) if dots is not None else None), grad_xs
     grad_w: Tensor | None = torch.zeros_like(weights) if need_w else None
     if not (need_w or grads):
         return grad_w, grad_xs

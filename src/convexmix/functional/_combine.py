@@ -28,7 +28,7 @@ __all__ = ["convex_combination"]
 
 @torch.library.custom_op("convexmix::combine", mutates_args=())
 def _combine_op(weights: Tensor, inputs: list[Tensor]) -> Tensor:
-    out = torch.empty(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    out = cpu.empty(inputs[0].shape, inputs[0].dtype, inputs[0].device)
     cpu.forward(weights, inputs, out)
     return out
 
