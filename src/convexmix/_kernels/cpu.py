@@ -1,7 +1,8 @@
-"""CPU kernels for ``convex_combination``: one pass over the inputs.
+"""The kernels of ``convex_combination``: one pass over the inputs, on any device.
 
-Contiguous inputs with scalar weights run the native kernels of :mod:`.native` (one
-vectorised pass, several threads). Everything else (strided inputs, broadcast weights,
+Contiguous inputs with scalar weights run the Triton kernels of :mod:`.gpu` on CUDA and
+the native kernels of :mod:`.native` on the CPU (one vectorised pass, several threads).
+Everything else (strided inputs, broadcast weights,
 weights wider than the accumulation dtype, no C compiler) runs blocked ATen code:
 
 Forward, ``out = sum_k w_k x_k``:
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convexmix._kernels import alloc, native
+from convexmix._kernels import alloc, gpu, native
 
 __all__: list[str] = []
 
@@ -93,7 +94,7 @@ def empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor
 
 def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
     """``out[...] = sum_k weights[k] * xs[k]``; ``weights`` is in the accumulation dtype."""
-    if native.forward(weights, xs, out):
+    if gpu.forward(weights, xs, out) or native.forward(weights, xs, out):
         return
     acc = weights.dtype
     scalar = weights.dim() == 1
@@ -139,6 +140,10 @@ def backward(
     """``grad_w[k] = sum(grad * x_k)`` reduced to the weights' shape, and ``grad_x[k] = w_k
     grad`` for the inputs with ``need_x[k]`` (returned in order, only those)."""
     acc = weights.dtype
+    done, dots, all_grads = gpu.backward(grad, weights, xs, need_w, any(need_x))
+    if done:
+        kept = [g for g, needed in zip(all_grads, need_x, strict=False) if needed]
+        return (dots.to(acc) if dots is not None else None), kept
     scalar = weights.dim() == 1
     grads = {k: empty(x.shape, x.dtype, x.device) for k, x in enumerate(xs) if need_x[k]}
     grad_xs = list(grads.values())

@@ -1,0 +1,243 @@
+"""The native CPU kernels of convex_combination: values, gradients, thread splits,
+non-temporal stores, alignment, the ATen fallback, the build and huge-page outputs."""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from convexmix._kernels import alloc, native
+from convexmix.errors import ConvexMixWarning
+from convexmix.functional import convex_combination
+
+HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang")) and sys.platform != "win32"
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
+EPS = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
+def test_the_kernels_build_where_a_compiler_is() -> None:
+    lib = native.library()
+    assert lib is not None
+    for suffix in ("f64", "f32", "bf16"):
+        assert hasattr(lib, f"cx_fwd_{suffix}")
+        assert hasattr(lib, f"cx_bwd_{suffix}")
+
+
+def data(
+    k: int, n: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, generator=gen).to(dtype) for _ in range(k)]
+    w = torch.softmax(torch.randn(k, generator=gen), 0)
+    return w.double() if dtype == torch.float64 else w, xs
+
+
+@pytest.fixture(params=["native", "aten"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native" and native.library() is None:
+        pytest.skip("no C compiler")
+    if request.param == "aten":
+        monkeypatch.setattr(native, "_state", {"lib": None})
+    return str(request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (2, 63), (3, 64), (5, 65), (4, 3001), (7, 70_001)])
+def test_forward_and_backward_against_float64(
+    path: str, dtype: torch.dtype, k: int, n: int
+) -> None:
+    w, xs = data(k, n, dtype, seed=n)
+    xs = [x.requires_grad_() for x in xs]
+    wg = w.clone().requires_grad_()
+    out = convex_combination(wg, xs)
+    assert out.dtype == dtype
+    w64, x64 = w.double(), [x.detach().double() for x in xs]
+    exact = sum(w64[j] * x64[j] for j in range(k))
+    scale = sum(w64[j].abs() * x64[j].abs() for j in range(k))
+    acc_eps = EPS[torch.float64 if dtype == torch.float64 else torch.float32]
+    # K multiply-adds in the accumulation dtype, then one rounding to the output dtype
+    err = (out.double() - exact).abs()
+    assert (err <= 2 * (k + 1) * acc_eps * scale + EPS[dtype] * exact.abs()).all()
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, [wg, *xs], g)
+    g64 = g.double()
+    dots = torch.stack([(g64 * x).sum() for x in x64])
+    bound = 20 * acc_eps * torch.stack([(g64 * x).abs().sum() for x in x64]) + 1e-300
+    assert ((grads[0].double() - dots).abs() <= bound + EPS[wg.dtype] * dots.abs()).all()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for j in range(k):  # w_k g in the accumulation dtype, rounded to the input dtype
+        assert torch.equal(grads[1 + j], (w[j].to(acc) * g.to(acc)).to(dtype))
+
+
+def test_native_and_aten_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    w, xs = data(6, 5000, torch.float32)
+    out = torch.empty(5000)
+    assert native.forward(w, xs, out)
+    monkeypatch.setattr(native, "_state", {"lib": None})
+    assert not native.forward(w, xs, torch.empty(5000))
+    torch.testing.assert_close(convex_combination(w, xs), out)
+
+
+@needs_native
+def test_thread_split_and_streaming_stores_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    w, xs = data(5, 100_003, torch.float32)
+    xs = [x.requires_grad_() for x in xs]
+    g = torch.randn(100_003)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        wg = w.clone().requires_grad_()
+        out = convex_combination(wg, xs)
+        return (out, *torch.autograd.grad(out, [wg, *xs], g))
+
+    single = run()
+    monkeypatch.setattr(native, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(native, "NT_BYTES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three ranges, even on a 2-core machine
+    try:
+        assert len(native._ranges(100_003, 5)) == 3
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(split[0], single[0], rtol=0, atol=0)
+    torch.testing.assert_close(split[1], single[1], rtol=1e-6, atol=0)  # partials re-summed
+    for a, b in zip(split[2:], single[2:], strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_misaligned_inputs_and_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "NT_BYTES", 0)  # streaming stores wherever aligned
+    base = torch.randn(3, 10_001)
+    xs = [base[j, 1:] for j in range(3)]  # contiguous, 4 bytes off a 64-byte line
+    w = torch.tensor([0.2, 0.3, 0.5])
+    out = torch.empty(10_001)[1:]
+    assert out.data_ptr() % 64 != 0
+    convex_combination(w, xs, out=out)
+    expected = sum(w[j].double() * xs[j].double() for j in range(3))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_only_the_needed_input_gradients() -> None:
+    w, xs = data(3, 4097, torch.float32)
+    xs[1].requires_grad_()
+    out = convex_combination(w.requires_grad_(), xs)
+    out.backward(torch.ones(4097))
+    assert xs[0].grad is None
+    assert xs[2].grad is None
+    torch.testing.assert_close(xs[1].grad, torch.full((4097,), float(w[1])))
+
+
+def test_without_a_compiler_it_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CONVEXMIX_NATIVE", raising=False)
+    with pytest.warns(ConvexMixWarning, match="could not build its native CPU kernels"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None  # decided once per process
+        w, xs = data(3, 1000, torch.float32)
+        expected = sum(w[j] * xs[j] for j in range(3))
+        torch.testing.assert_close(convex_combination(w, xs), expected)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CONVEXMIX_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
+def test_build_goes_to_the_cache_and_a_broken_source_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONVEXMIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert len(list((tmp_path / "cache").glob("combine-*.so"))) == 1
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(ConvexMixWarning, match="no working C compiler"):
+        assert native.library() is None
+    assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written library left
+
+
+def _child() -> None:
+    faulthandler.dump_traceback_later(50, exit=True)
+    w, xs = data(3, 400_000, torch.float32)
+    out = convex_combination(w, xs)
+    # checked on a slice: torch's own OpenMP team is not fork-safe after the parent used
+    # it, and small ops stay on one thread
+    expected = sum(w[j] * xs[j][-1000:] for j in range(3))
+    sys.exit(0 if torch.allclose(out[-1000:], expected, atol=1e-6) else 1)
+
+
+@needs_native
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_gets_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 0)
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no pool")
+    w, xs = data(3, 400_000, torch.float32)
+    convex_combination(w, xs)  # the parent's pool now exists
+    assert native._pool is not None
+    proc = mp.get_context("fork").Process(target=_child)
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung on the parent's thread pool")
+    assert proc.exitcode == 0
+
+
+def _huge_bytes(address: int) -> int:
+    """AnonHugePages of the mapping that holds ``address`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+    reason="no transparent huge pages",
+)
+def test_large_outputs_sit_on_huge_pages() -> None:
+    out = alloc.empty((8 << 20,), torch.float32)  # 32 MiB
+    assert out.shape == (8 << 20,)
+    assert out.dtype == torch.float32
+    out.fill_(1.0)
+    assert _huge_bytes(out.data_ptr() + (16 << 20)) >= 2 << 20
+    small = alloc.empty((1000,), torch.float64)
+    assert small.shape == (1000,)
+    assert small.dtype == torch.float64
