@@ -2,10 +2,10 @@
 
 The forward and backward are ``torch.library`` custom ops (opaque to
 ``torch.compile(fullgraph=True)``), with the autograd formula registered on the forward op.
-On CPU they run the cache-blocked kernels of ``convexmix._kernels.cpu``: about K reads
-and one write forward, one read of the output gradient plus K reads (and K writes for the
-inputs' gradients) backward, and no K temporaries. Other devices run the same blocked
-code through ATen for now.
+They run the kernels dispatched by ``convexmix._kernels.cpu`` (native C on CPU, Triton on
+CUDA, blocked ATen otherwise): about K reads and one write forward, one read of the
+output gradient plus K reads (and K writes for the inputs' gradients) backward, and no K
+temporaries.
 """
 
 from __future__ import annotations
