@@ -2,7 +2,7 @@
 
 The forward and backward are ``torch.library`` custom ops (opaque to
 ``torch.compile(fullgraph=True)``), with the autograd formula registered on the forward op.
-They run the kernels dispatched by ``convexmix._kernels.cpu`` (native C on CPU, Triton on
+They run the kernels dispatched by ``convexmix._kernels.combine`` (native C on CPU, Triton on
 CUDA, blocked ATen otherwise): about K reads and one write forward, one read of the
 output gradient plus K reads (and K writes for the inputs' gradients) backward, and no K
 temporaries.
@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from convexmix._kernels import cpu
+from convexmix._kernels import combine
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._checks import broadcasts_to, compute_dtype, normalize_dim
 
@@ -28,8 +28,8 @@ __all__ = ["convex_combination"]
 
 @torch.library.custom_op("convexmix::combine", mutates_args=())
 def _combine_op(weights: Tensor, inputs: list[Tensor]) -> Tensor:
-    out = cpu.empty(inputs[0].shape, inputs[0].dtype, inputs[0].device)
-    cpu.forward(weights, inputs, out)
+    out = combine.empty(inputs[0].shape, inputs[0].dtype, inputs[0].device)
+    combine.forward(weights, inputs, out)
     return out
 
 
@@ -40,7 +40,7 @@ def _(weights: Tensor, inputs: list[Tensor]) -> Tensor:
 
 @torch.library.custom_op("convexmix::combine_out", mutates_args=("out",))
 def _combine_out_op(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
-    cpu.forward(weights, inputs, out)
+    combine.forward(weights, inputs, out)
 
 
 @_combine_out_op.register_fake
@@ -55,7 +55,7 @@ def _(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
 
 @torch.library.custom_op("convexmix::combine_grad_w", mutates_args=())
 def _grad_w_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
-    grad_w, _ = cpu.backward(grad, weights, inputs, True, [False] * len(inputs))
+    grad_w, _ = combine.backward(grad, weights, inputs, True, [False] * len(inputs))
     assert grad_w is not None
     return grad_w
 
@@ -67,7 +67,7 @@ def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
 
 @torch.library.custom_op("convexmix::combine_grad_x", mutates_args=())
 def _grad_x_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    return cpu.backward(grad, weights, inputs, False, [True] * len(inputs))[1]
+    return combine.backward(grad, weights, inputs, False, [True] * len(inputs))[1]
 
 
 @_grad_x_op.register_fake
@@ -77,7 +77,7 @@ def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 
 @torch.library.custom_op("convexmix::combine_grad_wx", mutates_args=())
 def _grad_wx_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    grad_w, grad_xs = cpu.backward(grad, weights, inputs, True, [True] * len(inputs))
+    grad_w, grad_xs = combine.backward(grad, weights, inputs, True, [True] * len(inputs))
     assert grad_w is not None
     return grad_w, grad_xs
 

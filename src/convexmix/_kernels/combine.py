@@ -1,9 +1,9 @@
 """The kernels of ``convex_combination``: one pass over the inputs, on any device.
 
 Contiguous inputs with scalar weights run the Triton kernels of :mod:`.gpu` on CUDA and
-the native kernels of :mod:`.native` on the CPU (one vectorised pass, several threads).
-Everything else (strided inputs, broadcast weights,
-weights wider than the accumulation dtype, no C compiler) runs blocked ATen code:
+the native kernels of :mod:`.native` (``combine.c``) on the CPU: one vectorised pass,
+several threads. Everything else (strided inputs, broadcast weights, weights wider than
+the accumulation dtype, no C compiler) runs blocked ATen code:
 
 Forward, ``out = sum_k w_k x_k``:
 
