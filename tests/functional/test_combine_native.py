@@ -97,7 +97,7 @@ def test_native_and_aten_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_thread_split_and_streaming_stores_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     w, xs = data(5, 100_003, torch.float32)
     xs = [x.requires_grad_() for x in xs]
-    g = torch.randn(100_003)
+    g = torch.randn(100_003, generator=torch.Generator().manual_seed(2))
 
     def run() -> tuple[torch.Tensor, ...]:
         wg = w.clone().requires_grad_()
@@ -115,7 +115,9 @@ def test_thread_split_and_streaming_stores_change_nothing(monkeypatch: pytest.Mo
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(split[0], single[0], rtol=0, atol=0)
-    torch.testing.assert_close(split[1], single[1], rtol=1e-6, atol=0)  # partials re-summed
+    # the float partial sums are grouped differently: within the dot products' error bound
+    size = torch.stack([(g.double() * x.detach().double()).abs().sum() for x in xs])
+    assert ((split[1].double() - single[1].double()).abs() <= 40 * 2.0**-24 * size).all()
     for a, b in zip(split[2:], single[2:], strict=True):
         assert torch.equal(a, b)
 
