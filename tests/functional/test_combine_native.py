@@ -215,8 +215,8 @@ def test_a_forked_child_gets_its_own_threads(monkeypatch: pytest.MonkeyPatch) ->
     assert proc.exitcode == 0
 
 
-def _huge_bytes(address: int) -> int:
-    """AnonHugePages of the mapping that holds ``address`` (from /proc/self/smaps)."""
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping that holds ``address`` (from /proc/self/smaps)."""
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -224,9 +224,9 @@ def _huge_bytes(address: int) -> int:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(v, 16) for v in head.split("-"))
                 inside = lo <= address < hi
-            elif inside and head == "AnonHugePages:":
-                return int(line.split()[1]) * 1024
-    return 0
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
 
 
 @pytest.mark.skipif(
@@ -234,12 +234,15 @@ def _huge_bytes(address: int) -> int:
     or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
     reason="no transparent huge pages",
 )
-def test_large_outputs_sit_on_huge_pages() -> None:
+def test_large_outputs_are_advised_onto_huge_pages() -> None:
+    # Whether the kernel then finds free 2 MiB pages depends on the machine's memory
+    # fragmentation, so the test checks the advice ("hg" in VmFlags), not the pages.
     out = alloc.empty((8 << 20,), torch.float32)  # 32 MiB
     assert out.shape == (8 << 20,)
     assert out.dtype == torch.float32
+    assert "hg" in _vm_flags(out.data_ptr() + (16 << 20))
     out.fill_(1.0)
-    assert _huge_bytes(out.data_ptr() + (16 << 20)) >= 2 << 20
+    assert torch.all(out == 1.0)
     small = alloc.empty((1000,), torch.float64)
     assert small.shape == (1000,)
     assert small.dtype == torch.float64
