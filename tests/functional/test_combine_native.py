@@ -55,7 +55,9 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("k", "n"), [(1, 1), (2, 63), (3, 64), (5, 65), (4, 3001), (7, 70_001), (20, 4_161)])
+@pytest.mark.parametrize(
+    ("k", "n"), [(1, 1), (2, 63), (3, 64), (5, 65), (4, 3001), (7, 70_001), (20, 4_161)]
+)
 def test_forward_and_backward_against_float64(
     path: str, dtype: torch.dtype, k: int, n: int
 ) -> None:
