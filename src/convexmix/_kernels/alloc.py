@@ -1,23 +1,39 @@
-"""Large CPU outputs backed by transparent huge pages (Linux).
+"""Large CPU outputs: reused from a cache, else on transparent huge pages (Linux).
 
-A fresh tensor's memory comes from the kernel one 4 KiB page fault at a time, and on
-virtual machines each fault is expensive: writing a fresh 64 MiB tensor measured 14 to
-104 ms here, against 4 ms into a reused one. :func:`empty` asks for 2 MiB pages
-(``madvise(MADV_HUGEPAGE)``) on the tensor's 2 MiB-aligned interior before anything
-touches it, which takes 512x fewer faults (6 to 8 ms for the same 64 MiB). It is only
-advice: where the kernel has THP off, or anywhere but Linux, it is plain ``torch.empty``.
+A fresh tensor's memory comes from the kernel one page fault at a time, zeroed, and on
+virtual machines each fault is expensive: writing a fresh 64 MiB tensor measured 12 ms
+here with 4 KiB pages, 6 to 85 ms with 2 MiB pages, against 1.5 ms into memory the
+process already has. For a two-input combination whose whole memory-bound cost is 7 ms,
+that is most of the time.
+
+So :func:`empty` hands out large outputs from the cache of ``pool.c``: when the last
+tensor that shares an output's storage dies, torch gives the block back to the cache
+(through DLPack's deleter) and the next output of about that size reuses it, as the CUDA
+caching allocator does. At most ``CONVEXMIX_OUTPUT_CACHE_MB`` MiB stay cached (default:
+an eighth of the machine's memory, at most 4 GiB; ``0`` turns the cache off), the least
+recently freed blocks going back to the OS first. Without the native library, or with
+the cache off, :func:`empty` is ``torch.empty`` with ``madvise(MADV_HUGEPAGE)`` on the
+tensor's 2 MiB aligned interior: 512 times fewer faults. The advice is only that: where
+the kernel has THP off, or anywhere but Linux, that is plain ``torch.empty``.
+
+Tensors from the cache behave like any other, except that their storage cannot grow
+(``resize_`` to more elements raises): outputs are returned at their final size.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
+from torch.utils.dlpack import from_dlpack
+
+from convexmix._kernels import native
 
 __all__: list[str] = []
 
-#: Tensors at least this large get the advice (smaller ones gain nothing).
+#: Tensors at least this large get the cache or the advice (smaller ones gain nothing).
 MIN_BYTES = 4 << 20
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
@@ -31,11 +47,68 @@ if sys.platform.startswith("linux"):
     except (OSError, AttributeError):  # pragma: no cover - a libc without madvise
         _madvise = None
 
+_capsule = ctypes.pythonapi.PyCapsule_New
+_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule.restype = ctypes.py_object
+
+_cap: list[int] = []  # the cache's limit in bytes, once read from the environment
+
+
+def cache_limit() -> int:
+    """The output cache's limit in bytes (0: off), from ``CONVEXMIX_OUTPUT_CACHE_MB``."""
+    if not _cap:
+        env = os.environ.get("CONVEXMIX_OUTPUT_CACHE_MB", "").strip()
+        try:
+            limit = int(float(env) * (1 << 20)) if env else _default_limit()
+        except ValueError:
+            limit = _default_limit()
+        _cap.append(max(limit, 0))
+        lib = native.library()
+        if lib is not None:
+            lib.cx_pool_set_cap(_cap[0])
+    return _cap[0]
+
+
+def cached_bytes() -> int:
+    """Bytes of freed outputs the cache holds now."""
+    lib = native.library()
+    return int(lib.cx_pool_cached()) if lib is not None else 0
+
+
+def _default_limit() -> int:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        memory = 0
+    return min(memory // 8, 4 << 30)
+
+
+def _from_cache(nbytes: int) -> torch.Tensor | None:
+    lib = native.library()
+    if lib is None or cache_limit() == 0:
+        return None
+    managed = lib.cx_pool_acquire(nbytes)
+    if not managed:
+        return None
+    try:
+        return from_dlpack(_capsule(managed, b"dltensor", None))
+    except Exception:  # pragma: no cover - torch refused the capsule: give it back
+        lib.cx_pool_discard(managed)
+        return None
+
 
 def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, on huge pages where it is large."""
+    """``torch.empty(shape, dtype=dtype)`` on the CPU; large ones from the output cache,
+    else on huge pages."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes >= MIN_BYTES:
+        block = _from_cache(nbytes)
+        if block is not None:
+            return block.view(dtype).view(shape)
     out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
     if _madvise is not None and nbytes >= MIN_BYTES:
         start = out.data_ptr()
         lo = -(-start // _HUGE) * _HUGE

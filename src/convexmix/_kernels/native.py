@@ -1,6 +1,7 @@
-"""The native CPU kernels of ``convex_combination``: build, load and call ``combine.c``.
+"""The native CPU code of ``convex_combination``: build, load and call ``combine.c`` (the
+kernels) and ``pool.c`` (the cache of large outputs, used by :mod:`.alloc`).
 
-``combine.c`` is compiled on first use with the system C compiler (``$CC``, else ``cc``,
+Both are compiled on first use with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``; ``-O3 -march=native``) into a per-user cache
 (``$CONVEXMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/convexmix``, else
 ``~/.cache/convexmix``), keyed by the source, the compiler, the flags and the CPU, and
@@ -35,7 +36,7 @@ from convexmix.errors import ConvexMixWarning
 
 __all__: list[str] = []
 
-SOURCE = Path(__file__).with_name("combine.c")
+SOURCES = [Path(__file__).with_name("combine.c"), Path(__file__).with_name("pool.c")]
 #: Outputs at least this large bypass the cache (non-temporal stores).
 NT_BYTES = 16 << 20
 #: Below this many elements moved ((K + 1) * N) one thread does the whole call.
@@ -49,8 +50,8 @@ _SUFFIX = {
     torch.float16: "f16",
 }
 _FLAGS = [
-    ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"],
-    ["-O3", "-ffp-contract=fast", "-shared", "-fPIC"],
+    ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread"],
+    ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread"],
 ]
 
 _lock = threading.Lock()
@@ -92,7 +93,10 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, timeout=120, check=False
+            [cc, *flags, "-o", tmp, *map(str, SOURCES)],
+            capture_output=True,
+            timeout=120,
+            check=False,
         )
         if done.returncode != 0:
             return False
@@ -113,7 +117,7 @@ def _build() -> ctypes.CDLL | None:
     if not compilers:
         return None
     cc = compilers[0]
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     for flags in _FLAGS:
         key = hashlib.sha256(
             b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()])
@@ -136,6 +140,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fwd.argtypes, fwd.restype = [p, p, i64, p, i64, i64, i32], None
         bwd = getattr(lib, f"cx_bwd_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, i64, p, p, i64, i64, i32], i32
+    lib.cx_pool_acquire.argtypes, lib.cx_pool_acquire.restype = [i64], p
+    lib.cx_pool_set_cap.argtypes, lib.cx_pool_set_cap.restype = [i64], None
+    lib.cx_pool_discard.argtypes, lib.cx_pool_discard.restype = [p], None
+    lib.cx_pool_cached.argtypes, lib.cx_pool_cached.restype = [], i64
     return lib
 
 
