@@ -8,27 +8,33 @@ bound, the bytes a fused op must move at that bandwidth:
 
 * forward: read K inputs, write 1 output;
 * backward, weights only: read the output gradient and the K inputs;
-* backward, weights and inputs: the same plus K writes.
+* backward, weights and inputs: the same plus K writes;
+* "fwd+bwd w": forward and backward for the weights, both times over both bounds.
 
 "peak extra" is the peak resident memory above what the inputs hold, during a forward
 (and a forward + backward for the weights and inputs), in units of one output; it is
 read from the kernel's high-water mark, reset before each measurement (Linux).
-Implementations: fused (``cx.functional.convex_combination``; "fused out=" reuses an
-output buffer), the seed loop ``sum(w * x for ...)``, ``torch.stack`` + ``tensordot``,
-and ``torch.compile`` of the loop (its compile time in the last column).
+Implementations: fused (``cx.functional.convex_combination``, its large outputs from
+convexmix's cache of freed outputs; "fused, no cache" with the cache off, so every output
+is fresh memory from the OS; "fused out=" into one reused buffer), the seed loop
+``sum(w * x for ...)``, ``torch.stack`` + ``tensordot``, and ``torch.compile`` of the loop
+(its compile time in the last column). A time is the best of ``--repeats`` runs, each the
+mean of enough back-to-back calls to last 5 ms (one call for the large cases).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 import convexmix as cx
+from convexmix._kernels import alloc, native
 
 Impl = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
@@ -45,14 +51,31 @@ def fused(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
     return cx.functional.convex_combination(w, xs)
 
 
+@contextlib.contextmanager
+def cache_off() -> Iterator[None]:
+    """convexmix's output cache off: each output and gradient is fresh memory."""
+    lib = native.library()
+    if lib is not None:
+        lib.cx_pool_set_cap(0)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.cx_pool_set_cap(alloc.cache_limit())
+
+
 def best_time(f: Callable[[], object], repeats: int) -> float:
     f()
+    t0 = time.perf_counter()
+    f()
+    calls = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-7)))
     times = []
     for _ in range(repeats):
         gc.collect()
         t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            f()
+        times.append((time.perf_counter() - t0) / calls)
     return min(times)
 
 
@@ -106,6 +129,7 @@ def run_case(
     unit = n * 4  # bytes of one output
     bound = {
         "fwd": (k + 1) * unit / bw,
+        "fwd+bwd_w": 2 * (k + 1) * unit / bw,
         "bwd_w": (k + 1) * unit / bw,
         "bwd_wx": (2 * k + 1) * unit / bw,
     }
@@ -134,46 +158,76 @@ def run_case(
     out_buf = torch.empty(shape)
     g = torch.randn(shape)
     for label, f in [*impls.items(), ("fused out=", None)]:
-        with torch.no_grad():
-            if f is None:
-
-                def into_buffer() -> torch.Tensor:
-                    return cx.functional.convex_combination(w, xs, out=out_buf)
-
-                t_fwd = best_time(into_buffer, repeats)
-                mem_fwd = peak_extra(into_buffer)
-            else:
-                t_fwd = best_time(lambda f=f: f(w, xs), repeats)
-                mem_fwd = peak_extra(lambda f=f: f(w, xs))
-        cells = [f"{t_fwd / bound['fwd']:.2f}"]
-        mem_bwd = float("nan")
-        if f is not None:
-            for mode in ("bwd_w", "bwd_wx"):
-                wg = w.clone().requires_grad_()
-                xg = [x.requires_grad_(mode == "bwd_wx") for x in xs]
-                out = f(wg, xg)
-
-                def backward(out: torch.Tensor = out, wg: torch.Tensor = wg, xg: list = xg) -> None:
-                    wg.grad = None
-                    for x in xg:
-                        x.grad = None
-                    out.backward(g, retain_graph=True)
-
-                cells.append(f"{best_time(backward, repeats) / bound[mode]:.2f}")
-                if mode == "bwd_wx":
-                    del out
-                    for x in xg:
-                        x.grad = None
-                    mem_bwd = peak_extra(lambda f=f, wg=wg, xg=xg: f(wg, xg).backward(g))
-                for x in xs:
-                    x.requires_grad_(False)
-                    x.grad = None
-        else:
-            cells += ["-", "-"]
-        mem = f"{mem_fwd / unit:.1f}" + ("" if mem_bwd != mem_bwd else f" / {mem_bwd / unit:.1f}")
-        comp = f"{compile_s[label]:.1f}" if label in compile_s else ""
-        rows.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {mem} | {comp} |")
+        with cache_off() if label == "fused, no cache" else contextlib.nullcontext():
+            rows.append(_row(name, label, f, w, xs, g, out_buf, bound, unit, repeats, compile_s))
     return rows
+
+
+def _row(
+    name: str,
+    label: str,
+    f: Impl | None,
+    w: torch.Tensor,
+    xs: list[torch.Tensor],
+    g: torch.Tensor,
+    out_buf: torch.Tensor,
+    bound: dict[str, float],
+    unit: int,
+    repeats: int,
+    compile_s: dict[str, float],
+) -> str:
+    """One table row: ``f`` (None: the fused op into ``out_buf``) against the bounds."""
+    with torch.no_grad():
+        if f is None:
+
+            def into_buffer() -> torch.Tensor:
+                return cx.functional.convex_combination(w, xs, out=out_buf)
+
+            t_fwd = best_time(into_buffer, repeats)
+            mem_fwd = peak_extra(into_buffer)
+        else:
+            t_fwd = best_time(lambda f=f: f(w, xs), repeats)
+            mem_fwd = peak_extra(lambda f=f: f(w, xs))
+    cells = [f"{t_fwd / bound['fwd']:.2f}"]
+    times = {"fwd": t_fwd}
+    mem_bwd = float("nan")
+    if f is not None:
+        for mode in ("bwd_w", "bwd_wx"):
+            wg = w.clone().requires_grad_()
+            xg = [x.requires_grad_(mode == "bwd_wx") for x in xs]
+            out = f(wg, xg)
+
+            def backward(out: torch.Tensor = out, wg: torch.Tensor = wg, xg: list = xg) -> None:
+                wg.grad = None
+                for x in xg:
+                    x.grad = None
+                out.backward(g, retain_graph=True)
+
+            times[mode] = best_time(backward, repeats)
+            cells.append(f"{times[mode] / bound[mode]:.2f}")
+            if mode == "bwd_wx":
+                del out
+                for x in xg:
+                    x.grad = None
+                mem_bwd = peak_extra(lambda f=f, wg=wg, xg=xg: f(wg, xg).backward(g))
+            for x in xs:
+                x.requires_grad_(False)
+                x.grad = None
+        both = (times["fwd"] + times["bwd_w"]) / bound["fwd+bwd_w"]
+        cells.insert(2, f"{both:.2f}")
+    else:
+        cells += ["-", "-", "-"]
+    mem = f"{mem_fwd / unit:.1f}" + ("" if mem_bwd != mem_bwd else f" / {mem_bwd / unit:.1f}")
+    comp = f"{compile_s[label]:.1f}" if label in compile_s else ""
+    return f"| {name} | {label} | " + " | ".join(cells) + f" | {mem} | {comp} |"
+
+
+def _short(n: float) -> str:
+    """16000000 -> '16e6', 100000 -> '1e5'."""
+    m, e = int(n), 0
+    while m and m % 10 == 0:
+        m, e = m // 10, e + 1
+    return f"{m}e{e}" if e else str(m)
 
 
 def main() -> None:
@@ -197,15 +251,16 @@ def main() -> None:
         "bound: bytes a fused op must move / read bandwidth; cells are time / bound "
         f"(min of {args.repeats} runs); peak extra in outputs (forward / forward+backward)\n"
     )
-    print("| case | impl | fwd | bwd w | bwd w+x | peak extra | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | impl | fwd | bwd w | fwd+bwd w | bwd w+x | peak extra | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
     ns = args.n or ([100_000, 1_000_000] if args.quick else [100_000, 16_000_000])
     impls: dict[str, Impl] = {
         "fused": fused,
+        "fused, no cache": fused,
         "seed loop": seed_loop,
         "stack+tensordot": stack_tensordot,
     }
-    cases = [(f"K={k}, N={n:.0e}", k, (n,)) for k in args.k for n in ns]
+    cases = [(f"K={k}, N={_short(n)}", k, (n,)) for k in args.k for n in ns]
     if not args.no_scalarmix:
         cases.append(("ScalarMix 25 x (8, 512, 768)", 25, (8, 512, 768)))
     for name, k, shape in cases:
