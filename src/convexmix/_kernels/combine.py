@@ -86,7 +86,7 @@ class _Slicer:
 
 
 def empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A contiguous output; large CPU ones on huge pages (see :mod:`.alloc`)."""
+    """A contiguous output; large CPU ones from the output cache (see :mod:`.alloc`)."""
     if device.type == "cpu":
         return alloc.empty(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)

@@ -175,6 +175,9 @@ def convex_combination(
     Returns:
         Tensor of the inputs' shape and dtype; float16/bfloat16 accumulate in float32.
         Gradients flow to the weights and the inputs, only to those that need them.
+        CPU outputs and input gradients of 4 MiB or more reuse memory that earlier ones
+        freed (convexmix's output cache, ``CONVEXMIX_OUTPUT_CACHE_MB``; see the guide),
+        so their storage cannot grow: ``resize_`` to more elements raises.
 
     Example:
         >>> import torch, convexmix as cx
