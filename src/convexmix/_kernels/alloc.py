@@ -23,6 +23,7 @@ Tensors from the cache behave like any other, except that their storage cannot g
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 
@@ -100,10 +101,7 @@ def _from_cache(nbytes: int) -> torch.Tensor | None:
 def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU; large ones from the output cache,
     else on huge pages."""
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= MIN_BYTES:
         block = _from_cache(nbytes)
         if block is not None:
