@@ -248,7 +248,7 @@ def allennlp_scalar_mix(
 
 def allennlp_state_dict(scalars: torch.Tensor, gamma: float) -> dict[str, torch.Tensor]:
     sd = {f"scalar_parameters.{i}": s.reshape(1) for i, s in enumerate(scalars)}
-    sd["gamma"] = torch.tensor([gamma])
+    sd["gamma"] = torch.tensor([gamma], dtype=torch.float64)
     return sd
 
 
@@ -259,9 +259,14 @@ def test_scalar_mix_matches_allennlp(layer_norm: bool) -> None:
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[0, 5:] = False
     mask[2, 1:] = False
-    mix = double(
-        cx.ScalarMix.from_allennlp(allennlp_state_dict(scalars, 1.7), layer_norm=layer_norm)
-    )
+    # Built in float64: a float32 module cast with .double() keeps float32-rounded weights,
+    # about 1e-8 relative, which is more than float64's comparison tolerance.
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mix = cx.ScalarMix.from_allennlp(allennlp_state_dict(scalars, 1.7), layer_norm=layer_norm)
+    finally:
+        torch.set_default_dtype(old_dtype)
     expected = allennlp_scalar_mix(
         scalars, torch.tensor(1.7, dtype=torch.float64), layers, mask, layer_norm
     )

@@ -599,7 +599,7 @@ class ScalarMix(nn.Module):
         scalars = torch.cat([params[i].detach().reshape(1).double() for i in range(n)])
         gamma_key = prefix + "gamma"
         kwargs.setdefault("gamma", True)
-        mix = cls(n, init=torch.softmax(scalars, 0).float(), **kwargs)  # type: ignore[arg-type]
+        mix = cls(n, init=torch.softmax(scalars, 0).to(torch.get_default_dtype()), **kwargs)  # type: ignore[arg-type]
         if gamma_key in state_dict and mix.gamma is not None:
             with torch.no_grad():
                 mix.gamma.copy_(state_dict[gamma_key].detach().reshape(()))
