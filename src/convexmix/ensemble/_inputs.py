@@ -1,0 +1,225 @@
+"""Input coercion and checks for the ensemble job: tensors, arrays and files in, objectives out."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from convexmix.ensemble._objectives import (
+    CallableLoss,
+    DataObjective,
+    LogLoss,
+    Loss,
+    Quadratic,
+)
+from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
+
+__all__ = [
+    "PROB_ATOL",
+    "as_predictions",
+    "as_tensor",
+    "check_finite_min",
+    "class_targets",
+    "make_objective",
+    "sample_weights",
+    "true_class_probabilities",
+]
+
+#: Rows of class probabilities must sum to 1 within this tolerance.
+PROB_ATOL = 1e-3
+
+
+def as_tensor(x: Any, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach()
+    np = sys.modules.get("numpy")  # a numpy array means numpy is already imported
+    if np is not None and isinstance(x, np.ndarray):
+        if x.dtype == object or not (
+            np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
+        ):
+            raise ConvexMixError(f"{name} must be numeric; got an array of dtype {x.dtype}.")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, (list, tuple)):
+        if x and all(isinstance(v, Tensor) or hasattr(v, "__array__") for v in x):
+            parts = [as_tensor(v, name) for v in x]
+            shapes = {tuple(p.shape) for p in parts}
+            if len(shapes) != 1:
+                raise ShapeError(
+                    f"{name}: every model's predictions must have the same shape; "
+                    f"got {sorted(shapes)}."
+                )
+            return torch.stack(parts)
+        try:
+            return torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConvexMixError(f"{name} must be an array of numbers; {err}") from None
+    raise ConvexMixError(
+        f"{name} must be a torch.Tensor, a numpy array or a list of them; got {type(x).__name__}."
+    )
+
+
+def as_predictions(predictions: Any) -> Tensor:
+    p = as_tensor(predictions, "predictions")
+    if p.dim() not in (2, 3):
+        raise ShapeError(
+            "predictions must be (K, N) or (K, N, C) (K models, N samples, C classes); "
+            f"got shape {tuple(p.shape)}."
+        )
+    if p.shape[0] < 1 or p.shape[1] < 1 or (p.dim() == 3 and p.shape[2] < 1):
+        raise ShapeError(f"predictions must not be empty; got shape {tuple(p.shape)}.")
+    if not p.is_floating_point():
+        p = p.double()
+    return p
+
+
+def check_finite_min(p: Tensor, name: str) -> float:
+    """min(p) in one pass; raises when any value is NaN or infinite."""
+    lo, hi = torch.aminmax(p)
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        raise ConvexMixError(f"{name} must be finite; got NaN or infinite values.")
+    return float(lo.item())
+
+
+def class_targets(t: Tensor, n_classes: int, n: int) -> Tensor:
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ShapeError(
+            f"targets must be (N,) class labels with N={n} like the predictions; "
+            f"got shape {tuple(t.shape)}."
+        )
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
+            raise ConvexMixError("targets must be integer class labels; got non-integer values.")
+    elif t.dtype == torch.bool:
+        t = t.long()
+    t = t.long()
+    if n and (int(t.min()) < 0 or int(t.max()) >= n_classes):
+        raise ConvexMixError(
+            f"targets must be class labels in [0, {n_classes - 1}]; "
+            f"got values in [{int(t.min())}, {int(t.max())}]."
+        )
+    return t
+
+
+def _probability_error(k: int, lo: float, sums: Tensor) -> None:
+    if math.isnan(lo) or not bool(torch.isfinite(sums).all()):
+        raise ConvexMixError(f"predictions of model {k} must be finite; got NaN or inf values.")
+    if lo < 0:
+        raise InvalidProbabilitiesError(
+            f"predictions of model {k} must be probabilities >= 0; got {lo:.3g}."
+        )
+    worst = int((sums - 1).abs().argmax())
+    raise InvalidProbabilitiesError(
+        f"predictions of model {k} must be class probabilities whose rows sum to 1 "
+        f"(within {PROB_ATOL}); row {worst} sums to {float(sums[worst]):.6g}."
+    )
+
+
+def true_class_probabilities(p: Tensor, t: Tensor, validate: bool) -> Tensor:
+    """(K, N) probabilities of the true class from (K, N, C) class probabilities.
+
+    Reads the predictions once from memory: each model's rows go by in chunks of about
+    1 MB, and the checks and the gather run on a chunk while it is in cache.
+    """
+    K, N, C = p.shape
+    rows = max(256, (1 << 20) // (C * p.element_size()))
+    chunks = [
+        (
+            start,
+            min(start + rows, N),
+            torch.arange(min(start + rows, N) - start) * C + t[start : start + rows],
+        )
+        for start in range(0, N, rows)
+    ]
+    q = torch.empty(K, N, dtype=p.dtype)
+    ones = torch.ones(C, dtype=p.dtype)
+    sums = torch.empty(N, dtype=p.dtype)
+    for k in range(K):
+        block = p[k]
+        if not block.is_contiguous():
+            block = block.contiguous()
+        mins = []
+        for start, stop, flat in chunks:
+            part = block[start:stop]
+            if validate:
+                mins.append(part.amin())
+                torch.mv(part, ones, out=sums[start:stop])
+            torch.take(part, flat, out=q[k, start:stop])
+        if validate:
+            # min >= 0 and row sums of 1 bound every value by 1; NaN and inf show up in
+            # the minimum or in the sums.
+            lo = float(torch.stack(mins).min())
+            s_lo, s_hi = (float(v) for v in torch.aminmax(sums))
+            if not (lo >= 0 and s_lo >= 1 - PROB_ATOL and s_hi <= 1 + PROB_ATOL):
+                _probability_error(k, lo, sums)
+    return q
+
+
+def sample_weights(sample_weight: Any, n: int) -> Tensor:
+    if sample_weight is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    s = as_tensor(sample_weight, "sample_weight").double()
+    if s.dim() != 1 or s.shape[0] != n:
+        raise ShapeError(
+            f"sample_weight must be (N,) with N={n} like the predictions; "
+            f"got shape {tuple(s.shape)}."
+        )
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or float(s.sum()) <= 0:
+        raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
+    return s / s.sum()
+
+
+def make_objective(
+    predictions: Any, targets: Any, loss: Loss, sample_weight: Any, validate: bool
+) -> DataObjective:
+    """Check the inputs and build the objective."""
+    p = as_predictions(predictions)
+    N = p.shape[1]
+    t = as_tensor(targets, "targets")
+    if t.dim() == 0 or t.shape[0] != N:
+        raise ShapeError(
+            f"targets must have N={N} rows like the predictions {tuple(p.shape)}; "
+            f"got shape {tuple(t.shape)}."
+        )
+    s = sample_weights(sample_weight, N)
+    if callable(loss):
+        if validate:
+            check_finite_min(p, "predictions")
+        tt = t if not t.is_floating_point() else t.to(p.dtype)
+        return CallableLoss(loss, p, tt, None if sample_weight is None else s)
+    if loss == "log_loss":
+        if p.dim() == 3:
+            t = class_targets(t, p.shape[2], N)
+            return LogLoss(true_class_probabilities(p, t, validate), s)
+        t = class_targets(t, 2, N)  # (K, N): probabilities of class 1
+        if validate:
+            lo = check_finite_min(p, "predictions")
+            hi = float(p.max())
+            if lo < 0 or hi > 1:
+                raise InvalidProbabilitiesError(
+                    "binary predictions (K, N) must be probabilities of class 1 in [0, 1]; "
+                    f"got values in [{lo:.3g}, {hi:.3g}]."
+                )
+        q = torch.where(t.bool()[None, :], p, 1 - p)
+        return LogLoss(q, s)
+    if loss == "mse":
+        if validate:
+            check_finite_min(p, "predictions")
+        if p.dim() == 3:  # Brier score on class probabilities
+            t = class_targets(t, p.shape[2], N)
+            y = torch.nn.functional.one_hot(t, p.shape[2]).to(p.dtype)
+            return Quadratic(p, y, s)
+        if t.dim() != 1:
+            raise ShapeError(
+                f"regression targets must be (N,) with N={N}; got shape {tuple(t.shape)}."
+            )
+        y = t.to(p.dtype)
+        if validate and not bool(torch.isfinite(y).all()):
+            raise ConvexMixError("targets must be finite; got NaN or infinite values.")
+        return Quadratic(p[..., None], y[:, None], s)
+    raise ConvexMixError(f"loss must be 'log_loss', 'mse' or a callable; got {loss!r}.")
