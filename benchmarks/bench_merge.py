@@ -6,6 +6,8 @@ K MLPs of ``depth`` layers of ``width`` x ``width`` (float32) are the ingredient
 training step of the merging weights (batch 64, cross-entropy) runs with:
 
 * ``convexmix global`` / ``convexmix per_tensor``: :class:`cx.merge.LearnedMerge`;
+* ``convexmix task arithmetic``: the same with ``base=`` (a (K+1)-th model) and
+  ``scale="learn"``, per module (AdaMerging's layer-wise merge);
 * ``per-step copy``: the learned soup as model-soups and AdaMerging write it, re-created
   in a few lines: the ingredients are the models' own parameters (with
   ``requires_grad``), and every step stacks them, multiplies by the weights, sums, and
@@ -18,6 +20,13 @@ maximum resident set size over the state right after the ingredients are built (
 the resident set at once), after one step on tiny models that pays torch's one-off
 set-up. The step time is the median of ``--steps`` steps after one
 warm-up, in a second process with the default allocator settings.
+
+A second table puts the K ingredients (and the base) on disk as ``.safetensors`` files:
+``from_safetensors`` memory-maps them. A sampling thread reads the process's anonymous
+(``RssAnon``) and file-backed (``RssFile``: the mapped ingredients, page cache the kernel
+can drop) resident memory every 0.5 ms during the steps; their peaks above the state
+before the merge is built are printed, with the step time against the same merge built
+from the in-memory models.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import torch
@@ -73,13 +85,94 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def rss_now() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of this process, MB."""
+    with open("/proc/self/status") as f:
+        status = f.read()
+    kb = [int(re.search(k + r":\s+(\d+)", status).group(1)) for k in ("RssAnon", "RssFile")]  # type: ignore[union-attr]
+    return kb[0] / 1024, kb[1] / 1024
+
+
+class PeakSampler:
+    """Peak RssAnon and RssFile, sampled every 0.5 ms by a thread."""
+
+    def __init__(self) -> None:
+        self.start = rss_now()
+        self.peak = list(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(0.0005)
+
+    def sample(self) -> None:
+        now = rss_now()
+        self.peak = [max(p, n) for p, n in zip(self.peak, now, strict=True)]
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak[0] - self.start[0], self.peak[1] - self.start[1]
+
+
 def build(method: str, models: list[nn.Module]) -> tuple[nn.Module, list[torch.Tensor]]:
     if method == "per-step copy":
         soup = CopySoup(models)
         return soup, [soup.alpha]
+    if method == "convexmix task arithmetic":  # models[-1] is the base
+        merge = cx.merge.LearnedMerge(
+            models[:-1], base=models[-1], scale="learn", granularity="per_module"
+        )
+        return merge, list(merge.parameters())
     granularity = method.split()[-1]
     merge = cx.merge.LearnedMerge(models, granularity=granularity)  # type: ignore[arg-type]
     return merge, list(merge.parameters())
+
+
+def child_disk(
+    method: str, k: int, width: int, depth: int, steps: int, folder: str
+) -> dict[str, float]:
+    """``method``: "disk soup", "disk task arithmetic", "memory soup", "memory task
+    arithmetic" (the same merge from models loaded into memory from the same files)."""
+    tiny, _ = build("convexmix task arithmetic", make_models(3, 16, 1))
+    nn.functional.cross_entropy(tiny(torch.randn(4, 16)), torch.randint(0, 10, (4,))).backward()
+    template = make_models(1, width, depth)[0]
+    x, y = torch.randn(64, width), torch.randint(0, 10, (64,))
+    paths = [os.path.join(folder, f"m{i}.safetensors") for i in range(k)]
+    base = os.path.join(folder, "base.safetensors")
+    arithmetic = method.endswith("task arithmetic")
+    kw: dict[str, object] = {"granularity": "per_module"}
+    if arithmetic:
+        kw["scale"] = "learn"
+    sampler = PeakSampler()
+    if method.startswith("disk"):
+        if arithmetic:
+            kw["base"] = base
+        merge = cx.merge.LearnedMerge.from_safetensors(paths, template, **kw)  # type: ignore[arg-type]
+    else:
+        from safetensors.torch import load_file
+
+        def load(path: str) -> dict[str, torch.Tensor]:
+            return {n: t.clone() for n, t in load_file(path).items()}  # in memory
+
+        if arithmetic:
+            kw["base"] = load(base)
+        merge = cx.merge.LearnedMerge([load(p) for p in paths], template=template, **kw)  # type: ignore[arg-type]
+    opt = torch.optim.SGD(merge.parameters(), lr=0.1)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(merge(x), y).backward()
+        opt.step()
+        if step:
+            times.append(time.perf_counter() - t0)
+    anon, file = sampler.stop()
+    return {"anon_mb": anon, "file_mb": file, "step_s": statistics.median(times)}
 
 
 def child(method: str, k: int, width: int, depth: int, steps: int) -> dict[str, float]:
@@ -88,7 +181,7 @@ def child(method: str, k: int, width: int, depth: int, steps: int) -> dict[str, 
     tiny, _ = build(method, make_models(2, 16, 1))
     nn.functional.cross_entropy(tiny(torch.randn(4, 16)), torch.randint(0, 10, (4,))).backward()
     torch.manual_seed(0)
-    models = make_models(k, width, depth)
+    models = make_models(k + (method == "convexmix task arithmetic"), width, depth)
     x, y = torch.randn(64, width), torch.randint(0, 10, (64,))
     base = max_rss_mb()
     module, params = build(method, models)
@@ -115,13 +208,19 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-disk", action="store_true", help="skip the on-disk table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = (args.models, args.width, args.depth, args.steps)
+    if args.child and args.folder:
+        print(json.dumps(child_disk(args.child, *sizes, args.folder)))
+        return
     if args.child:
         print(json.dumps(child(args.child, *sizes)))
         return
-    methods = ["convexmix global", "convexmix per_tensor", "per-step copy"]
+    methods = ["convexmix global", "convexmix per_tensor", "convexmix task arithmetic"]
+    methods.append("per-step copy")
     results = {}
     for method in methods:
         cmd = [
@@ -160,6 +259,51 @@ def main() -> None:
             f"| {method} | {r['peak_mb']:.0f} MB | {r['peak_mb'] / one:.1f} | "
             f"{r['step_s'] * 1e3:.0f} ms | memory {r['peak_mb'] / ref['peak_mb']:.2f}x, "
             f"time {r['step_s'] / ref['step_s']:.2f}x |"
+        )
+    if not args.no_disk:
+        disk_table(args, one)
+
+
+def disk_table(args: argparse.Namespace, one: float) -> None:
+    """K ingredients and a base as .safetensors files: from_safetensors vs in memory."""
+    from safetensors.torch import save_file
+
+    k = args.models
+    with tempfile.TemporaryDirectory() as folder:
+        for i, model in enumerate(make_models(k + 1, args.width, args.depth)):
+            name = "base" if i == k else f"m{i}"
+            save_file(model.state_dict(), os.path.join(folder, f"{name}.safetensors"))
+        results = {}
+        for method in (
+            "disk soup",
+            "memory soup",
+            "disk task arithmetic",
+            "memory task arithmetic",
+        ):
+            cmd = [sys.executable, __file__, "--child", method, "--folder", folder]
+            cmd += ["--models", str(k), "--width", str(args.width), "--depth", str(args.depth)]
+            cmd += ["--steps", str(args.steps)]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            mem = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[method] = json.loads(mem.strip().splitlines()[-1])
+            results[method]["step_s"] = json.loads(run.strip().splitlines()[-1])["step_s"]
+    print(
+        f"\nK={k} ingredients (+ a base for task arithmetic) as .safetensors files, per_module "
+        f"weights; peaks above the state before the merge is built (one model {one:.0f} MB)\n"
+    )
+    print(
+        "| merge | ingredients | peak anonymous | in model copies | peak file-backed | "
+        "step time | vs in memory |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method, r in results.items():
+        where, what = method.split(" ", 1)
+        ref = results[f"memory {what}"]
+        print(
+            f"| {what} | {'memory-mapped' if where == 'disk' else 'loaded'} | "
+            f"{r['anon_mb']:.0f} MB | {r['anon_mb'] / one:.1f} | {r['file_mb']:.0f} MB | "
+            f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / ref['step_s']:.2f}x |"
         )
 
 

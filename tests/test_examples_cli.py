@@ -113,3 +113,22 @@ def test_digits_soup_smoke() -> None:
     for acc, loss in table.values():
         assert acc > 0.5  # ten classes: chance is 0.1
         assert 0 < loss < 2.3
+
+
+def test_digits_adamerging_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    res = load_example("digits_adamerging").main(
+        seeds=1, epochs=2, steps=15, out=str(tmp_path), verbose=False, lr=0.01
+    )
+    table, run = res["table"], res["runs"][0]
+    assert "uniform soup" in table
+    assert "AdaMerging layer-wise (learned)" in table
+    for acc, entropy in table.values():
+        assert 0.0 <= acc <= 1.0
+        assert entropy >= 0.0
+    history = run["history"]
+    assert history[-1] < history[0]  # the label-free objective went down
+    # the learned coefficients are s_l w_{l,k}: (layers, tasks), positive
+    assert run["coefficients"].shape == (3, 3)
+    assert (run["coefficients"] > 0).all()
+    assert (tmp_path / "digits_adamerging.png").stat().st_size > 5_000
