@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format docs clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,13 @@ lint: $(VENV)/.installed-all
 	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 
+# The docs site (mkdocs-material + mkdocstrings), into site/; any warning fails the build.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 format: $(VENV)/.installed-all
 	$(BIN)/ruff check --fix src tests examples benchmarks
 	$(BIN)/ruff format src tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -224,11 +224,15 @@ def ensemble_selection(
     The weights are the counts divided by the number of picks.
 
     Args:
-        predictions, targets, loss, sample_weight, validate: as in :func:`fit_weights`.
+        predictions: as in :func:`fit_weights`.
+        targets: as in :func:`fit_weights`.
         size: the number of picks; weights are multiples of ``1/size``.
+        loss: as in :func:`fit_weights`.
+        sample_weight: as in :func:`fit_weights`.
         best_prefix: keep the prefix of the picks with the lowest loss (weights then are
             multiples of ``1/n_iter``), as Caruana et al. do.
         map: as in :func:`fit_weights`.
+        validate: as in :func:`fit_weights`.
         callback: ``callback(picks, loss)`` after each pick.
 
     Returns:
