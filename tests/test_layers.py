@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
@@ -11,8 +10,7 @@ import torch
 from torch import nn
 
 import convexmix as cx
-
-MAP_NAMES = ["softmax", "sparsemax", "entmax15", "stick_breaking"]
+from tests.conftest import MAP_NAMES, round_trips
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -160,14 +158,7 @@ def test_weighted_sum_roundtrips_and_repr() -> None:
         "WeightedSum(n=3, map='softmax', channels=2, sources=['a', 'b', 'c'], bias=True)"
     )
     xs = [torch.randn(4, 2) for _ in range(3)]
-    buf = io.BytesIO()
-    torch.save(layer, buf)
-    buf.seek(0)
-    for clone in (
-        torch.load(buf, weights_only=False),
-        pickle.loads(pickle.dumps(layer)),
-        copy.deepcopy(layer),
-    ):
+    for clone in round_trips(layer):
         torch.testing.assert_close(clone(xs), layer(xs))
     fresh = cx.WeightedSum(3, channels=2, bias=True, sources=["a", "b", "c"])
     fresh.load_state_dict(layer.state_dict())

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import io
-import pickle
-
 import pytest
 import torch
 
 import convexmix as cx
-
-MAP_NAMES = ["softmax", "sparsemax", "entmax15", "stick_breaking"]
+from tests.conftest import MAP_NAMES, round_trips
 
 
 @pytest.mark.parametrize("name", MAP_NAMES)
@@ -85,14 +80,7 @@ def test_learns_known_weights(name: str) -> None:
 
 def test_roundtrips() -> None:
     w = cx.SimplexWeights(3, map="entmax15", init=[1.0, 1.0, 0.0], total=2.0)
-    buf = io.BytesIO()
-    torch.save(w, buf)
-    buf.seek(0)
-    for clone in (
-        torch.load(buf, weights_only=False),
-        pickle.loads(pickle.dumps(w)),
-        copy.deepcopy(w),
-    ):
+    for clone in round_trips(w):
         torch.testing.assert_close(clone(), w())
         assert repr(clone) == repr(w) == "SimplexWeights(n=3, map='entmax15', total=2.0)"
     fresh = cx.SimplexWeights(3, map="entmax15", total=2.0)

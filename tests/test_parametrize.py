@@ -13,9 +13,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import convexmix as cx
+from tests.conftest import MAP_NAMES, round_trips
 from tests.reference import projection_bruteforce
-
-MAP_NAMES = ["softmax", "sparsemax", "entmax15", "stick_breaking"]
 
 
 def probs(*shape: int, seed: int = 0, zeros: bool = False) -> torch.Tensor:
@@ -164,11 +163,7 @@ def test_roundtrips_pickle_save_deepcopy_state_dict() -> None:
     x = torch.randn(2, 4)
     expected = layer(x)
 
-    buf = io.BytesIO()
-    torch.save(layer, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    for clone in (loaded, pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+    for clone in round_trips(layer):
         assert type(clone) is type(layer)
         torch.testing.assert_close(clone(x), expected)
         clone.weight = probs(3, 4, seed=6)  # the property still works on the copy
