@@ -1,11 +1,21 @@
 """``convex_combination``: sum_k weights[k] * inputs[k], fused (private module).
 
-The forward and backward are ``torch.library`` custom ops (opaque to
-``torch.compile(fullgraph=True)``), with the autograd formula registered on the forward op.
-They run the kernels dispatched by ``convexmix._kernels.combine`` (native C on CPU, Triton on
-CUDA, blocked ATen otherwise): about K reads and one write forward, one read of the
-output gradient plus K reads (and K writes for the inputs' gradients) backward, and no K
-temporaries.
+Three ways to run, one answer:
+
+* eager, small (fewer than ``COMPOSITE_MAX`` elements moved): composite ATen code, ``mul``
+  then K-1 ``addcmul`` (a GEMV for one stacked tensor). At these sizes any fused call
+  costs more in fixed overhead than it saves in memory traffic;
+* eager, larger: ``_Fused``, a plain ``autograd.Function`` around the kernels of
+  ``convexmix._kernels.combine`` (native C on CPU, Triton on CUDA, blocked ATen
+  otherwise): about K reads and one write forward, one read of the output gradient plus
+  K reads (and K writes for the inputs' gradients) backward, no K temporaries. Its
+  backward is the fused kernel, or differentiable ATen ops when a graph of the backward
+  is wanted (double backward);
+* under ``torch.compile``: ``torch.library`` custom ops (opaque to
+  ``torch.compile(fullgraph=True)``, no graph break) that run the same kernels.
+
+Under torch.func transforms (grad, vmap, jacrev, jacfwd) the composite code runs at
+every size.
 """
 
 from __future__ import annotations
@@ -121,13 +131,92 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, list[Tensor | None
 _combine_op.register_autograd(_backward, setup_context=_setup)
 
 
+# ------------------------------------------------------------------- eager paths
+
+#: Below this many elements moved (``(K + 1) * numel``), eager calls run composite ATen
+#: code (``mul`` then ``addcmul``): one fused kernel behind an ``autograd.Function`` costs
+#: more in fixed overhead than it saves in memory traffic (measured:
+#: benchmarks/bench_overhead.py). At and above it, the fused kernels.
+COMPOSITE_MAX = 1 << 17
+
+#: Forces one path for every eager call (tests and benchmarks): ``"composite"``,
+#: ``"fused"`` (the ``autograd.Function``) or ``"op"`` (the custom op that
+#: ``torch.compile`` sees); None chooses by size.
+_force: str | None = None
+
+
+def _composite(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """``sum_k w[k] * xs[k]`` in differentiable ATen ops: K kernels, no stack, any
+    transform (torch.func, double backward) for free. ``w`` is in the accumulation dtype."""
+    ws = w.unbind(0)
+    x0 = xs[0]
+    out = (x0 if x0.dtype == w.dtype else x0.to(w.dtype)) * ws[0]
+    for k in range(1, len(xs)):
+        out = torch.addcmul(out, xs[k], ws[k])
+    return out if out.dtype == x0.dtype else out.to(x0.dtype)
+
+
+def _composite_stacked(w: Tensor, x: Tensor, d: int) -> Tensor:
+    """The same for one tensor with K along ``d``: a contraction (one GEMV for (K,)
+    weights), no unbind."""
+    if w.dim() == 1 and x.dtype == w.dtype:
+        return cast(Tensor, torch.tensordot(w, x.movedim(d, 0), dims=1))
+    return _composite(w, x.unbind(d))
+
+
+def _grads(
+    grad: Tensor, w: Tensor, xs: Sequence[Tensor], need_w: bool, need_x: Sequence[bool]
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """The backward in differentiable ATen ops (double backward, torch.func)."""
+    grad_w = None
+    if need_w:
+        g = grad.to(w.dtype)
+        grad_w = torch.stack([(g * x).sum_to_size(w.shape[1:]) for x in xs])
+    ws = w.unbind(0)
+    gx: list[Tensor | None] = [
+        (grad * ws[k]).to(xs[k].dtype) if n else None for k, n in enumerate(need_x)
+    ]
+    return grad_w, gx
+
+
+class _Fused(torch.autograd.Function):
+    """Eager autograd for the fused kernels: a plain ``autograd.Function`` (a few
+    microseconds a call, against ~100 for the custom op's Python autograd). The backward
+    runs the fused kernel, or differentiable ATen ops when a graph of it is wanted
+    (``create_graph=True``), so double backward works."""
+
+    @staticmethod
+    def forward(w: Tensor, *xs: Tensor) -> Tensor:
+        x0 = xs[0]
+        out = combine.empty(x0.shape, x0.dtype, x0.device)
+        combine.forward(w, list(xs), out)
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        w, *xs = ctx.saved_tensors
+        need_w, *need_x = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            grad_w, gx = _grads(grad, w, xs, need_w, need_x)
+            return (grad_w, *gx)
+        grad_w, grad_xs = combine.backward(grad.contiguous(), w, xs, need_w, need_x)
+        it = iter(grad_xs)
+        return (grad_w, *(next(it) if n else None for n in need_x))
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 # ------------------------------------------------------------------------- public
 
 
-def _as_list(inputs: Tensor | Sequence[Tensor], dim: int) -> list[Tensor]:
-    if isinstance(inputs, Tensor):
-        d = normalize_dim(inputs, dim, "inputs")
-        return list(inputs.unbind(d))  # views, no copies
+def _check_list(inputs: object) -> list[Tensor]:
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
         raise ConvexMixError(
             "inputs must be a non-empty list/tuple of tensors or one tensor with K along dim; "
@@ -135,19 +224,27 @@ def _as_list(inputs: Tensor | Sequence[Tensor], dim: int) -> list[Tensor]:
         )
     xs = list(inputs)
     x0 = xs[0]
-    for i, x in enumerate(xs):
+    if isinstance(x0, Tensor):
+        shape, dtype, device = x0.shape, x0.dtype, x0.device
+        if all(
+            isinstance(x, Tensor) and x.shape == shape and x.dtype == dtype and x.device == device
+            for x in xs
+        ):
+            return xs
+    for i, x in enumerate(xs):  # something is off: say what
         if not isinstance(x, Tensor):
             raise ConvexMixError(f"inputs[{i}] must be a tensor; got {type(x).__name__}.")
-        if x.shape != x0.shape:
-            shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in xs]
-            raise ShapeError(f"all inputs must have the same shape; got {shapes}.")
-        if x.dtype != x0.dtype:
-            dtypes = sorted({str(t.dtype) for t in xs if isinstance(t, Tensor)})
-            raise ConvexMixError(f"all inputs must have the same dtype; got {dtypes}.")
-        if x.device != x0.device:
-            devices = sorted({str(t.device) for t in xs if isinstance(t, Tensor)})
-            raise ConvexMixError(f"all inputs must be on one device; got {devices}.")
-    return xs
+    if any(x.shape != x0.shape for x in xs):
+        raise ShapeError(
+            f"all inputs must have the same shape; got {[tuple(t.shape) for t in xs]}."
+        )
+    if any(x.dtype != x0.dtype for x in xs):
+        raise ConvexMixError(
+            f"all inputs must have the same dtype; got {sorted({str(t.dtype) for t in xs})}."
+        )
+    raise ConvexMixError(
+        f"all inputs must be on one device; got {sorted({str(t.device) for t in xs})}."
+    )
 
 
 def convex_combination(
@@ -162,6 +259,13 @@ def convex_combination(
     One pass: no ``torch.stack``, no K temporaries, one output (or ``out``). The weights
     are usually on the simplex (the output of a map), but any weights work (a ScalarMix
     gamma is folded in this way); they are not checked, so nothing synchronises.
+
+    Small calls (fewer than ``COMPOSITE_MAX`` elements moved) run K ATen kernels
+    (``mul``, then ``addcmul``), which cost less than any fused call's fixed overhead;
+    larger ones the fused kernels. Under ``torch.compile`` the call is one opaque custom
+    op (no graph break); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
+    ``jacfwd``) it is composite ATen code, and double backward works everywhere but
+    inside a compiled graph.
 
     Args:
         weights: ``(K,)``, or ``(K, *S)`` with ``S`` broadcasting to an input's shape
@@ -190,37 +294,84 @@ def convex_combination(
         tensor([[1.0000, 0.0000, 0.5000],
                 [1.0000, 0.0000, 0.5000]])
     """
-    xs = _as_list(inputs, dim)
+    stacked = isinstance(inputs, Tensor)
+    if stacked:
+        d = normalize_dim(inputs, dim, "inputs")  # type: ignore[arg-type]
+        xs: list[Tensor] = []
+        full: Tensor = inputs  # type: ignore[assignment]
+        k, shape = full.shape[d], full.shape[:d] + full.shape[d + 1 :]
+        dtype, device = full.dtype, full.device
+    else:
+        xs = _check_list(inputs)
+        x0 = xs[0]
+        k, shape, dtype, device = len(xs), x0.shape, x0.dtype, x0.device
     if not isinstance(weights, Tensor):
         raise ConvexMixError(f"weights must be a tensor; got {type(weights).__name__}.")
-    k, shape = len(xs), xs[0].shape
-    if weights.dim() == 0 or weights.shape[0] != k:
+    wshape = weights.shape
+    if len(wshape) == 0 or wshape[0] != k:
         raise ShapeError(
-            f"weights must have shape (K, ...) with K={k} inputs; got {tuple(weights.shape)}."
+            f"weights must have shape (K, ...) with K={k} inputs; got {tuple(wshape)}."
         )
-    if weights.dim() > 1 and not broadcasts_to(weights.shape[1:], shape):
+    if len(wshape) > 1 and not broadcasts_to(wshape[1:], shape):
         raise ShapeError(
-            f"weights of shape {tuple(weights.shape)} do not broadcast against inputs of shape "
-            f"{tuple(shape)}: the trailing shape {tuple(weights.shape[1:])} must broadcast to it."
+            f"weights of shape {tuple(wshape)} do not broadcast against inputs of shape "
+            f"{tuple(shape)}: the trailing shape {tuple(wshape[1:])} must broadcast to it."
         )
-    if not xs[0].is_floating_point():
-        raise ConvexMixError(f"inputs must be floating point; got dtype {xs[0].dtype}.")
-    if weights.device != xs[0].device:
+    if not dtype.is_floating_point:
+        raise ConvexMixError(f"inputs must be floating point; got dtype {dtype}.")
+    if weights.device != device:
         raise ConvexMixError(
-            f"weights are on {weights.device} but the inputs on {xs[0].device}; move one of them."
+            f"weights are on {weights.device} but the inputs on {device}; move one of them."
         )
-    acc = torch.promote_types(compute_dtype(xs[0].dtype), weights.dtype)
-    w = weights if weights.dtype == acc else weights.to(acc)
+    wdtype = weights.dtype
+    if wdtype == dtype and (dtype == torch.float32 or dtype == torch.float64):
+        w = weights
+    else:
+        acc = torch.promote_types(compute_dtype(dtype), wdtype)
+        w = weights if wdtype == acc else weights.to(acc)
+    compiling = torch.compiler.is_compiling()
     if out is not None:
-        if not isinstance(out, Tensor) or out.shape != shape or out.dtype != xs[0].dtype:
-            got = (tuple(out.shape), out.dtype) if isinstance(out, Tensor) else type(out).__name__
-            raise ShapeError(
-                f"out must have shape {tuple(shape)} and dtype {xs[0].dtype}; got {got}."
-            )
-        if torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xs)):
-            raise ConvexMixError(
-                "out= does not support autograd: drop out= or run under torch.no_grad()."
-            )
+        if stacked:
+            xs = list(full.unbind(d))
+        return _into(w, xs, out, shape, dtype, compiling)
+    if compiling or _force == "op":
+        if stacked:
+            xs = list(full.unbind(d))
+        return cast(Tensor, _combine_op(w, xs))
+    path = _force
+    if _transformed():
+        path = "composite"
+    elif path is None:
+        path = "composite" if (k + 1) * shape.numel() < COMPOSITE_MAX else "fused"
+    if path == "composite":
+        return _composite_stacked(w, full, d) if stacked else _composite(w, xs)
+    if stacked:
+        xs = list(full.unbind(d))
+    if torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xs)):
+        return cast(Tensor, _Fused.apply(w, *xs))  # type: ignore[no-untyped-call]
+    res = combine.empty(shape, dtype, device)
+    combine.forward(w, xs, res)
+    return res
+
+
+def _into(
+    w: Tensor,
+    xs: list[Tensor],
+    out: Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    compiling: bool,
+) -> Tensor:
+    """The ``out=`` form: checked, no autograd, the fused kernel writes ``out``."""
+    if not isinstance(out, Tensor) or out.shape != shape or out.dtype != dtype:
+        got = (tuple(out.shape), out.dtype) if isinstance(out, Tensor) else type(out).__name__
+        raise ShapeError(f"out must have shape {tuple(shape)} and dtype {dtype}; got {got}.")
+    if torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xs)):
+        raise ConvexMixError(
+            "out= does not support autograd: drop out= or run under torch.no_grad()."
+        )
+    if compiling or _force == "op":
         _combine_out_op(w.detach(), xs, out)
-        return out
-    return cast(Tensor, _combine_op(w, xs))
+    else:
+        combine.forward(w.detach(), xs, out)
+    return out

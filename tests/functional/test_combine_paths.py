@@ -1,0 +1,150 @@
+"""convex_combination's eager paths (composite ATen, the fused autograd.Function, the custom
+op), torch.func transforms and double backward, against naive float64 autograd."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state, vmap
+
+import convexmix as cx
+from convexmix.functional import _combine, convex_combination
+
+PATHS = ["composite", "fused", "op"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    _combine._force = request.param
+    try:
+        yield request.param
+    finally:
+        _combine._force = None
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def naive(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    return sum((w[k] * xs[k] for k in range(len(xs))), torch.zeros(()))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("wshape", [(3,), (3, 5), (3, 4, 1)])
+@pytest.mark.parametrize("layout", ["list", "stacked"])
+def test_every_path_matches_naive(path: str, wshape: tuple[int, ...], layout: str) -> None:
+    w = rand(*wshape, seed=1).requires_grad_()
+    x = rand(3, 4, 5, seed=2).requires_grad_()
+    xs = list(x.unbind(0))
+    out = convex_combination(w, xs if layout == "list" else x)
+    ref = naive(w, xs)
+    torch.testing.assert_close(out, ref)
+    g = rand(4, 5, seed=3)
+    got = torch.autograd.grad((out * g).sum(), [w, x])
+    exp = torch.autograd.grad((ref * g).sum(), [w, x])
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_path_keeps_dtype(path: str, dtype: torch.dtype) -> None:
+    xs = [torch.randn(6, 7).to(dtype) for _ in range(4)]
+    w = torch.softmax(torch.randn(4), 0)
+    out = convex_combination(w, xs)
+    assert out.dtype == dtype
+    exact = sum(w[k].double() * xs[k].double() for k in range(4))
+    eps = torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs() <= eps * exact.abs() + 1e-6).all()
+
+
+def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = _combine._Fused.apply
+    monkeypatch.setattr(_combine._Fused, "apply", lambda *a: calls.append("fused") or real(*a))
+    w = torch.rand(2, requires_grad=True)
+    convex_combination(w, [torch.randn(8), torch.randn(8)])
+    assert calls == []  # small: composite ATen
+    n = _combine.COMPOSITE_MAX
+    convex_combination(w, [torch.randn(n), torch.randn(n)])
+    assert calls == ["fused"]
+
+
+@pytest.mark.parametrize("path", ["composite", "fused"])
+def test_double_backward(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_combine, "_force", path)
+    w = rand(3, 2, seed=4).requires_grad_()
+    xs = [rand(4, 2, seed=5 + k).requires_grad_() for k in range(3)]
+    f = lambda w, *xs: convex_combination(w, list(xs)).square()  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (w, *xs))
+    # a gradient of a gradient, against naive autograd
+    out = convex_combination(w, xs)
+    (gw,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
+    (ggx,) = torch.autograd.grad(gw.sum(), [xs[0]])
+    ref = naive(w, xs)
+    (rw,) = torch.autograd.grad(ref.square().sum(), [w], create_graph=True)
+    (rgx,) = torch.autograd.grad(rw.sum(), [xs[0]])
+    torch.testing.assert_close(ggx, rgx)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd"])
+def test_torch_func_derivatives(transform: str) -> None:
+    w = rand(3, seed=6)
+    xs = [rand(2, 3, seed=7 + k) for k in range(3)]
+
+    def f(w: torch.Tensor, impl: object) -> torch.Tensor:
+        out = impl(w, xs)  # type: ignore[operator]
+        return out.square().sum() if transform == "grad" else out
+
+    t = {"grad": grad, "jacrev": jacrev, "jacfwd": jacfwd}[transform]
+    torch.testing.assert_close(
+        t(lambda w: f(w, convex_combination))(w), t(lambda w: f(w, naive))(w)
+    )
+    # with respect to the inputs too (stacked along dim 1)
+    x = torch.stack(xs, 1)
+    got = t(lambda x: f(w, lambda w, _: convex_combination(w, x, dim=1)))(x)
+    exp = t(lambda x: f(w, lambda w, _: naive(w, list(x.unbind(1)))))(x)
+    torch.testing.assert_close(got, exp)
+
+
+def test_vmap_over_weights_and_inputs() -> None:
+    ws = torch.softmax(rand(5, 3, seed=8), -1)
+    xs = rand(5, 3, 4, seed=9)
+    got = vmap(convex_combination)(ws, xs)
+    torch.testing.assert_close(got, torch.einsum("bk,bkn->bn", ws, xs))
+    # weights batched, inputs shared (a list)
+    shared = list(xs[0].unbind(0))
+    got = vmap(lambda w: convex_combination(w, shared))(ws)
+    torch.testing.assert_close(got, ws @ xs[0])
+
+
+def test_weighted_sum_under_functional_call_and_grad() -> None:
+    fuse = cx.WeightedSum(3, init=[0.2, 0.3, 0.5]).double()
+    xs = [rand(4, 5, seed=10 + k) for k in range(3)]
+    params = dict(fuse.named_parameters())
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(fuse, (p,), (xs,)).square().sum()
+
+    got = grad(loss)(params)["free"]
+    ref = torch.autograd.grad(fuse(xs).square().sum(), [fuse.free])[0]
+    torch.testing.assert_close(got, ref)
+
+
+def test_weighted_sum_model_ensembling_with_vmap() -> None:
+    models = [cx.WeightedSum(3, init="random").double() for _ in range(4)]
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    xs = [rand(2, 6, seed=20 + k) for k in range(3)]
+    base = cx.WeightedSum(3).double()
+
+    def run(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(base, (p, b), (xs,))
+
+    got = vmap(run)(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(xs) for m in models]).detach())
+    # per-model gradients, vmapped
+    g = vmap(grad(lambda p, b: run(p, b).sum()))(params, buffers)["free"]
+    for i, m in enumerate(models):
+        (ref,) = torch.autograd.grad(m(xs).sum(), [m.free])
+        torch.testing.assert_close(g[i], ref)
