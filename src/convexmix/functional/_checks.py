@@ -42,6 +42,8 @@ def normalize_dim(x: Tensor, dim: int, name: str = "x") -> int:
 
 def check_total(total: float | Tensor) -> float:
     """The sum of the output: a finite number > 0."""
+    if total.__class__ is float and 0.0 < total < math.inf:  # the usual case, first
+        return total
     if isinstance(total, Tensor):
         if total.numel() != 1:
             raise ConvexMixError(
@@ -64,6 +66,13 @@ def any_true(cond: Tensor) -> bool:
         return bool(cond.any())
     except RuntimeError:  # vmap: data-dependent control flow is not allowed
         return False
+
+
+def traced() -> bool:
+    """Whether this call is traced by ``torch.compile`` or runs under a torch.func
+    transform (grad, vmap, jacrev, ...): the cases that need convexmix's custom ops and
+    setup_context Functions. Plain eager calls take leaner paths."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def check_temperature(temperature: float | Tensor) -> float | Tensor:
@@ -106,12 +115,12 @@ def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:
             f"mask must be a bool tensor (True = present); got dtype {mask.dtype}. "
             "Use mask.bool() or mask > 0."
         )
-    if not broadcasts_to(mask.shape, z.shape):
+    if mask.shape != z.shape and not broadcasts_to(mask.shape, z.shape):
         raise ShapeError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape "
             f"{tuple(z.shape)}."
         )
-    return z.masked_fill(~mask, -math.inf)
+    return torch.where(mask, z, -math.inf)  # one op (masked_fill(~mask) is two)
 
 
 def prepare(x: Tensor, dim: int, mask: Tensor | None, total: float) -> tuple[Tensor, int, float]:
@@ -120,5 +129,8 @@ def prepare(x: Tensor, dim: int, mask: Tensor | None, total: float) -> tuple[Ten
     with ``dim`` non-negative."""
     check_tensor(x)
     d = normalize_dim(x, dim)
-    z = apply_mask(x.to(compute_dtype(x.dtype)), mask)
+    dtype = x.dtype
+    z = x if dtype == torch.float32 or dtype == torch.float64 else x.to(compute_dtype(dtype))
+    if mask is not None:
+        z = apply_mask(z, mask)
     return z, d, check_total(total)

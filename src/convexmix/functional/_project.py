@@ -22,7 +22,15 @@ from torch import Tensor
 
 from convexmix.errors import ConvexMixError
 from convexmix.functional._checks import prepare
-from convexmix.functional._sparse import _batch_rule_single, _finish, _Sparsemax
+from convexmix.functional._sparse import (
+    _batch_rule_single,
+    _finish,
+    _Sparsemax,
+    _sparsemax_fwd,
+    _SparsemaxEager,
+    eager_function,
+    run,
+)
 
 __all__ = ["project_simplex"]
 
@@ -60,8 +68,7 @@ def _shift_by_max(z: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(present, top, 0.0), present
 
 
-@torch.library.custom_op("convexmix::project_bisect", mutates_args=())
-def _bisect_op(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
+def _bisect_fwd(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
     return _by_row_blocks(x, dim, lambda rows: _bisect_rows(rows, total, n_iter))
 
 
@@ -119,8 +126,7 @@ def _michelot(
     return _finish(z, shift.to(torch.float64), tau, present, -1, square=False)
 
 
-@torch.library.custom_op("convexmix::project_condat", mutates_args=())
-def _condat_op(x: Tensor, dim: int, total: float) -> Tensor:
+def _condat_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     return _by_row_blocks(x, dim, lambda rows: _condat_rows(rows, total))
 
 
@@ -200,6 +206,9 @@ def _condat_rows(z: Tensor, total: float) -> Tensor:
     return _michelot(z, zs, shift, present, rho, total, torch.empty_like(zs))
 
 
+_condat_op = torch.library.custom_op("convexmix::project_condat", mutates_args=())(_condat_fwd)
+
+
 @_condat_op.register_fake
 def _(x: Tensor, dim: int, total: float) -> Tensor:
     return x.new_empty(x.shape)
@@ -214,6 +223,9 @@ class _Condat(_Sparsemax):
     @staticmethod
     def forward(x: Tensor, dim: int, total: float) -> Tensor:
         return cast(Tensor, _condat_op(x, dim, total))
+
+
+_bisect_op = torch.library.custom_op("convexmix::project_bisect", mutates_args=())(_bisect_fwd)
 
 
 @_bisect_op.register_fake
@@ -240,6 +252,10 @@ class _Bisect(_Sparsemax):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         dx, _, _ = _Sparsemax.backward(ctx, grad)
         return dx, None, None, None
+
+
+_CondatEager = eager_function(_Condat, _condat_fwd)
+_BisectEager = eager_function(_Bisect, _bisect_fwd)
 
 
 def project_simplex(
@@ -283,9 +299,9 @@ def project_simplex(
         big = z.shape[d] >= AUTO_BISECT_K and z.numel() >= AUTO_BISECT_NUMEL
         method = "bisect" if big or z.device.type != "cpu" else "sort"
     if method == "sort":
-        out = cast(Tensor, _Sparsemax.apply(z, d, total))  # type: ignore[no-untyped-call]
+        out = run(_Sparsemax, _SparsemaxEager, _sparsemax_fwd, 1, z, d, total)
     elif method == "condat":
-        out = cast(Tensor, _Condat.apply(z, d, total))  # type: ignore[no-untyped-call]
+        out = run(_Condat, _CondatEager, _condat_fwd, 1, z, d, total)
     else:
-        out = cast(Tensor, _Bisect.apply(z, d, total, BISECT_STEPS))  # type: ignore[no-untyped-call]
-    return out.to(x.dtype)
+        out = run(_Bisect, _BisectEager, _bisect_fwd, 1, z, d, total, BISECT_STEPS)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -17,11 +17,20 @@ __all__ = ["softmax", "softmax_inverse"]
 SOFTMAX_ZERO_EPS = 1e-12
 
 
+#: ``torch._safe_softmax`` (torch >= 2.5): one ATen op that gives zeros, with zero
+#: gradients, for all--inf slices. Dynamo cannot trace it, so compiled graphs use the
+#: composite form below (which Inductor fuses anyway).
+_SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)
+
+
 def safe_softmax(z: Tensor, dim: int) -> Tensor:
     """``torch.softmax`` that returns zeros (and zero gradients) for all--inf slices.
 
     ``z`` is already masked (-inf = absent) and in its compute dtype.
     """
+    if _SAFE_SOFTMAX is not None and not torch.compiler.is_compiling():
+        out: Tensor = _SAFE_SOFTMAX(z, dim)
+        return out
     present = (z > -math.inf).any(dim, keepdim=True)
     # Replace empty slices by zeros *before* the softmax: a where() after it would
     # still back-propagate NaN through the softmax of an all--inf slice.
@@ -62,14 +71,15 @@ def softmax(
         >>> cx.functional.softmax(torch.zeros(2), mask=torch.tensor([False, False]))
         tensor([0., 0.])
     """
-    temperature = check_temperature(temperature)
+    if temperature.__class__ is not float or temperature != 1.0:
+        temperature = check_temperature(temperature)
     z, d, total = prepare(x, dim, mask, total)
-    if isinstance(temperature, Tensor) or temperature != 1.0:
+    if temperature.__class__ is not float or temperature != 1.0:
         z = z / temperature  # -inf (absent) stays -inf
     p = safe_softmax(z, d)
     if total != 1.0:
         p = p * total
-    return p.to(x.dtype)
+    return p if p.dtype == x.dtype else p.to(x.dtype)
 
 
 def softmax_inverse(

@@ -19,13 +19,14 @@ at K = 1e5+.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare
+from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare, traced
 from convexmix.functional._softmax import softmax
 
 __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
@@ -90,6 +91,40 @@ def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) 
     return gd.sub_(g * q)  # gd is fresh; g may be unbatched under vmap, so no g.mul_
 
 
+def eager_function(slow: type[torch.autograd.Function], impl: Callable[..., Tensor]) -> Any:
+    """An old-style ``autograd.Function`` that runs ``impl`` (a custom op's Python body)
+    with ``slow``'s context and backward, for plain eager calls.
+
+    The custom op's dispatch and a ``setup_context`` Function's ``apply`` (which binds
+    default arguments with ``inspect.signature``) cost ~10-100 us a call; this costs ~3.
+    It works neither under torch.func transforms nor in compiled graphs: :func:`run`
+    sends those to ``slow``."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Any) -> Tensor:
+            y = impl(*args)
+            slow.setup_context(ctx, args, y)
+            return y
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return slow.backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = slow.__name__ + "Eager"
+    return Eager
+
+
+def run(slow: Any, fast: Any, impl: Callable[..., Tensor], n_diff: int, *args: Any) -> Tensor:
+    """``slow.apply(*args)`` when traced (compile, torch.func); else ``fast.apply`` when
+    one of the first ``n_diff`` arguments needs a gradient; else ``impl`` itself."""
+    if traced():
+        return cast(Tensor, slow.apply(*args))
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args[:n_diff]):
+        return cast(Tensor, fast.apply(*args))
+    return impl(*args)
+
+
 def _batch_rule_single(op: Any) -> Any:
     """vmap rule for ops ``op(x, dim, *scalars)`` that act along one non-negative ``dim``."""
 
@@ -105,8 +140,7 @@ def _batch_rule_single(op: Any) -> Any:
 # ------------------------------------------------------------------------- sparsemax
 
 
-@torch.library.custom_op("convexmix::sparsemax", mutates_args=())
-def _sparsemax_op(x: Tensor, dim: int, total: float) -> Tensor:
+def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     z = x.movedim(dim, -1)
     k = z.shape[-1]
     zs, shift, present = _sorted_shifted(z)
@@ -119,6 +153,9 @@ def _sparsemax_op(x: Tensor, dim: int, total: float) -> Tensor:
     # which keeps the threshold exact to a few ulp at K = 1e5.
     tau = (zs.masked_fill_(ks > kstar, 0.0).sum(-1, keepdim=True) - total) / kstar
     return _finish(z, shift, tau, present, dim, square=False)
+
+
+_sparsemax_op = torch.library.custom_op("convexmix::sparsemax", mutates_args=())(_sparsemax_fwd)
 
 
 @_sparsemax_op.register_fake
@@ -152,6 +189,9 @@ class _Sparsemax(torch.autograd.Function):
         return dx, None, None
 
 
+_SparsemaxEager = eager_function(_Sparsemax, _sparsemax_fwd)
+
+
 def sparsemax(
     x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0
 ) -> Tensor:
@@ -178,15 +218,14 @@ def sparsemax(
         tensor([0.2000, 0.3000, 0.5000])
     """
     z, d, total = prepare(x, dim, mask, total)
-    out = cast(Tensor, _Sparsemax.apply(z, d, total))  # type: ignore[no-untyped-call]
-    return out.to(x.dtype)
+    out = run(_Sparsemax, _SparsemaxEager, _sparsemax_fwd, 1, z, d, total)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- entmax15
 
 
-@torch.library.custom_op("convexmix::entmax15", mutates_args=())
-def _entmax15_op(x: Tensor, dim: int, total: float) -> Tensor:
+def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     z = x.movedim(dim, -1)
     k = z.shape[-1]
     zs, shift, present = _sorted_shifted(z)
@@ -206,6 +245,9 @@ def _entmax15_op(x: Tensor, dim: int, total: float) -> Tensor:
     dev = zs.sub_(m).masked_fill_(outside, 0.0)
     tau_star = m - ((total - (dev * dev).sum(-1, keepdim=True)) / kstar).clamp_min(0.0).sqrt()
     return _finish(z, shift, 2 * tau_star, present, dim, square=True)
+
+
+_entmax15_op = torch.library.custom_op("convexmix::entmax15", mutates_args=())(_entmax15_fwd)
 
 
 @_entmax15_op.register_fake
@@ -230,6 +272,9 @@ class _Entmax15(_Sparsemax):
         return dx, None, None
 
 
+_Entmax15Eager = eager_function(_Entmax15, _entmax15_fwd)
+
+
 def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
     r"""Exact 1.5-entmax: :math:`p = [x/2 - \tau]_+^2` with :math:`\sum p = t`.
 
@@ -251,15 +296,14 @@ def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: flo
         tensor([0.8307, 0.1693, 0.0000])
     """
     z, d, total = prepare(x, dim, mask, total)
-    out = cast(Tensor, _Entmax15.apply(z, d, total))  # type: ignore[no-untyped-call]
-    return out.to(x.dtype)
+    out = run(_Entmax15, _Entmax15Eager, _entmax15_fwd, 1, z, d, total)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ---------------------------------------------------------------- alpha-entmax (bisection)
 
 
-@torch.library.custom_op("convexmix::entmax_bisect", mutates_args=())
-def _entmax_op(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
+def _entmax_fwd(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
     z = x.movedim(dim, -1).to(torch.float64)
     am1 = alpha.movedim(dim, -1).to(torch.float64) - 1.0
     inv = 1.0 / am1
@@ -281,6 +325,9 @@ def _entmax_op(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) ->
     p = p * (total / p.sum(-1, keepdim=True))
     p = p.masked_fill(~present, 0.0)
     return p.to(x.dtype).movedim(-1, dim).contiguous()
+
+
+_entmax_op = torch.library.custom_op("convexmix::entmax_bisect", mutates_args=())(_entmax_fwd)
 
 
 @_entmax_op.register_fake
@@ -344,6 +391,9 @@ def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, N
         dp = (y - tot * ghat) / (a - 1) ** 2 - (s - ghat * ent) / (a - 1)
         dalpha = (grad * dp).sum(dim, keepdim=True).sum_to_size(alpha.shape).to(alpha.dtype)
     return dx, dalpha, None, None, None
+
+
+_EntmaxEager = eager_function(_Entmax, _entmax_fwd)
 
 
 def entmax(
@@ -413,8 +463,8 @@ def entmax(
         if alpha == 1:
             return softmax(x, d, mask=mask, total=total)
         a = torch.full((1,) * x.dim(), float(alpha), dtype=z.dtype, device=x.device)
-    out = cast(Tensor, _Entmax.apply(z, a, d, n_iter, total))  # type: ignore[no-untyped-call]
-    return out.to(x.dtype)
+    out = run(_Entmax, _EntmaxEager, _entmax_fwd, 2, z, a, d, n_iter, total)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def entmax_inverse(p: Tensor, alpha: float, *, total: float = 1.0) -> Tensor:
