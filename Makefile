@@ -16,7 +16,7 @@ $(VENV)/.torch: $(BIN)/activate
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed-%: $(VENV)/.torch pyproject.toml
+$(VENV)/.installed-%: $(VENV)/.torch pyproject.toml setup.py $(wildcard src/convexmix/_kernels/*.c)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
 

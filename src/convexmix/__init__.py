@@ -7,6 +7,7 @@ tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 """
 
 from convexmix import ensemble, functional, merge, optim
+from convexmix._runtime import CacheInfo, cache_info, empty_cache, set_cache_limit
 from convexmix.errors import (
     ConvexMixError,
     ConvexMixWarning,
@@ -21,6 +22,7 @@ from convexmix.record import WeightRecorder
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheInfo",
     "ConvexMixError",
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
@@ -33,10 +35,13 @@ __all__ = [
     "WeightRecorder",
     "WeightedSum",
     "__version__",
+    "cache_info",
+    "empty_cache",
     "ensemble",
     "functional",
     "merge",
     "optim",
     "remove_simplex_",
+    "set_cache_limit",
     "simplex_",
 ]

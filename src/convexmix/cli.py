@@ -4,6 +4,8 @@
   weights for stored predictions, beside equal weights, the best model and Caruana.
 * ``convexmix demo``: the same job on classifiers trained on scikit-learn's bundled data.
 * ``convexmix seeds``: the seed scenarios (recover known weights with ``SimplexWeights``).
+* ``convexmix info [--json]``: versions, the kernels in use and the CPU output cache (for
+  bug reports).
 
 Errors become one line on stderr and exit code 2, never a traceback. Tables and progress
 bars come from ``rich`` (the ``[cli]`` extra).
@@ -268,6 +270,37 @@ def run_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_info(args: argparse.Namespace) -> int:
+    from convexmix._runtime import info
+
+    report = info()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    native = (
+        f"yes ({report['native_isa']})"
+        if report["native_cpu"]
+        else "no (ATen fallback: installed without a C compiler, or CONVEXMIX_NATIVE=0)"
+    )
+    limit = report["output_cache_limit"]
+    rows = [
+        ("convexmix", report["version"]),
+        ("torch", report["torch"]),
+        ("native CPU kernels", native),
+        ("triton", "installed" if report["triton"] else "not installed"),
+        ("CUDA", f"{torch.cuda.device_count()} device(s)" if report["cuda"] else "none"),
+        (
+            "CPU output cache",
+            f"{report['output_cache_bytes'] / 2**20:.1f} MiB held, limit "
+            + (f"{limit / 2**20:.0f} MiB" if limit else "0 (off)"),
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convexmix", description="Learnable weights that sum to one, for PyTorch."
@@ -322,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seed", type=int, default=0, help="random seed")
     seeds.add_argument("--quiet", action="store_true", help="no progress display")
     seeds.set_defaults(func=run_seeds)
+
+    info = sub.add_parser(
+        "info", help="versions, active kernels and the output cache (for bug reports)"
+    )
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=run_info)
     return parser
 
 
@@ -331,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        if func is not run_seeds:
+        if func not in (run_seeds, run_info):
             _rich()
         return int(func(args))
     except ConvexMixError as err:

@@ -1,12 +1,15 @@
 """The native CPU kernels of convex_combination: values, gradients, thread splits,
-non-temporal stores, alignment, the ATen fallback, the build and huge-page outputs."""
+non-temporal stores, alignment, the ATen fallback, the install-time builds and their
+run-time choice of instruction set, threads and forks, and huge-page outputs."""
 
 from __future__ import annotations
 
 import faulthandler
 import multiprocessing as mp
 import shutil
+import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from convexmix.errors import ConvexMixWarning
 from convexmix.functional import convex_combination
 
 HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang")) and sys.platform != "win32"
-needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
+needs_native = pytest.mark.skipif(native.library() is None, reason="installed without kernels")
 EPS = {
     torch.float64: 2.0**-53,
     torch.float32: 2.0**-24,
@@ -28,12 +31,14 @@ EPS = {
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
-def test_the_kernels_build_where_a_compiler_is() -> None:
+def test_the_kernels_were_built_at_install_where_a_compiler_is() -> None:
     lib = native.library()
     assert lib is not None
+    assert native.lib_path(native.ISAS[0]).exists()
     for suffix in ("f64", "f32", "bf16"):
         assert hasattr(lib, f"cx_fwd_{suffix}")
         assert hasattr(lib, f"cx_bwd_{suffix}")
+    assert native.isa() in native.ISAS
 
 
 def data(
@@ -148,45 +153,178 @@ def test_only_the_needed_input_gradients() -> None:
     torch.testing.assert_close(xs[1].grad, torch.full((4097,), float(w[1])))
 
 
-def test_without_a_compiler_it_warns_once_and_falls_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library is looked up again (the process's choice is put back after)."""
     monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.delenv("CONVEXMIX_NATIVE", raising=False)
-    with pytest.warns(ConvexMixWarning, match="could not build its native CPU kernels"):
+    monkeypatch.delenv("CONVEXMIX_ISA", raising=False)
+
+
+@pytest.mark.usefixtures("fresh")
+def test_installed_without_kernels_it_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(native, "HERE", tmp_path)  # no libconvexmix-*.so there
+    with pytest.warns(ConvexMixWarning, match="installed without its native CPU kernels"):
         assert native.library() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.library() is None  # decided once per process
+        assert native.isa() is None
         w, xs = data(3, 1000, torch.float32)
         expected = sum(w[j] * xs[j] for j in range(3))
         torch.testing.assert_close(convex_combination(w, xs), expected)
 
 
+@pytest.mark.usefixtures("fresh")
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CONVEXMIX_NATIVE", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.library() is None
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
-def test_build_goes_to_the_cache_and_a_broken_source_falls_back(
+@pytest.mark.usefixtures("fresh")
+def test_a_bad_native_setting_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEXMIX_NATIVE", "maybe")
+    with pytest.warns(ConvexMixWarning, match=r"CONVEXMIX_NATIVE='maybe' is not 0 or 1"):
+        native.library()
+
+
+@needs_native
+@pytest.mark.usefixtures("fresh")
+def test_a_build_older_than_its_sources_is_not_loaded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CONVEXMIX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_state", {})
-    assert native.library() is not None
-    assert len(list((tmp_path / "cache").glob("combine-*.so"))) == 1
-    broken = tmp_path / "broken.c"
-    broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCES", [broken, *native.SOURCES[1:]])
-    monkeypatch.setattr(native, "_state", {})
-    with pytest.warns(ConvexMixWarning, match="no working C compiler"):
+    edited = tmp_path / "combine.c"
+    edited.write_text(native.SOURCES[0].read_text() + "/* edited */\n")
+    monkeypatch.setattr(native, "SOURCES", [edited, *native.SOURCES[1:]])
+    with pytest.warns(ConvexMixWarning, match="older than their sources"):
         assert native.library() is None
-    assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written library left
+
+
+@needs_native
+def test_no_compiler_is_run_and_nothing_written_at_import(tmp_path: Path) -> None:
+    # A process with no compiler on PATH and a fresh HOME loads the installed kernels.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": str(tmp_path / "empty"), "HOME": str(home), "CONVEXMIX_NATIVE": "1"}
+    code = (
+        "import torch, convexmix as cx; from convexmix._kernels import native; "
+        "x = [torch.randn(3_000_000) for _ in range(3)]; "
+        "y = cx.functional.convex_combination(torch.tensor([.2, .3, .5]), x); "
+        "print(native.isa())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in native.ISAS
+    assert "Warning" not in done.stderr, done.stderr
+    assert not list(home.iterdir())
+
+
+def _run_isa(monkeypatch: pytest.MonkeyPatch, isa: str) -> str | None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CONVEXMIX_ISA", isa)
+    return native.isa()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_baseline_and_widest_builds_match_aten(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    w, xs = data(5, 10_007, dtype, seed=3)
+    g = torch.randn(10_007, generator=torch.Generator().manual_seed(4)).to(dtype)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        wg = w.clone().requires_grad_()
+        xg = [x.clone().requires_grad_() for x in xs]
+        out = convex_combination(wg, xg)
+        return (out, *torch.autograd.grad(out, [wg, *xg], g))
+
+    results = {}
+    for isa in ("baseline", "widest"):
+        results[isa] = (_run_isa(monkeypatch, isa), run())
+    monkeypatch.setattr(native, "_state", {"lib": None})  # the ATen loop
+    aten = run()
+    assert results["baseline"][0] == native.ISAS[0]
+    supported = [name for name in native.ISAS if _supported(name)]
+    assert results["widest"][0] == supported[-1]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+    for isa, (_, got) in results.items():
+        for a, b in zip(got, aten, strict=True):
+            torch.testing.assert_close(
+                a.double(), b.double(), rtol=tol[dtype], atol=tol[dtype], msg=isa
+            )
+
+
+def _supported(isa: str) -> bool:
+    """From /proc/cpuinfo's flags, independently of the library's cpuid check."""
+    if isa in ("x86-64", "aarch64", "generic"):
+        return True
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    if isa == "avx2":
+        return avx2
+    return avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
+@needs_native
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo")
+def test_each_build_the_cpu_supports_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    for isa in native.ISAS:
+        if _supported(isa):
+            assert _run_isa(monkeypatch, isa) == isa
+            w, xs = data(3, 5000, torch.float32)
+            out = convex_combination(w, xs)
+            torch.testing.assert_close(out, sum(w[j] * xs[j] for j in range(3)))
+        else:  # never loaded: a warning and the widest build that runs here
+            with pytest.warns(ConvexMixWarning, match="this CPU cannot run that build"):
+                chosen = _run_isa(monkeypatch, isa)
+            assert chosen is not None
+            assert _supported(chosen)
+
+
+@needs_native
+def test_an_unknown_isa_name_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.warns(ConvexMixWarning, match=r"CONVEXMIX_ISA='sse9' is not one of"):
+        assert _run_isa(monkeypatch, "sse9") in native.ISAS
+
+
+@needs_native
+def test_four_threads_fifty_calls_each_match_a_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 0)  # every call splits over the pool too
+    monkeypatch.setattr(native, "_pool", None)  # created by the racing threads
+    sizes = [1000, 70_001, 200_000]
+    cases = [data(3 + i, n, torch.float32, seed=i) for i, n in enumerate(sizes)]
+    refs = [sum(w[j].double() * xs[j].double() for j in range(len(xs))) for w, xs in cases]
+    failures: list[str] = []
+    start = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(50):
+            c = (t + i) % len(cases)
+            w, xs = cases[c]
+            out = convex_combination(w, xs)
+            if not torch.allclose(out.double(), refs[c], rtol=1e-5, atol=1e-5):
+                failures.append(f"thread {t} call {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures
+    assert native._pool is not None
 
 
 def _child() -> None:

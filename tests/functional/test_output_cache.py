@@ -1,19 +1,23 @@
-"""The cache of large CPU outputs (``_kernels/alloc.py`` + ``pool.c``)."""
+"""The cache of large CPU outputs (``_kernels/alloc.py`` + ``pool.c``) and its public
+controls (``cx.cache_info``, ``cx.empty_cache``, ``cx.set_cache_limit``)."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+import convexmix as cx
 from convexmix._kernels import alloc, native
+from convexmix.errors import ConvexMixError, ConvexMixWarning
 from convexmix.functional import convex_combination
 
-HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: no output cache")
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason="installed without native kernels: no output cache"
+)
 
 N = 2_000_000  # 8 MiB of float32, above alloc.MIN_BYTES
 
@@ -23,12 +27,11 @@ def cache() -> Iterator[object]:
     """The loaded library with a fresh, 256 MiB cache; the old limit is put back after."""
     lib = native.library()
     assert lib is not None
-    limit = alloc.cache_limit()
-    lib.cx_pool_set_cap(0)  # empties it
-    lib.cx_pool_set_cap(256 << 20)
+    limit = alloc.set_limit(0)  # empties it
+    alloc.set_limit(256 << 20)
     yield lib
-    lib.cx_pool_set_cap(0)
-    lib.cx_pool_set_cap(limit)
+    alloc.set_limit(0)
+    alloc.set_limit(limit)
 
 
 def test_a_freed_output_is_reused_once_nothing_sees_it(cache: object) -> None:
@@ -108,7 +111,7 @@ def test_training_steps_reuse_outputs_and_gradients(cache: object) -> None:
 
 def test_cache_off_gives_plain_tensors(monkeypatch: pytest.MonkeyPatch, cache: object) -> None:
     monkeypatch.setenv("CONVEXMIX_OUTPUT_CACHE_MB", "0")
-    monkeypatch.setattr(alloc, "_cap", [])
+    monkeypatch.setattr(alloc, "_limit", [])
     assert alloc.cache_limit() == 0
     x = alloc.empty((N,), torch.float32)
     x.resize_(2 * N)  # an ordinary, resizable storage
@@ -121,3 +124,89 @@ def test_cached_outputs_cannot_grow(cache: object) -> None:
     x.resize_(10)  # shrinking is fine
     with pytest.raises(RuntimeError, match="not resizable"):
         x.resize_(2 * N)
+
+
+def _rss() -> int:
+    """VmRSS of this process in bytes, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="no /proc")
+def test_empty_cache_returns_the_blocks_to_the_os(cache: object) -> None:
+    outs = [alloc.empty((N,), torch.float32) for _ in range(12)]  # 12 x 8 MiB
+    for t in outs:
+        t.fill_(1.0)  # resident
+    del outs, t
+    info = cx.cache_info()
+    assert info.bytes == info.held == 12 * (8 << 20)
+    assert info.limit == 256 << 20
+    before = _rss()
+    cx.empty_cache()
+    after = _rss()
+    assert cx.cache_info() == (0, 256 << 20)  # the limit stays
+    assert before - after >= 0.9 * 12 * (8 << 20), (before, after)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="no /proc")
+def test_a_low_limit_keeps_memory_low_over_many_sizes(cache: object) -> None:
+    # The issue's case: with the cache capped at 10 MiB, 150 outputs of 4-64 MiB left
+    # 111 MiB resident; blocks beyond the limit now leave the process when freed.
+    cx.set_cache_limit(10 << 20)
+    gen = torch.Generator().manual_seed(0)
+    base = _rss()
+    for _ in range(150):
+        mib = int(torch.randint(4, 65, (1,), generator=gen))
+        alloc.empty((mib << 18,), torch.float32).fill_(1.0)
+    assert cx.cache_info().bytes <= 10 << 20
+    assert _rss() - base <= (10 << 20) + (16 << 20), (_rss() - base) >> 20
+
+
+def test_set_cache_limit_as_setter_and_context_manager(cache: object) -> None:
+    x = alloc.empty((N,), torch.float32)
+    del x
+    assert cx.cache_info().bytes == 8 << 20
+    with cx.set_cache_limit(0) as ctx:
+        assert ctx.previous == 256 << 20
+        assert cx.cache_info() == (0, 0)  # a lower limit drops blocks at once
+        y = alloc.empty((N,), torch.float32)
+        y.resize_(2 * N)  # the cache is off: a plain, resizable tensor
+        del y
+        assert cx.cache_info().bytes == 0
+    assert cx.cache_info().limit == 256 << 20
+    previous = cx.set_cache_limit(64 << 20).previous
+    assert previous == 256 << 20
+    assert cx.cache_info().limit == 64 << 20
+    cx.set_cache_limit(None)
+    assert cx.cache_info().limit == alloc.default_limit()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1GB", True])
+def test_set_cache_limit_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ConvexMixError, match="expects a number of bytes >= 0"):
+        cx.set_cache_limit(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "nan", "inf"])
+def test_a_bad_environment_value_warns_and_uses_the_default(
+    monkeypatch: pytest.MonkeyPatch, cache: object, bad: str
+) -> None:
+    monkeypatch.setenv("CONVEXMIX_OUTPUT_CACHE_MB", bad)
+    monkeypatch.setattr(alloc, "_limit", [])
+    with pytest.warns(ConvexMixWarning, match=rf"CONVEXMIX_OUTPUT_CACHE_MB='{bad}' is not a size"):
+        assert cx.cache_info().limit == alloc.default_limit()
+
+
+def test_environment_value_in_mib(monkeypatch: pytest.MonkeyPatch, cache: object) -> None:
+    monkeypatch.setenv("CONVEXMIX_OUTPUT_CACHE_MB", "12.5")
+    monkeypatch.setattr(alloc, "_limit", [])
+    assert cx.cache_info().limit == int(12.5 * (1 << 20))
+
+
+def test_the_default_limit() -> None:
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert alloc.default_limit() == min(memory // 16, 1 << 30)

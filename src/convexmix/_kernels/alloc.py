@@ -9,11 +9,12 @@ that is most of the time.
 So :func:`empty` hands out large outputs from the cache of ``pool.c``: when the last
 tensor that shares an output's storage dies, torch gives the block back to the cache
 (through DLPack's deleter) and the next output of about that size reuses it, as the CUDA
-caching allocator does. At most ``CONVEXMIX_OUTPUT_CACHE_MB`` MiB stay cached (default:
-an eighth of the machine's memory, at most 4 GiB; ``0`` turns the cache off), the least
-recently freed blocks going back to the OS first. Without the native library, or with
-the cache off, :func:`empty` is ``torch.empty`` with ``madvise(MADV_HUGEPAGE)`` on the
-tensor's 2 MiB aligned interior: 512 times fewer faults. The advice is only that: where
+caching allocator does. At most the cache's limit stays cached (``set_limit``, first read
+from ``CONVEXMIX_OUTPUT_CACHE_MB``; see ``DEFAULT_LIMIT``; ``0`` turns the cache off), the
+least recently freed blocks going back to the OS first; :func:`empty_cache` drops them
+all. Without the native library, or with the cache off, :func:`empty` is ``torch.empty``
+with ``madvise(MADV_HUGEPAGE)`` on the tensor's 2 MiB aligned interior: 512 times fewer
+faults. The advice is only that: where
 the kernel has THP off, or anywhere but Linux, that is plain ``torch.empty``.
 
 Tensors from the cache behave like any other, except that their storage cannot grow
@@ -26,11 +27,14 @@ import ctypes
 import math
 import os
 import sys
+import threading
+import warnings
 
 import torch
 from torch.utils.dlpack import from_dlpack
 
 from convexmix._kernels import native
+from convexmix.errors import ConvexMixWarning
 
 __all__: list[str] = []
 
@@ -52,22 +56,78 @@ _capsule = ctypes.pythonapi.PyCapsule_New
 _capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _capsule.restype = ctypes.py_object
 
-_cap: list[int] = []  # the cache's limit in bytes, once read from the environment
+ENV = "CONVEXMIX_OUTPUT_CACHE_MB"
+#: The default limit: 1 GiB, or a sixteenth of the machine's memory where that is less.
+#: A training step of the 16M-element float32 case with K = 8 inputs (output and eight
+#: gradients, 9 x 64 MiB) runs entirely from the cache under it (docs/guide.md has the
+#: measurements).
+DEFAULT_LIMIT = 1 << 30
+
+_limit: list[int] = []  # the cache's limit in bytes, once read from the environment
+_limit_lock = threading.Lock()
+
+_malloc_trim = None
+if sys.platform.startswith("linux"):
+    try:
+        _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
+        _malloc_trim.argtypes = [ctypes.c_size_t]
+        _malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - musl and others
+        _malloc_trim = None
+
+
+def default_limit() -> int:
+    """``DEFAULT_LIMIT``, or a sixteenth of the machine's memory where that is less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return DEFAULT_LIMIT
+    return min(memory // 16, DEFAULT_LIMIT)
+
+
+def _from_env() -> int:
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return default_limit()
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib >= 0):
+        default = default_limit()
+        warnings.warn(
+            f"{ENV}={text!r} is not a size in MiB (a number >= 0; 0 turns the output cache "
+            f"off); using the default, {default >> 20} MiB.",
+            ConvexMixWarning,
+            stacklevel=4,
+        )
+        return default
+    return int(mib * (1 << 20))
 
 
 def cache_limit() -> int:
-    """The output cache's limit in bytes (0: off), from ``CONVEXMIX_OUTPUT_CACHE_MB``."""
-    if not _cap:
-        env = os.environ.get("CONVEXMIX_OUTPUT_CACHE_MB", "").strip()
-        try:
-            limit = int(float(env) * (1 << 20)) if env else _default_limit()
-        except ValueError:
-            limit = _default_limit()
-        _cap.append(max(limit, 0))
+    """The output cache's limit in bytes (0: off)."""
+    if not _limit:
+        with _limit_lock:
+            if not _limit:
+                limit = _from_env()
+                lib = native.library()
+                if lib is not None:
+                    lib.cx_pool_set_cap(limit)
+                _limit.append(limit)
+    return _limit[0]
+
+
+def set_limit(nbytes: int) -> int:
+    """Sets the limit (bytes; 0 turns the cache off and empties it); returns the old one.
+    Blocks beyond a lower limit go back to the OS at once."""
+    previous = cache_limit()
+    with _limit_lock:
+        _limit[0] = nbytes
         lib = native.library()
         if lib is not None:
-            lib.cx_pool_set_cap(_cap[0])
-    return _cap[0]
+            lib.cx_pool_set_cap(nbytes)
+    return previous
 
 
 def cached_bytes() -> int:
@@ -76,12 +136,14 @@ def cached_bytes() -> int:
     return int(lib.cx_pool_cached()) if lib is not None else 0
 
 
-def _default_limit() -> int:
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        memory = 0
-    return min(memory // 8, 4 << 30)
+def empty_cache() -> None:
+    """Returns every cached block to the OS (the limit stays), then free heap memory
+    (``malloc_trim``, glibc)."""
+    lib = native.library()
+    if lib is not None:
+        lib.cx_pool_empty()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _from_cache(nbytes: int) -> torch.Tensor | None:

@@ -1,8 +1,11 @@
 /* Native CPU kernels for convexmix.functional.convex_combination (private).
  *
- * Built on first use by convexmix/_kernels/native.py with the system C compiler and
- * loaded with ctypes; without a compiler convexmix runs its blocked ATen loop instead.
- * Plain C, no Python or torch headers, so it compiles in well under a second.
+ * Built at install time by setup.py, once per instruction set (x86-64: baseline, avx2,
+ * avx512; elsewhere one baseline build), never with -march=native, and loaded with
+ * ctypes by convexmix/_kernels/native.py: the baseline library says which builds the CPU
+ * supports (cx_isa_supported) and the widest of those is loaded. Without them (no
+ * compiler at install) convexmix runs its blocked ATen loop instead. Plain C, no Python
+ * or torch headers, so one build serves every Python and every torch.
  *
  * Every function works on the flat element range [lo, hi) of contiguous tensors, so the
  * caller can split one call over threads (ctypes releases the GIL):
@@ -12,6 +15,9 @@
  *   cx_bwd_<t>(g, xs, w, K, dots, gxs, lo, hi, nt)
  *       dots[k] += sum_i g[i] * xs[k][i]        when dots != NULL
  *       gxs[k][i] = w[k] * g[i]                 for each gxs[k] != NULL
+ *   cx_isa()                 the instruction set this library was built for
+ *   cx_source_hash()         the hash of the sources it was built from
+ *   cx_isa_supported(name)   1 if this CPU and OS can run the build `name`, else 0
  *
  * <t> is the storage type: f64 (accumulates in double); f32, bf16 and f16 (accumulate in
  * float). The work goes in chunks of CH elements whose accumulators stay in registers
@@ -32,6 +38,35 @@
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
+
+#ifndef CX_ISA
+#define CX_ISA "unknown"
+#endif
+#ifndef CX_SOURCE_HASH
+#define CX_SOURCE_HASH ""
+#endif
+
+const char *cx_isa(void) { return CX_ISA; }
+
+const char *cx_source_hash(void) { return CX_SOURCE_HASH; }
+
+/* Whether the build `name` runs here. On x86 this is cpuid through the compiler's
+ * runtime (__builtin_cpu_supports, which also checks that the OS saves the AVX and
+ * AVX-512 registers); unknown names and other architectures' builds are 0. */
+int cx_isa_supported(const char *name) {
+    if (!strcmp(name, CX_ISA)) return 1;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c");
+    if (!strcmp(name, "x86-64")) return 1;
+    if (!strcmp(name, "avx2")) return avx2;
+    if (!strcmp(name, "avx512"))
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+    return 0;
+}
 
 #define CH 64    /* elements per chunk: 4 AVX-512 float registers */
 #define FLUSH 16 /* chunks of products per float partial sum */

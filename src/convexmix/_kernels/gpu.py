@@ -8,8 +8,11 @@ reads the output gradient once per block, writes each program's K partial dot pr
 ``w_k * grad`` (addressed by offsets in the same way).
 
 Any contiguous inputs with scalar weights take this path; strided inputs and broadcast
-weights run the blocked ATen loop. Setting ``TRITON_INTERPRET=1`` runs the kernels on the
-CPU (slowly): that is how the test suite checks them on machines without a GPU.
+weights run the blocked ATen loop. With ``TRITON_INTERPRET=1`` *and*
+``CONVEXMIX_TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter
+(slowly): that is how the test suite checks them on machines without a GPU. Triton's flag
+alone changes nothing here, so a program that interprets its own kernels keeps
+convexmix's native CPU path.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 BLOCK = 1024
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = (
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and os.environ.get("CONVEXMIX_TRITON_INTERPRET") == "1"
+)
 _ACC: dict[torch.dtype, Any] = {}
 
 if triton is not None:

@@ -1,14 +1,18 @@
-"""The native CPU code of ``convex_combination``: build, load and call ``combine.c`` (the
-kernels) and ``pool.c`` (the cache of large outputs, used by :mod:`.alloc`).
+"""The native CPU code of ``convex_combination``: load and call ``combine.c`` (the kernels)
+and ``pool.c`` (the cache of large outputs, used by :mod:`.alloc`).
 
-Both are compiled on first use with the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``; ``-O3 -march=native``) into a per-user cache
-(``$CONVEXMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/convexmix``, else
-``~/.cache/convexmix``), keyed by the source, the compiler, the flags and the CPU, and
-loaded with ctypes. Without a compiler, or with ``CONVEXMIX_NATIVE=0``, :func:`library`
-returns None and the caller runs its ATen loop (slower, same results up to rounding).
+Both are compiled at install time by ``setup.py``, once per instruction set, into
+``libconvexmix-<isa>.so`` next to this file; nothing is compiled, and nothing written, at
+run time. :func:`library` loads the baseline build, asks it which builds this CPU (and its
+OS) can run, and loads the widest of those; ``CONVEXMIX_ISA`` (``baseline``, ``widest``
+or a build's name) overrides the choice for tests and bug hunts, but never loads a build
+the CPU cannot run. Where the libraries are missing (no compiler at install), older than
+their sources, or turned off with ``CONVEXMIX_NATIVE=0``, :func:`library` returns None
+and the caller runs its ATen loop (slower, same results up to rounding), with one
+warning unless they were turned off.
 
-Calls release the GIL, so one range is split over ``torch.get_num_threads()`` threads.
+Calls release the GIL, so one range is split over ``torch.get_num_threads()`` threads:
+the calling thread and a shared pool, created under a lock and again in a forked child.
 Outputs of at least ``NT_BYTES`` are written with non-temporal stores.
 """
 
@@ -18,10 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,7 +37,14 @@ from convexmix.errors import ConvexMixWarning
 
 __all__: list[str] = []
 
-SOURCES = [Path(__file__).with_name("combine.c"), Path(__file__).with_name("pool.c")]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "combine.c", HERE / "pool.c"]
+#: The builds setup.py makes on this platform, baseline first (the same names as there).
+ISAS: list[str] = (
+    ["x86-64", "avx2", "avx512"]
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    else ["aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "generic"]
+)
 #: Outputs at least this large bypass the cache (non-temporal stores): they would not stay
 #: there anyway, and skipping the read-for-ownership saves a pass. At 12 MiB (the
 #: ScalarMix case, K = 25) this measured 0.84-0.90 of the bound against 0.93-0.98.
@@ -51,86 +59,118 @@ _SUFFIX = {
     torch.bfloat16: "bf16",
     torch.float16: "f16",
 }
-_FLAGS = [
-    ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread"],
-    ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread"],
-]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-def _forget_pool() -> None:  # a forked child has the pool object but not its threads
-    global _pool
+def _after_fork_in_child() -> None:
+    # The child has the pool object but none of its threads, and a lock another thread
+    # may have held at the fork: start both afresh.
+    global _pool, _pool_lock, _lock
     _pool = None
+    _pool_lock = threading.Lock()
+    _lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("CONVEXMIX_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "convexmix"
+def lib_path(isa: str) -> Path:
+    """Where setup.py puts the build for ``isa``."""
+    return HERE / f"libconvexmix-{isa}.so"
 
 
-def _cpu_id() -> str:
+def _source_hash() -> str | None:
+    """The hash setup.py gives the sources (None where they are not installed)."""
+    digest = hashlib.sha256()
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+        for path in SOURCES:
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
     except OSError:
-        pass
-    return platform.processor()
+        return None
+    return digest.hexdigest()[:16]
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [cc, *flags, "-o", tmp, *map(str, SOURCES)],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            return False
-        os.replace(tmp, target)  # atomic: concurrent builders never see half a library
-        return True
-    except (OSError, subprocess.SubprocessError):
+def _requested() -> str:
+    """``CONVEXMIX_ISA``: "widest" (the default), "baseline" or a build's name."""
+    value = os.environ.get("CONVEXMIX_ISA", "").strip().lower()
+    if not value or value in ("widest", "baseline", *ISAS):
+        return value or "widest"
+    warnings.warn(
+        f"CONVEXMIX_ISA={value!r} is not one of 'widest', 'baseline' or "
+        f"{', '.join(map(repr, ISAS))}; using the widest build this CPU supports.",
+        ConvexMixWarning,
+        stacklevel=5,
+    )
+    return "widest"
+
+
+def _native_setting() -> bool:
+    value = os.environ.get("CONVEXMIX_NATIVE", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
         return False
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if value not in ("1", "true", "yes", "on", ""):
+        warnings.warn(
+            f"CONVEXMIX_NATIVE={value!r} is not 0 or 1; the native kernels stay on.",
+            ConvexMixWarning,
+            stacklevel=5,
+        )
+    return True
 
 
-def _build() -> ctypes.CDLL | None:
-    if os.environ.get("CONVEXMIX_NATIVE", "1") == "0" or sys.platform == "win32":
-        return None
-    found = [shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c]
-    compilers = [c for c in found if c]
-    if not compilers:
-        return None
-    cc = compilers[0]
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
-    for flags in _FLAGS:
-        key = hashlib.sha256(
-            b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()])
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"combine-{key}.so"
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, its ISA) or (None, why not)."""
+    if sys.platform == "win32":
+        return None, "the native kernels are not built on Windows"
+    base_path = lib_path(ISAS[0])
+    if not base_path.exists():
+        return None, (
+            "convexmix was installed without its native CPU kernels (no working C compiler "
+            "at install time)"
+        )
+    try:
+        base = ctypes.CDLL(str(base_path))
+    except OSError as err:
+        return None, f"the native CPU kernels did not load ({err})"
+    base.cx_source_hash.restype = ctypes.c_char_p
+    base.cx_isa_supported.argtypes = [ctypes.c_char_p]
+    base.cx_isa_supported.restype = ctypes.c_int
+    expected = _source_hash()
+    if expected is not None and base.cx_source_hash().decode() != expected:
+        return None, (
+            "convexmix's native CPU kernels are older than their sources (rebuild them: "
+            "pip install -e . or reinstall)"
+        )
+    supported = [isa for isa in ISAS if base.cx_isa_supported(isa.encode())]
+    requested = _requested()
+    if requested == "baseline":
+        choice = ISAS[0]
+    elif requested == "widest":
+        choice = supported[-1]
+    elif requested in supported:
+        choice = requested
+    else:
+        warnings.warn(
+            f"CONVEXMIX_ISA={requested!r}: this CPU cannot run that build; using "
+            f"{supported[-1]!r}, the widest it supports.",
+            ConvexMixWarning,
+            stacklevel=5,
+        )
+        choice = supported[-1]
+    # the widest supported build that is installed (an old compiler may have skipped one)
+    for isa in reversed(supported[: supported.index(choice) + 1]):
+        if isa == ISAS[0]:
+            return _bind(base), isa
         try:
-            if target.exists() or _compile(cc, flags, target):
-                return _bind(ctypes.CDLL(str(target)))
+            return _bind(ctypes.CDLL(str(lib_path(isa)))), isa
         except OSError:
             continue
-    return None
+    return _bind(base), ISAS[0]  # pragma: no cover - the loop ends at the baseline
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -146,25 +186,38 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cx_pool_set_cap.argtypes, lib.cx_pool_set_cap.restype = [i64], None
     lib.cx_pool_discard.argtypes, lib.cx_pool_discard.restype = [p], None
     lib.cx_pool_cached.argtypes, lib.cx_pool_cached.restype = [], i64
+    lib.cx_pool_empty.argtypes, lib.cx_pool_empty.restype = [], None
+    lib.cx_isa.argtypes, lib.cx_isa.restype = [], ctypes.c_char_p
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on the first call; None where they cannot be."""
+    """The loaded kernels (loaded on the first call); None where there are none."""
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
-                lib = _build()
-                if lib is None and os.environ.get("CONVEXMIX_NATIVE", "1") != "0":
-                    warnings.warn(
-                        "convexmix could not build its native CPU kernels (no working C "
-                        "compiler); convex_combination runs a slower ATen loop. Set "
-                        "CONVEXMIX_NATIVE=0 to silence this.",
-                        ConvexMixWarning,
-                        stacklevel=4,
-                    )
+                lib: ctypes.CDLL | None = None
+                isa: str | None = None
+                if _native_setting():
+                    lib, why = _load()
+                    if lib is None:
+                        warnings.warn(
+                            f"{why}; convex_combination runs a slower ATen loop. Set "
+                            "CONVEXMIX_NATIVE=0 to silence this.",
+                            ConvexMixWarning,
+                            stacklevel=4,
+                        )
+                    else:
+                        isa = why
+                _state["isa"] = isa
                 _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
+
+
+def isa() -> str | None:
+    """The instruction set of the loaded kernels ("x86-64", "avx2", "avx512", "aarch64"),
+    or None without them."""
+    return None if library() is None else _state.get("isa")  # type: ignore[return-value]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,14 +246,28 @@ def _ranges(n: int, k: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
 
 
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool, with at least ``workers`` threads (made under a lock)."""
+    global _pool
+    pool = _pool
+    if pool is not None and pool._max_workers >= workers:
+        return pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            old = _pool
+            size = max(workers, torch.get_num_threads() - 1)
+            _pool = ThreadPoolExecutor(size, thread_name_prefix="convexmix")
+            if old is not None:  # its queued work still runs; its threads then end
+                old.shutdown(wait=False)
+        return _pool
+
+
 def _run(fn: Kernel, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Runs ``fn(*args)`` for each args: all but the first on the pool, the first here."""
-    global _pool
     if len(calls) == 1:
         return [fn(*calls[0])]
-    if _pool is None or _pool._max_workers < len(calls) - 1:
-        _pool = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="convexmix")
-    futures = [_pool.submit(fn, *args) for args in calls[1:]]
+    pool = _executor(len(calls) - 1)
+    futures = [pool.submit(fn, *args) for args in calls[1:]]
     first = fn(*calls[0])
     return [first, *(f.result() for f in futures)]
 

@@ -17,13 +17,15 @@
  *   cx_pool_discard(t)       gives back a tensor torch never took
  *   cx_pool_set_cap(bytes)   the cache's limit; 0 frees everything cached
  *   cx_pool_cached()         bytes cached now
+ *   cx_pool_empty()          unmaps every cached block (the cap stays)
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
-#if defined(__linux__)
 #include <sys/mman.h>
+#ifndef MAP_ANONYMOUS
+#define MAP_ANONYMOUS MAP_ANON
 #endif
 
 /* DLPack (v0.8) structures, as torch.from_dlpack reads them. */
@@ -74,8 +76,20 @@ static void reset_lock(void) { pthread_mutex_init(&lock, NULL); }
 __attribute__((constructor)) static void on_load(void) { pthread_atfork(NULL, NULL, reset_lock); }
 
 static void drop(Block *b) {
-    free(b->data);
+    munmap(b->data, b->size);
     free(b);
+}
+
+/* `size` bytes (a multiple of HUGE) of fresh pages at a HUGE-aligned address, or NULL:
+ * maps HUGE more and unmaps the unaligned head and tail. */
+static void *map_aligned(size_t size) {
+    char *p = (char *)mmap(NULL, size + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                           -1, 0);
+    if (p == (char *)MAP_FAILED) return NULL;
+    const size_t head = (HUGE - (uintptr_t)p % HUGE) % HUGE;
+    if (head) munmap(p, head);
+    if (HUGE - head) munmap(p + head + size, HUGE - head);
+    return p + head;
 }
 
 /* Unlinks and returns the cached blocks beyond the cap (caller holds the lock). */
@@ -138,7 +152,8 @@ static Block *take(size_t size) {
     b = (Block *)malloc(sizeof *b);
     if (!b) return NULL;
     b->size = size;
-    if (posix_memalign(&b->data, HUGE, size) != 0) {
+    b->data = map_aligned(size);
+    if (!b->data) {
         free(b);
         return NULL;
     }
@@ -188,4 +203,13 @@ int64_t cx_pool_cached(void) {
     int64_t n = (int64_t)cached;
     pthread_mutex_unlock(&lock);
     return n;
+}
+
+void cx_pool_empty(void) {
+    pthread_mutex_lock(&lock);
+    Block *all = oldest;
+    oldest = newest = NULL;
+    cached = 0;
+    pthread_mutex_unlock(&lock);
+    drop_all(all);
 }

@@ -1,0 +1,149 @@
+"""What convexmix holds and runs at run time: the CPU output cache's controls and the
+report behind ``convexmix info``.
+
+Large CPU outputs of ``convex_combination`` (and its input gradients) of at least 4 MiB
+come from a cache of freed blocks, like the CUDA caching allocator's: reusing a block
+saves the page faults of fresh memory, which cost more than the whole memory-bound
+combination on virtual machines. :func:`cache_info` says how many bytes the cache holds
+and its limit, :func:`empty_cache` returns them to the OS, and :func:`set_cache_limit`
+changes the limit (also as a context manager).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from typing import Any, NamedTuple
+
+import torch
+
+from convexmix.errors import ConvexMixError
+
+__all__ = ["CacheInfo", "cache_info", "empty_cache", "info", "set_cache_limit"]
+
+
+class CacheInfo(NamedTuple):
+    """The CPU output cache: ``bytes`` held now (freed outputs kept for reuse) and its
+    ``limit`` in bytes (0: the cache is off)."""
+
+    bytes: int
+    limit: int
+
+    @property
+    def held(self) -> int:
+        """The same as ``bytes``."""
+        return self.bytes
+
+
+def cache_info() -> CacheInfo:
+    """The bytes the CPU output cache holds and its limit.
+
+    Returns:
+        A :class:`CacheInfo` ``(bytes, limit)``; ``bytes`` is 0 without the native
+        kernels, which own the cache.
+
+    Example:
+        >>> import convexmix as cx
+        >>> held, limit = cx.cache_info()
+        >>> 0 <= held <= limit or limit == 0
+        True
+    """
+    from convexmix._kernels import alloc
+
+    limit = alloc.cache_limit()
+    return CacheInfo(alloc.cached_bytes(), limit)
+
+
+def empty_cache() -> None:
+    """Returns the CPU output cache's blocks to the OS.
+
+    The blocks are unmapped at once, so the process's resident memory drops by
+    ``cache_info().bytes``; then free heap memory is returned too (``malloc_trim`` on
+    glibc). Outputs still in use are not touched, and the limit stays: later outputs are
+    cached again. The CPU counterpart of ``torch.cuda.empty_cache()``.
+
+    Example:
+        >>> import convexmix as cx
+        >>> cx.empty_cache()
+        >>> cx.cache_info().bytes
+        0
+    """
+    from convexmix._kernels import alloc
+
+    alloc.empty_cache()
+
+
+class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_grad_enabled
+    """Sets the CPU output cache's limit; as a context manager, only inside the block.
+
+    Cached blocks beyond a lower limit go back to the OS at once. The limit starts as
+    ``CONVEXMIX_OUTPUT_CACHE_MB`` (MiB) or the default (1 GiB, or a sixteenth of the
+    machine's memory where that is less).
+
+    Args:
+        limit: bytes (an int >= 0; 0 turns the cache off and empties it), or None for the
+            default.
+
+    Raises:
+        ConvexMixError: ``limit`` is not a non-negative int or None.
+
+    Example:
+        >>> import convexmix as cx
+        >>> with cx.set_cache_limit(0):  # no cache inside the block
+        ...     cx.cache_info().limit
+        0
+        >>> previous = cx.set_cache_limit(256 << 20).previous  # from now on
+        >>> cx.cache_info().limit
+        268435456
+        >>> _ = cx.set_cache_limit(previous)
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        from convexmix._kernels import alloc
+
+        if limit is None:
+            limit = alloc.default_limit()
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConvexMixError(
+                f"set_cache_limit expects a number of bytes >= 0 (an int) or None, got {limit!r}"
+            )
+        #: The limit before this call, put back when a ``with`` block ends.
+        self.previous = alloc.set_limit(limit)
+
+    def __enter__(self) -> set_cache_limit:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        from convexmix._kernels import alloc
+
+        alloc.set_limit(self.previous)
+
+
+def info() -> dict[str, Any]:
+    """What runs here, for bug reports (``convexmix info --json``).
+
+    Returns:
+        ``version``, ``torch`` (versions), ``native_cpu`` (the native CPU kernels are
+        loaded), ``native_isa`` (their instruction set, or None), ``triton`` (Triton
+        imports), ``cuda`` (torch sees a CUDA device), ``output_cache_bytes`` and
+        ``output_cache_limit`` (the CPU output cache, bytes).
+    """
+    import convexmix
+    from convexmix._kernels import native
+
+    held, limit = cache_info()
+    return {
+        "version": convexmix.__version__,
+        "torch": torch.__version__,
+        "native_cpu": native.library() is not None,
+        "native_isa": native.isa(),
+        "triton": importlib.util.find_spec("triton") is not None,
+        "cuda": bool(torch.cuda.is_available()),
+        "output_cache_bytes": held,
+        "output_cache_limit": limit,
+    }
