@@ -27,8 +27,8 @@ test: $(VENV)/.installed-all
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-all
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks setup.py
+	$(BIN)/ruff format --check src tests examples benchmarks setup.py
 	$(BIN)/mypy
 
 # The docs site (mkdocs-material + mkdocstrings), into site/; any warning fails the build.
@@ -36,8 +36,8 @@ docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 format: $(VENV)/.installed-all
-	$(BIN)/ruff check --fix src tests examples benchmarks
-	$(BIN)/ruff format src tests examples benchmarks
+	$(BIN)/ruff check --fix src tests examples benchmarks setup.py
+	$(BIN)/ruff format src tests examples benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
