@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 import convexmix as cx
-from convexmix._kernels import alloc, native
+from convexmix._kernels import native
 
 Impl = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
@@ -54,14 +54,8 @@ def fused(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
 @contextlib.contextmanager
 def cache_off() -> Iterator[None]:
     """convexmix's output cache off: each output and gradient is fresh memory."""
-    lib = native.library()
-    if lib is not None:
-        lib.cx_pool_set_cap(0)
-    try:
+    with cx.set_cache_limit(0):
         yield
-    finally:
-        if lib is not None:
-            lib.cx_pool_set_cap(alloc.cache_limit())
 
 
 def best_time(f: Callable[[], object], repeats: int) -> float:
@@ -243,9 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     bw = read_bandwidth(args.repeats)
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, float32; read bandwidth (sum over 512 MiB): "
-        f"{bw / 1e9:.1f} GB/s"
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, native kernels: "
+        f"{native.isa() or 'none (ATen)'}, torch {torch.__version__}, float32; "
+        f"read bandwidth (sum over 512 MiB): {bw / 1e9:.1f} GB/s"
     )
     print(
         "bound: bytes a fused op must move / read bandwidth; cells are time / bound "
