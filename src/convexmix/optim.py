@@ -116,12 +116,13 @@ class Projected(Optimizer):
 
     Projected SGD converges to the constrained optimum. Adaptive optimizers (Adam) scale
     each coordinate before the Euclidean projection, and their fixed points need not be
-    the constrained optimum: in ``tests/test_optim.py`` projected Adam stalls at
-    (0.707, 0.285, 0, 0.008) where the optimum is (0.8, 0.2, 0, 0). Worse, when every
-    gradient coordinate has the same sign (the log-loss of a mixture), Adam's normalised
-    step is nearly uniform and the projection cancels it: projected Adam does not move
-    (benchmarks/convergence.py, problem b). Prefer SGD or :class:`ExponentiatedGradient`;
-    wrapping an adaptive optimizer (Adam, AdamW, Adagrad, RMSprop and kin) warns.
+    the constrained optimum: on a least-squares problem whose optimum is
+    (0.8, 0.2, 0, 0), projected Adam stalls at (0.707, 0.285, 0, 0.008). Worse, when
+    every gradient coordinate has the same sign (the log-loss of a mixture), Adam's
+    normalised step is nearly uniform and the projection cancels it: projected Adam does
+    not move (problem b of the convergence study, docs/convergence.md). Prefer SGD or
+    :class:`ExponentiatedGradient`; wrapping an adaptive optimizer (Adam, AdamW, Adagrad,
+    RMSprop and kin) warns.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over (at least) ``params``.

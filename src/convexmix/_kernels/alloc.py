@@ -1,10 +1,9 @@
 """Large CPU outputs: reused from a cache, else on transparent huge pages (Linux).
 
 A fresh tensor's memory comes from the kernel one page fault at a time, zeroed, and on
-virtual machines each fault is expensive: writing a fresh 64 MiB tensor measured 12 ms
-here with 4 KiB pages, 6 to 85 ms with 2 MiB pages, against 1.5 ms into memory the
-process already has. For a two-input combination whose whole memory-bound cost is 7 ms,
-that is most of the time.
+virtual machines each fault is expensive: writing a fresh large tensor costs several
+times what writing memory the process already has does, and for a two-input combination
+that is most of the time (figures in docs/benchmarks.md).
 
 So :func:`empty` hands out large outputs from the cache of ``pool.c``: when the last
 tensor that shares an output's storage dies, torch gives the block back to the cache

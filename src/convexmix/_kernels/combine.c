@@ -73,10 +73,9 @@ int cx_isa_supported(const char *name) {
 /* How far ahead (bytes) each of `streams` inputs is prefetched. The hardware prefetchers
  * stop at 4 KiB pages and lose track of many streams, so software prefetch helps, but
  * the lines in flight must fit the core's buffers: about 16 KiB over all streams
- * measured best (K = 8: forward 0.88 of the bound against 0.96 without; weights'
- * backward 1.03 against 1.25; K = 32 backward 1.28 against 1.6 to 2.1). The forward
- * with more than 16 inputs runs best with none at all (K = 32: 1.03 against 1.25 with
- * any distance), as its output stores then compete for the same buffers. */
+ * measured best. The forward with more than 16 inputs runs best with none at all, as
+ * its output stores then compete for the same buffers. (The figures are in
+ * docs/benchmarks.md.) */
 static inline size_t ahead_bytes(int64_t streams, int forward) {
     if (forward && streams > 17) return 0;
     size_t ahead = (size_t)(16384 / streams) & ~(size_t)63;

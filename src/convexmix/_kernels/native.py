@@ -46,8 +46,9 @@ ISAS: list[str] = (
     else ["aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "generic"]
 )
 #: Outputs at least this large bypass the cache (non-temporal stores): they would not stay
-#: there anyway, and skipping the read-for-ownership saves a pass. At 12 MiB (the
-#: ScalarMix case, K = 25) this measured 0.84-0.90 of the bound against 0.93-0.98.
+#: there anyway, and skipping the read-for-ownership saves a pass. The threshold sits
+#: below ScalarMix's 12 MiB outputs (K = 25), which streaming stores made faster
+#: (docs/benchmarks.md).
 NT_BYTES = 8 << 20
 #: Below this many elements moved ((K + 1) * N) one thread does the whole call.
 PARALLEL_MIN = 1 << 20

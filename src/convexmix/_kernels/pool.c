@@ -1,9 +1,9 @@
 /* A cache of large CPU blocks for convexmix's outputs (private; see alloc.py).
  *
- * A fresh large tensor costs its page faults and the kernel zeroing every page: writing
- * a fresh 64 MiB output measured 6 to 85 ms on a virtual machine, against 1.5 ms into
- * memory the process already has, more than the whole memory-bound cost of a small
- * convex combination. So freed outputs come back here instead of to the OS, and the
+ * A fresh large tensor costs its page faults and the kernel zeroing every page: on a
+ * virtual machine, many times the cost of writing memory the process already has, and
+ * more than the whole memory-bound cost of a small convex combination (figures in
+ * docs/benchmarks.md). So freed outputs come back here instead of to the OS, and the
  * next output of the same size reuses one, like the CUDA caching allocator does.
  *
  * Blocks are handed to torch as DLPack tensors (torch.from_dlpack): torch calls

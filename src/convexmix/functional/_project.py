@@ -38,8 +38,8 @@ METHODS = ("auto", "sort", "bisect", "condat")
 #: Halvings of the bracket before the exact Michelot steps of ``"bisect"``.
 BISECT_STEPS = 8
 #: ``"auto"`` on CPU bisects rows of at least this length when the whole input has at
-#: least ``AUTO_BISECT_NUMEL`` entries (measured: benchmarks/bench_projection.py), and
-#: any row on GPU; it sorts otherwise.
+#: least ``AUTO_BISECT_NUMEL`` entries, where bisection overtakes the sort (the figures
+#: are in docs/benchmarks.md), and any row on GPU; it sorts otherwise.
 AUTO_BISECT_K = 512
 AUTO_BISECT_NUMEL = 1 << 16
 
@@ -130,9 +130,10 @@ def _condat_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     return _by_row_blocks(x, dim, lambda rows: _condat_rows(rows, total))
 
 
-#: Blocks of at most this many rows run Condat's filter on Python floats, row by row
-#: (about 0.25 us an entry); larger blocks step along the rows with tensor operations
-#: over all rows at once (about 50 us a position, whatever the rows).
+#: Blocks of at most this many rows run Condat's filter on Python floats, row by row (a
+#: cost per entry); larger blocks step along the rows with tensor operations over all
+#: rows at once (a larger cost per position, paid once whatever the rows). The two
+#: costs, in docs/benchmarks.md, cross near this many rows.
 CONDAT_SCALAR_ROWS = 128
 
 
