@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint format docs clean
+.PHONY: demo test test-min lint format docs clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ $(VENV)/.installed-%: $(VENV)/.torch pyproject.toml setup.py $(wildcard src/conv
 demo: $(VENV)/.installed-demo
 	$(PY) -m convexmix demo
 
-test: $(VENV)/.installed-all
+# TEST_EXTRA picks the extra `test` installs: every one by default.
+TEST_EXTRA ?= all
+test: $(VENV)/.installed-$(TEST_EXTRA)
 	$(PY) -m pytest -q
+
+# The suite with the [test] extra only, in its own .venv-test: what a user who runs
+# `pip install ".[test]" && pytest` gets (optional extras' tests skip, nothing fails).
+test-min:
+	$(MAKE) test VENV=.venv-test TEST_EXTRA=test
 
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check src tests examples benchmarks setup.py
@@ -40,4 +47,4 @@ format: $(VENV)/.installed-all
 	$(BIN)/ruff format src tests examples benchmarks setup.py
 
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-test build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
