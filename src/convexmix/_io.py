@@ -8,7 +8,9 @@ names the file.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from convexmix.errors import ConvexMixError, ShapeError
 __all__: list[str] = []
 
 FORMATS = (".npy", ".npz", ".csv", ".parquet")
+#: .npy files larger than this are memory-mapped rather than read.
+MMAP_BYTES = 1 << 24
 
 
 def _numpy() -> Any:
@@ -102,7 +106,10 @@ def read_arrays(path: str | Path) -> list[tuple[str, Any]]:
     if suffix == ".npz" and head[:2] != b"PK":
         raise ConvexMixError(f"{p}: not a .npz archive (not a zip file).")
     try:
-        loaded = np.load(p, allow_pickle=False)
+        # Large .npy files are memory-mapped (copy-on-write): the ensemble job reads them
+        # in row chunks and never needs them whole in memory.
+        big = suffix == ".npy" and p.stat().st_size > MMAP_BYTES
+        loaded = np.load(p, allow_pickle=False, mmap_mode="c" if big else None)
     except Exception as err:
         raise ConvexMixError(f"{p}: not a {suffix} array file ({err}).") from None
     if suffix == ".npy":
@@ -194,3 +201,56 @@ def load_targets(path: str | Path) -> Any:
     if a.ndim != 1:
         raise ShapeError(f"{path}: targets must be (N,) or (N, 1); got shape {a.shape}.")
     return a
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``:
+    a failure (or an interrupt) leaves no partial output."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def save_array(path: str | Path, array: Any) -> Path:
+    """Write a (N,) or (N, C) array as ``.npy``, ``.csv`` or ``.parquet`` (by extension),
+    atomically."""
+    np = _numpy()
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in (".npy", ".csv", ".parquet"):
+        raise ConvexMixError(
+            f"{out}: unknown output type {out.suffix or '(none)'!r}; "
+            "expected .npy, .csv or .parquet."
+        )
+    a = np.asarray(array)
+    columns = ["blend"] if a.ndim == 1 else [f"class_{c}" for c in range(a.shape[1])]
+    if suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConvexMixError(
+                f"{out}: writing .parquet files needs pyarrow: pip install pyarrow"
+            ) from None
+    a2 = a[:, None] if a.ndim == 1 else a
+
+    def write(tmp: Path) -> None:
+        if suffix == ".npy":
+            with tmp.open("wb") as fh:
+                np.save(fh, a)
+        elif suffix == ".csv":
+            np.savetxt(tmp, a2, delimiter=",", header=",".join(columns), comments="", fmt="%.17g")
+        else:
+            table = pa.table({name: a2[:, j] for j, name in enumerate(columns)})
+            pq.write_table(table, tmp)
+
+    return write_atomic(out, write)

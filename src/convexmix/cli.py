@@ -2,6 +2,8 @@
 
 * ``convexmix ensemble --predictions FILE [FILE ...] --targets FILE``: exact convex blend
   weights for stored predictions, beside equal weights, the best model and Caruana.
+* ``convexmix blend --weights W.json --predictions FILE [FILE ...] --out OUT``: apply the
+  weights that ``ensemble --out`` wrote to other predictions (the test set's).
 * ``convexmix demo``: the same job on classifiers trained on scikit-learn's bundled data.
 * ``convexmix seeds``: the seed scenarios (recover known weights with ``SimplexWeights``).
 * ``convexmix info [--json]``: versions, the kernels in use and the CPU output cache (for
@@ -18,13 +20,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 from convexmix import __version__
-from convexmix.errors import ConvexMixError
+from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._registry import MAPS
 
 __all__ = ["main"]
@@ -101,6 +102,10 @@ def run_ensemble(args: argparse.Namespace) -> int:
     from convexmix.ensemble import compare
 
     console = _console()
+    if args.bootstrap < 0:
+        raise ConvexMixError(f"--bootstrap must be >= 0; got {args.bootstrap}.")
+    if not 0 < args.level < 1:
+        raise ConvexMixError(f"--level must be in (0, 1); got {args.level}.")
     targets = _io.load_targets(args.targets)
     predictions, names = _io.load_predictions(args.predictions, n_samples=len(targets))
     show = not args.quiet and sys.stderr.isatty()
@@ -122,16 +127,38 @@ def run_ensemble(args: argparse.Namespace) -> int:
         )
     fit, car = result.fit, result.caruana
     K = len(names)
+    boot = None
+    if args.bootstrap:
+        from convexmix.ensemble import bootstrap
+
+        with _progress(show, "bootstrap", args.bootstrap) as boot_bar:
+            boot = bootstrap(
+                predictions,
+                targets,
+                n=args.bootstrap,
+                seed=args.seed,
+                loss=args.loss,
+                map=args.map,
+                regularization=args.regularization,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                callback=lambda i, n: boot_bar(completed=i),
+            )
+        lo, hi = boot.interval(args.level)
     title = f"{K} models, {predictions.shape[1]} samples, loss {args.loss}"
     table = Table(title=f"Blend weights ({title})")
     table.add_column("model")
     table.add_column("convexmix", justify="right")
+    if boot is not None:
+        table.add_column(f"{100 * args.level:g}% interval", justify="right")
     table.add_column(f"Caruana ({args.size})", justify="right")
     table.add_column("loss alone", justify="right")
     for k in range(K):
+        interval = [] if boot is None else [f"[{float(lo[k]):.4f}, {float(hi[k]):.4f}]"]
         table.add_row(
             names[k],
             f"{float(fit.weights[k]):.4f}",
+            *interval,
             f"{float(car.weights[k]):.4f}",
             f"{float(result.single_losses[k]):.5f}",
         )
@@ -155,10 +182,13 @@ def run_ensemble(args: argparse.Namespace) -> int:
         f"convexmix: {status} in {fit.n_iter} Newton iterations; optimality gap <= {fit.gap:.1e}"
         + (f"; regularization {fit.regularization:g}" if fit.regularization else "")
     )
+    if boot is not None:
+        console.print(
+            f"bootstrap: {args.bootstrap} Bayesian-bootstrap draws (seed {args.seed}); "
+            f"{100 * args.level:g}% intervals of each weight"
+        )
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
+        payload: dict[str, Any] = {
             "weights": [float(v) for v in fit.weights],
             "models": names,
             "loss": args.loss,
@@ -169,8 +199,22 @@ def run_ensemble(args: argparse.Namespace) -> int:
             "gap": fit.gap,
             "converged": fit.converged,
             "regularization": fit.regularization,
+            "map": args.map,
+            "method": fit.method,
+            "sample_shape": list(predictions.shape[2:]),
         }
-        out.write_text(json.dumps(payload, indent=2) + "\n")
+        if boot is not None:
+            payload["bootstrap"] = {
+                "n": args.bootstrap,
+                "seed": args.seed,
+                "level": args.level,
+                "lo": [float(v) for v in lo],
+                "hi": [float(v) for v in hi],
+                "draws": [[float(v) for v in row] for row in boot.weights],
+                "loss": [float(v) for v in boot.loss],
+            }
+        text = json.dumps(payload, indent=2) + "\n"
+        out = _io.write_atomic(args.out, lambda tmp: tmp.write_text(text))
         console.print(f"wrote {out}")
     if args.plot:
         from convexmix.plot import plot_ensemble_weights
@@ -181,9 +225,48 @@ def run_ensemble(args: argparse.Namespace) -> int:
             args.plot,
             losses={labels[k]: v for k, v in losses.items()},
             title=title,
+            intervals=None if boot is None else (lo, hi),
         )
         console.print(f"wrote {path}")
     return 0
+
+
+# ------------------------------------------------------------------------------ blend
+
+
+def run_blend(args: argparse.Namespace) -> int:
+    from convexmix import _io
+    from convexmix.ensemble import load_weights
+
+    blend = load_weights(args.weights)
+    K = blend.weights.numel()
+    predictions, names = _io.load_predictions(args.predictions)
+    if predictions.shape[0] != K:
+        raise ConvexMixError(
+            f"{args.weights} holds weights for {K} models; the predictions hold "
+            f"{predictions.shape[0]} ({', '.join(names)})."
+        )
+    sample_shape = tuple(predictions.shape[2:])
+    expected = _weights_sample_shape(args.weights)
+    if expected is not None and sample_shape != expected:
+        fitted = ("K", "N", *(str(d) for d in expected))
+        raise ShapeError(
+            f"{args.weights} was fitted on ({', '.join(fitted)}) predictions; "
+            f"got shape {tuple(predictions.shape)}."
+        )
+    out = _io.save_array(args.out, blend.predict(predictions).numpy())
+    if not args.quiet:
+        print(
+            f"wrote {out}: the blend of {K} models, shape {tuple(predictions.shape[1:])}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _weights_sample_shape(path: str) -> tuple[int, ...] | None:
+    from convexmix.ensemble._files import read_weights_file
+
+    return read_weights_file(path).sample_shape
 
 
 # ------------------------------------------------------------------------------- demo
@@ -336,8 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--max-iter", type=int, default=200, help="most Newton iterations")
     ens.add_argument("--out", metavar="JSON", help="write the weights and losses as JSON")
     ens.add_argument("--plot", metavar="PNG", help="draw the weights and losses")
+    ens.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N Bayesian-bootstrap draws: an interval for each weight (also in --out, --plot)",
+    )
+    ens.add_argument("--level", type=float, default=0.9, help="the intervals' probability")
+    ens.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
     ens.add_argument("--quiet", action="store_true", help="no progress display")
     ens.set_defaults(func=run_ensemble)
+
+    blend = sub.add_parser(
+        "blend",
+        help="apply saved blend weights to predictions",
+        description="Blend K models' predictions (say, on the test set) with the weights "
+        "that `convexmix ensemble --out` wrote.",
+    )
+    blend.add_argument("--weights", required=True, metavar="JSON", help="from ensemble --out")
+    blend.add_argument(
+        "--predictions",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="one (K, N[, C]) file, or one (N[, C]) file per model, in the fit's order",
+    )
+    blend.add_argument(
+        "--out", required=True, metavar="FILE", help="the (N[, C]) blend: .npy, .csv or .parquet"
+    )
+    blend.add_argument("--quiet", action="store_true", help="no message on success")
+    blend.set_defaults(func=run_blend)
 
     demo = sub.add_parser(
         "demo",

@@ -86,6 +86,7 @@ def plot_ensemble_weights(
     *,
     losses: Mapping[str, float] | None = None,
     title: str | None = None,
+    intervals: tuple[Sequence[float] | Tensor, Sequence[float] | Tensor] | None = None,
 ) -> Path:
     """Grouped bars of the weights each method gives each model, saved as a PNG at ``path``.
 
@@ -95,6 +96,8 @@ def plot_ensemble_weights(
         path: the PNG to write (folders are created).
         losses: optional method name -> loss, drawn as a second panel.
         title: optional figure title.
+        intervals: optional ``(lo, hi)``, each (K,): the first method's intervals (say,
+            from :func:`convexmix.ensemble.bootstrap`), drawn as error bars.
     """
     if not weights:
         raise ConvexMixError("give the weights of at least one method.")
@@ -108,12 +111,17 @@ def plot_ensemble_weights(
         values = [float(v) for v in w]
         if len(values) != K:
             raise ConvexMixError(f"{method}: expected {K} weights; got {len(values)}.")
-        ax.bar(
-            [k + (i - (len(weights) - 1) / 2) * width for k in range(K)],
-            values,
-            width,
-            label=method,
-        )
+        xs = [k + (i - (len(weights) - 1) / 2) * width for k in range(K)]
+        ax.bar(xs, values, width, label=method)
+        if i == 0 and intervals is not None:
+            lo_k, hi_k = ([float(v) for v in b] for b in intervals)
+            if len(lo_k) != K or len(hi_k) != K:
+                raise ConvexMixError(f"intervals: expected {K} bounds each; got {len(lo_k)}.")
+            below = [max(0.0, v - a) for v, a in zip(values, lo_k, strict=True)]
+            above = [max(0.0, b - v) for v, b in zip(values, hi_k, strict=True)]
+            ax.errorbar(
+                xs, values, yerr=[below, above], fmt="none", ecolor="black", capsize=3, lw=1
+            )
     ax.set_xticks(
         range(K), list(names), rotation=30 if K > 4 else 0, ha="right" if K > 4 else "center"
     )

@@ -28,6 +28,7 @@ tensor([1., 0.], dtype=torch.float64)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,14 +36,25 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from convexmix.ensemble._distributed import reducer
+from convexmix.ensemble._files import read_weights_file
 from convexmix.ensemble._inputs import as_predictions, make_objective
-from convexmix.ensemble._objectives import DataObjective, Loss, Regularized
+from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, local
 from convexmix.ensemble._selection import select
 from convexmix.ensemble._solver import cv_lambda, fw_gap, solve
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._registry import get_map
 
-__all__ = ["Comparison", "EnsembleResult", "compare", "ensemble_selection", "fit_weights"]
+__all__ = [
+    "BootstrapResult",
+    "Comparison",
+    "EnsembleResult",
+    "bootstrap",
+    "compare",
+    "ensemble_selection",
+    "fit_weights",
+    "load_weights",
+]
 
 
 @dataclass
@@ -62,6 +74,7 @@ class EnsembleResult:
         map: the name of that map.
         regularization: the ``lam`` that was used (chosen by cross-validation for "cv").
         method: "newton" or "caruana".
+        models: the models' names, when known (:func:`load_weights` reads them).
     """
 
     weights: Tensor
@@ -74,9 +87,24 @@ class EnsembleResult:
     map: str = "softmax"
     regularization: float = 0.0
     method: str = "newton"
+    models: list[str] | None = None
 
     def predict(self, predictions: Any) -> Tensor:
-        """The blend ``sum_k weights[k] * predictions[k]`` of (K, N) or (K, N, C) predictions."""
+        """The blend ``sum_k weights[k] * predictions[k]`` of (K, N) or (K, N, C) predictions.
+
+        Args:
+            predictions: (K, N) or (K, N, C), as for :func:`fit_weights` (a memmap or a
+                ``.npy`` path too); typically the models' predictions on new data.
+
+        Returns:
+            (N,) or (N, C) in the predictions' dtype.
+
+        >>> import torch, convexmix as cx
+        >>> p = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 5.0, 5.0]])
+        >>> fit = cx.ensemble.fit_weights(p, 0.25 * p[0] + 0.75 * p[1], loss="mse")
+        >>> fit.predict(torch.tensor([[4.0], [0.0], [9.0]]))
+        tensor([1.])
+        """
         p = as_predictions(predictions)
         if p.shape[0] != self.weights.numel():
             raise ShapeError(
@@ -101,13 +129,18 @@ def fit_weights(
     cv_folds: int = 5,
     seed: int = 0,
     callback: Callable[[int, float, float], None] | None = None,
+    process_group: Any = None,
 ) -> EnsembleResult:
     """The convex blend weights that minimise a loss on stored predictions, exactly.
 
     Args:
         predictions: (K, N, C) class probabilities of K models for N samples, (K, N)
             probabilities of class 1 (binary log-loss) or (K, N) regression outputs
-            (``loss="mse"``). A tensor, a numpy array or a list of K per-model arrays.
+            (``loss="mse"``). A tensor, a numpy array or a list of K per-model arrays;
+            or a ``numpy.memmap`` or the path of a ``.npy`` file (memory-mapped), which
+            is read in row chunks in its own dtype (float32 stays float32; sums are in
+            float64) and never copied whole: beyond the mapping, log-loss keeps the
+            (K, N) probabilities of the true class, mse a (K, K) matrix.
         targets: (N,) class labels (log-loss, and mse on probabilities, which is the
             Brier score) or (N,) regression targets.
         loss: "log_loss", "mse", or a callable ``loss(blend, targets)`` on the (N,) or
@@ -128,6 +161,12 @@ def fit_weights(
         seed: the seed of the cross-validation split.
         callback: ``callback(iteration, objective, gap)`` after each iteration, for
             progress displays.
+        process_group: a sharded fit over ``torch.distributed``: each rank passes its
+            own rows (predictions, targets, sample weights) and every sum over rows is
+            all-reduced, so every rank gets the weights of one fit on all the rows.
+            ``None`` uses the default group when it is initialised (one process
+            otherwise). Sharded fits take "log_loss" or "mse" and a number for
+            ``regularization``.
 
     Returns:
         An :class:`EnsembleResult`; ``weights`` is (K,) float64 with exact zeros for the
@@ -146,7 +185,18 @@ def fit_weights(
     tensor([0.2500, 0.7500, 0.0000], dtype=torch.float64)
     """
     _check_fit_args(map, tol, max_iter, regularization, cv_folds)
-    obj = make_objective(predictions, targets, loss, sample_weight, validate)
+    p = as_predictions(predictions)
+    reduce = reducer(process_group, tuple(p.shape))
+    if reduce is not local:
+        if callable(loss):
+            raise ConvexMixError(
+                "a sharded fit (process_group) takes loss='log_loss' or 'mse'; got a callable loss."
+            )
+        if isinstance(regularization, str):
+            raise ConvexMixError(
+                "a sharded fit (process_group) takes a number for regularization; got 'cv'."
+            )
+    obj = make_objective(p, targets, loss, sample_weight, validate, reduce)
     return _fit(obj, map, regularization, tol, max_iter, cv_folds, seed, callback)
 
 
@@ -184,13 +234,14 @@ def _fit(
     cv_folds: int,
     seed: int,
     callback: Callable[[int, float, float], None] | None,
+    w0: Tensor | None = None,
 ) -> EnsembleResult:
     if isinstance(regularization, str):
         lam = cv_lambda(obj, cv_folds, tol, max_iter, seed)
     else:
         lam = float(regularization)
     solved = Regularized(obj, lam) if lam > 0 else obj
-    w, history, n_iter, gap, converged = solve(solved, float(tol), max_iter, callback)
+    w, history, n_iter, gap, converged = solve(solved, float(tol), max_iter, callback, w0)
     return EnsembleResult(
         weights=w,
         loss=obj.loss(w),
@@ -351,3 +402,183 @@ def compare(
     singles = torch.tensor([obj.loss(eye[k]) for k in range(K)], dtype=torch.float64)
     equal = obj.loss(torch.full((K,), 1.0 / K, dtype=torch.float64))
     return Comparison(fit, caruana, equal, singles, int(singles.argmin()))
+
+
+@dataclass
+class BootstrapResult:
+    """The outcome of :func:`bootstrap`: one exact fit per Bayesian-bootstrap draw.
+
+    Attributes:
+        weights: (n, K) float64; row i is the fit with ``sample_weights[i]``.
+        sample_weights: (n, N) float64 Dirichlet(1, ..., 1) draws times N (mean 1).
+        loss: (n,) each draw's weighted loss at its weights.
+        converged: (n,) bool, whether each fit reached ``tol``.
+        fit: the fit on the unweighted rows (the point estimate; draws start from it).
+        seed: the seed of the draws.
+    """
+
+    weights: Tensor = field(repr=False)
+    sample_weights: Tensor = field(repr=False)
+    loss: Tensor = field(repr=False)
+    converged: Tensor = field(repr=False)
+    fit: EnsembleResult
+    seed: int = 0
+
+    def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
+        """Each model's equal-tailed credible interval of its weight.
+
+        Args:
+            level: the probability inside the interval, in (0, 1).
+
+        Returns:
+            ``(lo, hi)``, each (K,) float64: the ``(1 - level) / 2`` and
+            ``(1 + level) / 2`` quantiles of the draws (linear interpolation).
+        """
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ConvexMixError(f"level must be a number in (0, 1); got {level!r}.")
+        qs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        lo, hi = torch.quantile(self.weights, qs, dim=0)
+        return lo, hi
+
+
+#: fit_weights arguments that bootstrap passes on.
+_BOOTSTRAP_FIT_ARGS = frozenset(
+    {"loss", "map", "regularization", "tol", "max_iter", "validate", "cv_folds", "seed"}
+)
+
+
+def bootstrap(
+    predictions: Any,
+    targets: Any,
+    *,
+    n: int = 200,
+    seed: int = 0,
+    callback: Callable[[int, int], None] | None = None,
+    **fit_kwargs: Any,
+) -> BootstrapResult:
+    """How sure the blend weights are: a Bayesian bootstrap of :func:`fit_weights`.
+
+    Each draw weights the N samples by a Dirichlet(1, ..., 1) draw times N (Rubin 1981;
+    the stacking weights of R's ``loo`` use the same), and fits the weights exactly,
+    warm-started from the fit on the unweighted rows. The predictions are read and
+    checked once. Wide intervals mean the validation set is too small to tell the
+    models apart: prefer ``regularization="cv"`` or more data.
+
+    Args:
+        predictions, targets: as in :func:`fit_weights`.
+        n: the number of draws.
+        seed: the seed of the draws; the same seed gives the same draws and weights.
+        callback: ``callback(done, n)`` after each draw, for progress displays.
+        **fit_kwargs: ``loss``, ``map``, ``regularization``, ``tol``, ``max_iter``,
+            ``validate`` and ``cv_folds``, passed to :func:`fit_weights`, and
+            ``cv_seed``, passed as its ``seed`` (the cross-validation split; 0 by
+            default, like fit_weights').
+
+    Returns:
+        A :class:`BootstrapResult`. Row i of ``weights`` equals
+        ``fit_weights(predictions, targets, sample_weight=sample_weights[i],
+        **fit_kwargs).weights`` (up to the solver's tolerance: the fits start from
+        another point).
+
+    >>> import torch, convexmix as cx
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.randint(0, 2, (200,), generator=g)
+    >>> sure = torch.where(y.bool(), 0.8, 0.2)
+    >>> p = torch.stack([sure, torch.full((200,), 0.5), 1 - sure])
+    >>> bs = cx.ensemble.bootstrap(p, y, n=50)
+    >>> bs.weights.shape, bs.sample_weights.shape
+    (torch.Size([50, 3]), torch.Size([50, 200]))
+    >>> lo, hi = bs.interval(0.9)
+    >>> [round(v, 3) for v in hi.tolist()]
+    [1.0, 0.0, 0.0]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConvexMixError(f"seed must be an int; got {seed!r}.")
+    unknown = set(fit_kwargs) - _BOOTSTRAP_FIT_ARGS - {"cv_seed"}
+    if unknown:
+        raise ConvexMixError(
+            f"bootstrap passes {sorted(_BOOTSTRAP_FIT_ARGS - {'seed'})} and cv_seed to "
+            f"fit_weights; got {sorted(unknown)}."
+        )
+    if "seed" in fit_kwargs:
+        raise ConvexMixError(
+            "seed is the seed of the bootstrap draws; give the cross-validation split's "
+            "seed as cv_seed."
+        )
+    loss = fit_kwargs.get("loss", "log_loss")
+    map = fit_kwargs.get("map", "softmax")
+    regularization = fit_kwargs.get("regularization", 0.0)
+    tol = fit_kwargs.get("tol", 1e-10)
+    max_iter = fit_kwargs.get("max_iter", 200)
+    cv_folds = fit_kwargs.get("cv_folds", 5)
+    cv_seed = fit_kwargs.get("cv_seed", 0)
+    _check_fit_args(map, tol, max_iter, regularization, cv_folds)
+    obj = make_objective(predictions, targets, loss, None, fit_kwargs.get("validate", True))
+    fit = _fit(obj, map, regularization, tol, max_iter, cv_folds, cv_seed, None)
+    N = obj.n_samples
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.empty(n, N, dtype=torch.float64).exponential_(generator=gen)
+    draws /= draws.sum(1, keepdim=True)
+    draws *= N
+    weights = torch.empty(n, obj.K, dtype=torch.float64)
+    losses = torch.empty(n, dtype=torch.float64)
+    converged = torch.empty(n, dtype=torch.bool)
+    for i in range(n):
+        s = draws[i] / draws[i].sum()  # exactly what fit_weights does with sample_weight
+        res = _fit(
+            obj.with_weights(s),
+            map,
+            regularization,
+            tol,
+            max_iter,
+            cv_folds,
+            cv_seed,
+            None,
+            w0=fit.weights,
+        )
+        weights[i], losses[i], converged[i] = res.weights, res.loss, res.converged
+        if callback is not None:
+            callback(i + 1, n)
+    return BootstrapResult(weights, draws, losses, converged, fit, seed)
+
+
+def load_weights(path: str | os.PathLike[str]) -> EnsembleResult:
+    """The blend that ``convexmix ensemble --out W.json`` wrote, ready to ``predict``.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        An :class:`EnsembleResult` with the weights, the loss, the models' names and the
+        fit's diagnostics (``history`` is empty).
+
+    Raises:
+        ConvexMixError: a file that is missing, not JSON, or whose weights are not K
+            numbers >= 0 that sum to 1.
+
+    >>> import json, tempfile, pathlib, torch, convexmix as cx
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "w.json"
+    >>> _ = path.write_text(json.dumps({"weights": [0.25, 0.75], "models": ["a", "b"]}))
+    >>> blend = cx.ensemble.load_weights(path)
+    >>> blend.weights, blend.models
+    (tensor([0.2500, 0.7500], dtype=torch.float64), ['a', 'b'])
+    >>> blend.predict(torch.tensor([[0.0, 4.0], [4.0, 0.0]]))
+    tensor([3., 1.])
+    """
+    data = read_weights_file(path)
+    w = data.weights
+    return EnsembleResult(
+        weights=w,
+        loss=data.loss,
+        history=[],
+        n_iter=data.n_iter,
+        gap=data.gap,
+        converged=data.converged,
+        free=_free(w, data.map),
+        map=data.map,
+        regularization=data.regularization,
+        method=data.method,
+        models=data.models,
+    )

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import (
+    LOG_LOSS_EPS,
     CallableLoss,
     DataObjective,
     LogLoss,
     Loss,
     Quadratic,
+    Reduce,
+    local,
 )
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
 
@@ -33,16 +39,37 @@ __all__ = [
 PROB_ATOL = 1e-3
 
 
+def _load_npy(path: str | os.PathLike[str], name: str) -> Any:
+    """A ``.npy`` file memory-mapped copy-on-write: nothing is read until it is used."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        raise ConvexMixError(f"{name}: reading a .npy file needs numpy.") from None
+    p = Path(path)
+    if p.suffix.lower() != ".npy":
+        raise ConvexMixError(f"{name}: a path must name a .npy file; got {str(p)!r}.")
+    try:
+        return np.load(p, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConvexMixError(f"{name}: cannot read {str(p)!r} as a .npy array ({err}).") from None
+
+
 def as_tensor(x: Any, name: str) -> Tensor:
+    """A tensor view of ``x`` where possible: a numpy array or memmap is not copied."""
     if isinstance(x, Tensor):
         return x.detach()
+    if isinstance(x, (str, os.PathLike)):
+        x = _load_npy(x, name)
     np = sys.modules.get("numpy")  # a numpy array means numpy is already imported
     if np is not None and isinstance(x, np.ndarray):
         if x.dtype == object or not (
             np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
         ):
             raise ConvexMixError(f"{name} must be numeric; got an array of dtype {x.dtype}.")
-        return torch.from_numpy(np.ascontiguousarray(x))
+        with warnings.catch_warnings():
+            # A read-only memmap: the ensemble job never writes to its inputs.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, (list, tuple)):
         if x and all(isinstance(v, Tensor) or hasattr(v, "__array__") for v in x):
             parts = [as_tensor(v, name) for v in x]
@@ -160,24 +187,38 @@ def true_class_probabilities(p: Tensor, t: Tensor, validate: bool) -> Tensor:
     return q
 
 
-def sample_weights(sample_weight: Any, n: int) -> Tensor:
+def sample_weights(sample_weight: Any, n: int, reduce: Reduce = local) -> Tensor:
+    """(N,) float64 sample weights that sum to 1 over all rows (over every rank's)."""
     if sample_weight is None:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        total = float(reduce(torch.tensor(float(n), dtype=torch.float64)))
+        return torch.full((n,), 1.0 / total, dtype=torch.float64)
     s = as_tensor(sample_weight, "sample_weight").double()
     if s.dim() != 1 or s.shape[0] != n:
         raise ShapeError(
             f"sample_weight must be (N,) with N={n} like the predictions; "
             f"got shape {tuple(s.shape)}."
         )
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or float(s.sum()) <= 0:
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
-    return s / s.sum()
+    total = float(reduce(s.sum()))
+    if total <= 0:
+        raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
+    return s / total
 
 
 def make_objective(
-    predictions: Any, targets: Any, loss: Loss, sample_weight: Any, validate: bool
+    predictions: Any,
+    targets: Any,
+    loss: Loss,
+    sample_weight: Any,
+    validate: bool,
+    reduce: Reduce = local,
 ) -> DataObjective:
-    """Check the inputs and build the objective."""
+    """Check the inputs and build the objective.
+
+    ``predictions`` may be memory-mapped: they are read in row chunks, in their own dtype,
+    and never copied whole. ``reduce`` sums over the rows of every rank (sharded fits).
+    """
     p = as_predictions(predictions)
     N = p.shape[1]
     t = as_tensor(targets, "targets")
@@ -186,7 +227,7 @@ def make_objective(
             f"targets must have N={N} rows like the predictions {tuple(p.shape)}; "
             f"got shape {tuple(t.shape)}."
         )
-    s = sample_weights(sample_weight, N)
+    s = sample_weights(sample_weight, N, reduce)
     if callable(loss):
         if validate:
             check_finite_min(p, "predictions")
@@ -195,7 +236,8 @@ def make_objective(
     if loss == "log_loss":
         if p.dim() == 3:
             t = class_targets(t, p.shape[2], N)
-            return LogLoss(true_class_probabilities(p, t, validate), s)
+            q = true_class_probabilities(p, t, validate)
+            return LogLoss(q.clamp_min_(LOG_LOSS_EPS), s, reduce)
         t = class_targets(t, 2, N)  # (K, N): probabilities of class 1
         if validate:
             lo = check_finite_min(p, "predictions")
@@ -205,15 +247,21 @@ def make_objective(
                     "binary predictions (K, N) must be probabilities of class 1 in [0, 1]; "
                     f"got values in [{lo:.3g}, {hi:.3g}]."
                 )
-        q = torch.where(t.bool()[None, :], p, 1 - p)
-        return LogLoss(q, s)
+        q = torch.empty_like(p)
+        positive = t.bool()
+        rows = max(256, (1 << 20) // (p.shape[0] * p.element_size()))
+        for a in range(0, N, rows):
+            b = min(a + rows, N)
+            part = p[:, a:b]
+            torch.where(positive[None, a:b], part, 1 - part, out=q[:, a:b])
+        return LogLoss(q.clamp_min_(LOG_LOSS_EPS), s, reduce)
     if loss == "mse":
         if validate:
             check_finite_min(p, "predictions")
         if p.dim() == 3:  # Brier score on class probabilities
             t = class_targets(t, p.shape[2], N)
             y = torch.nn.functional.one_hot(t, p.shape[2]).to(p.dtype)
-            return Quadratic(p, y, s)
+            return Quadratic(p, y, s, reduce)
         if t.dim() != 1:
             raise ShapeError(
                 f"regression targets must be (N,) with N={N}; got shape {tuple(t.shape)}."
@@ -221,5 +269,5 @@ def make_objective(
         y = t.to(p.dtype)
         if validate and not bool(torch.isfinite(y).all()):
             raise ConvexMixError("targets must be finite; got NaN or infinite values.")
-        return Quadratic(p[..., None], y[:, None], s)
+        return Quadratic(p[..., None], y[:, None], s, reduce)
     raise ConvexMixError(f"loss must be 'log_loss', 'mse' or a callable; got {loss!r}.")

@@ -7,6 +7,7 @@ objectives also give the loss without regularisation, their restriction to some 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -19,12 +20,17 @@ __all__ = [
     "LOG_LOSS_EPS",
     "CallableLoss",
     "DataObjective",
+    "Greedy",
     "LogLoss",
     "Loss",
     "LossFn",
     "Objective",
     "Quadratic",
+    "Reduce",
     "Regularized",
+    "local",
+    "matvec",
+    "matvec_t",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -32,6 +38,16 @@ Loss = Literal["log_loss", "mse"] | LossFn
 #: The log-loss floors each model's probability of the true class at this value, so a
 #: model that gives the true class probability 0 costs ``-log(1e-15) = 34.5``, not inf.
 LOG_LOSS_EPS = 1e-15
+#: Sums over samples go through this: the identity in one process, an all-reduce of
+#: the per-rank sums when the rows are sharded over torch.distributed.
+Reduce = Callable[[Tensor], Tensor]
+#: Columns of the (K, N) matrices per block: a block of K rows in float64 stays in cache.
+BLOCK = 8192
+
+
+def local(x: Tensor) -> Tensor:
+    """The sum over this process's rows is the sum over all rows."""
+    return x
 
 
 class Objective(Protocol):
@@ -48,6 +64,19 @@ class Objective(Protocol):
         ...
 
 
+class Greedy(Protocol):
+    """The state of Caruana's selection: the models picked so far."""
+
+    def values(self) -> Tensor:
+        """(K,) the loss after adding model k to the picks; +inf for a model that
+        provably cannot have the lowest one."""
+        ...
+
+    def add(self, k: int) -> None:
+        """Add model k to the picks."""
+        ...
+
+
 class DataObjective(Objective, Protocol):
     """A loss on N samples: also its exact value, its rows, and Caruana's greedy step."""
 
@@ -60,24 +89,55 @@ class DataObjective(Objective, Protocol):
         """The loss at w, as accurate as the data allow (the value reported to users)."""
         ...
 
-    def greedy_values(self, counts: Tensor, m: int) -> Tensor:
-        """f((counts + e_k) / (m + 1)) for every k: one step of Caruana's selection."""
+    def greedy(self) -> Greedy:
+        """A fresh state for Caruana's selection."""
         ...
 
     def subset(self, rows: Tensor) -> DataObjective:
         """The same objective on the samples ``rows`` (for cross-validation)."""
         ...
 
+    def with_weights(self, s: Tensor) -> DataObjective:
+        """The same objective with normalised sample weights ``s`` (N,)."""
+        ...
+
+
+def _columns(n: int, block: int = BLOCK) -> range:
+    return range(0, n, block)
+
+
+def matvec_t(w: Tensor, q: Tensor) -> Tensor:
+    """``w @ q`` in float64 for a float64 (K,) ``w`` and a (K, N) ``q`` of any float dtype."""
+    if q.dtype == torch.float64:
+        return w @ q
+    n = q.shape[1]
+    out = torch.empty(n, dtype=torch.float64)
+    for a in _columns(n):
+        b = min(a + BLOCK, n)
+        torch.mv(q[:, a:b].T.double(), w, out=out[a:b])
+    return out
+
+
+def matvec(q: Tensor, v: Tensor) -> Tensor:
+    """``q @ v`` in float64 for a (K, N) ``q`` of any float dtype and a float64 (N,) ``v``."""
+    if q.dtype == torch.float64:
+        return q @ v
+    out = torch.zeros(q.shape[0], dtype=torch.float64)
+    for a in _columns(q.shape[1]):
+        b = min(a + BLOCK, q.shape[1])
+        out.addmv_(q[:, a:b].double(), v[a:b])
+    return out
+
 
 class LogLoss:
-    """-sum_n s_n log(sum_k w_k q_kn) with q_kn the probability model k gives sample n's class."""
+    """-sum_n s_n log(sum_k w_k q_kn) with q_kn the probability model k gives sample n's class.
 
-    _BLOCK = 8192
+    ``q`` keeps the dtype it was read in (float32 stays float32); sums are in float64.
+    ``q`` must already be floored at :data:`LOG_LOSS_EPS`.
+    """
 
-    def __init__(self, q: Tensor, s: Tensor) -> None:
-        # q is always a fresh (K, N) tensor made by make_objective: floor it in place.
-        self.q = q.double().clamp_min_(LOG_LOSS_EPS)
-        self.s = s
+    def __init__(self, q: Tensor, s: Tensor, reduce: Reduce = local) -> None:
+        self.q, self.s, self.reduce = q, s, reduce
         self.K = q.shape[0]
         self._last: tuple[Tensor, Tensor] | None = None
 
@@ -87,13 +147,13 @@ class LogLoss:
 
     def _blend(self, w: Tensor) -> Tensor:
         if self._last is None or self._last[0] is not w:
-            self._last = (w, w @ self.q)
+            self._last = (w, matvec_t(w, self.q))
         return self._last[1]
 
     def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
         u = self._blend(w)
-        f = -float(self.s @ torch.log(u))
-        return f, lambda: -(self.q @ (self.s / u))
+        f = -float(self.reduce(torch.dot(self.s, torch.log(u))))
+        return f, lambda: -self.reduce(matvec(self.q, self.s / u))
 
     def loss(self, w: Tensor) -> float:
         return self.value(w)[0]
@@ -102,37 +162,111 @@ class LogLoss:
         # H = Q_idx diag(s / u^2) Q_idx', built in column blocks that stay in cache: a
         # (len(idx), N) scaled copy would cost more in page faults than the product.
         scale = self.s.sqrt() / self._blend(w)
-        n, block = self.q.shape[1], self._BLOCK
+        n = self.q.shape[1]
         h = torch.zeros(idx.numel(), idx.numel(), dtype=torch.float64)
         rows = self.q if idx.numel() == self.K else self.q.index_select(0, idx)
-        buf = torch.empty(idx.numel(), min(block, n), dtype=torch.float64)
-        for start in range(0, n, block):
-            stop = min(start + block, n)
+        buf = torch.empty(idx.numel(), min(BLOCK, n), dtype=torch.float64)
+        for start in _columns(n):
+            stop = min(start + BLOCK, n)
             a = torch.mul(rows[:, start:stop], scale[start:stop], out=buf[:, : stop - start])
             h.addmm_(a, a.T)
-        return h
+        return self.reduce(h)
 
-    def greedy_values(self, counts: Tensor, m: int) -> Tensor:
-        u = (self.q + counts @ self.q).div_(m + 1)
-        return -(torch.log(u) @ self.s)
+    def greedy(self) -> Greedy:
+        return _LogLossGreedy(self)
 
     def subset(self, rows: Tensor) -> LogLoss:
         s = self.s[rows]
-        return LogLoss(self.q[:, rows].clone(), s / s.sum())
+        return LogLoss(self.q[:, rows], s / s.sum(), self.reduce)
+
+    def with_weights(self, s: Tensor) -> LogLoss:
+        return LogLoss(self.q, s, self.reduce)
+
+
+class _LogLossGreedy:
+    """Caruana's step on the log-loss with the running sum ``r`` of the picks' rows.
+
+    The loss after adding model k to m picks is ``-sum s log(r + q_k) + log(m + 1) sum s``.
+    Since ``log(r + q) <= log(r) + q / r``, the matrix-vector product ``q @ (s / r)``
+    bounds every model's loss from below; only the models whose bound is not above the
+    best loss found so far need their N logarithms.
+    """
+
+    def __init__(self, obj: LogLoss) -> None:
+        self.obj = obj
+        self.r = torch.zeros(obj.n_samples, dtype=torch.float64)
+        self.m = 0
+        self.s_sum = float(obj.reduce(obj.s.sum()))
+
+    def _exact(self, k: int) -> float:
+        o = self.obj
+        return -float(o.reduce(torch.dot(o.s, torch.log(self.r + o.q[k].double()))))
+
+    def values(self) -> Tensor:
+        o = self.obj
+        K = o.K
+        shift = math.log(self.m + 1) * self.s_sum
+        vals = torch.full((K,), math.inf, dtype=torch.float64)
+        if self.m == 0:
+            for k in range(K):
+                vals[k] = self._exact(k) + shift
+            return vals
+        sr = o.s / self.r
+        base = -float(o.reduce(torch.dot(o.s, torch.log(self.r))))
+        lower = base - o.reduce(matvec(o.q, sr)) + shift
+        best = math.inf
+        for k in lower.argsort(stable=True).tolist():
+            bound = float(lower[k])
+            if bound - 1e-9 * (1.0 + abs(bound)) > best:
+                break  # the bounds are sorted: no later model can do better
+            vals[k] = self._exact(k) + shift
+            best = min(best, float(vals[k]))
+        return vals
+
+    def add(self, k: int) -> None:
+        self.r += self.obj.q[k]
+        self.m += 1
+
+
+class _CountsGreedy:
+    """Caruana's step from the pick counts, for objectives cheap to evaluate at any w."""
+
+    def __init__(self, K: int, f: Callable[[Tensor], Tensor]) -> None:
+        """``f`` maps the (K, K) candidate weights (one per row) to their (K,) losses."""
+        self.f, self.counts, self.m = f, torch.zeros(K, dtype=torch.float64), 0
+        self.eye = torch.eye(K, dtype=torch.float64)
+
+    def values(self) -> Tensor:
+        return self.f((self.counts[None, :] + self.eye) / (self.m + 1))
+
+    def add(self, k: int) -> None:
+        self.counts[k] += 1
+        self.m += 1
 
 
 class Quadratic:
-    """sum_n s_n ||sum_k w_k p_kn - y_n||^2 = w'Mw - 2r'w + c, kept as (M, r, c)."""
+    """sum_n s_n ||sum_k w_k p_kn - y_n||^2 = w'Mw - 2r'w + c, kept as (M, r, c).
 
-    def __init__(self, p: Tensor, y: Tensor, s: Tensor) -> None:
-        # p: (K, N, D), y: (N, D)
-        self.p, self.y, self.s = p, y, s
-        self.K = p.shape[0]
-        a = (p * s.sqrt()[:, None].to(p.dtype)).reshape(self.K, -1).double()
-        b = (y * s.sqrt()[:, None].to(y.dtype)).reshape(-1).double()
-        self.M = a @ a.T
-        self.r = a @ b
-        self.c = float(b @ b)
+    ``p`` (K, N, D) may be memory-mapped: (M, r, c) are sums over row chunks, in float64.
+    """
+
+    def __init__(self, p: Tensor, y: Tensor, s: Tensor, reduce: Reduce = local) -> None:
+        self.p, self.y, self.s, self.reduce = p, y, s, reduce
+        K, N, D = p.shape
+        self.K = K
+        M = torch.zeros(K, K, dtype=torch.float64)
+        r = torch.zeros(K, dtype=torch.float64)
+        c = torch.zeros((), dtype=torch.float64)
+        rows = max(1, (1 << 21) // max(1, K * D * 8))
+        for a in range(0, N, rows):
+            b = min(a + rows, N)
+            sq = s[a:b].sqrt()[:, None]
+            pa = (p[:, a:b].double() * sq).reshape(K, -1)
+            ya = (y[a:b].double() * sq).reshape(-1)
+            M.addmm_(pa, pa.T)
+            r.addmv_(pa, ya)
+            c += ya @ ya
+        self.M, self.r, self.c = reduce(M), reduce(r), float(reduce(c))
 
     @property
     def n_samples(self) -> int:
@@ -145,19 +279,29 @@ class Quadratic:
 
     def loss(self, w: Tensor) -> float:
         """The loss from the data (no cancellation when it is near 0)."""
-        resid = torch.tensordot(w.to(self.p.dtype), self.p, dims=1) - self.y
-        return float(self.s @ (resid.double() ** 2).sum(-1))
+        N, D = self.p.shape[1], self.p.shape[2]
+        rows = max(1, (1 << 21) // max(1, self.K * D * 8))
+        total = torch.zeros((), dtype=torch.float64)
+        wp = w.to(self.p.dtype)
+        for a in range(0, N, rows):
+            b = min(a + rows, N)
+            resid = torch.tensordot(wp, self.p[:, a:b], dims=1) - self.y[a:b]
+            total += self.s[a:b] @ (resid.double() ** 2).sum(-1)
+        return float(self.reduce(total))
 
     def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
         return 2 * self.M[idx][:, idx]
 
-    def greedy_values(self, counts: Tensor, m: int) -> Tensor:
-        W = (counts[None, :] + torch.eye(self.K, dtype=counts.dtype)) / (m + 1)
-        return ((W @ self.M) * W).sum(1) - 2 * (W @ self.r) + self.c
+    def greedy(self) -> Greedy:
+        M, r, c = self.M, self.r, self.c
+        return _CountsGreedy(self.K, lambda W: ((W @ M) * W).sum(1) - 2 * (W @ r) + c)
 
     def subset(self, rows: Tensor) -> Quadratic:
         s = self.s[rows]
-        return Quadratic(self.p[:, rows], self.y[rows], s / s.sum())
+        return Quadratic(self.p[:, rows], self.y[rows], s / s.sum(), self.reduce)
+
+    def with_weights(self, s: Tensor) -> Quadratic:
+        return Quadratic(self.p, self.y, s, self.reduce)
 
 
 class CallableLoss:
@@ -217,12 +361,14 @@ class CallableLoss:
             h = (h + h.T) / 2
         return h[idx][:, idx]
 
-    def greedy_values(self, counts: Tensor, m: int) -> Tensor:
-        eye = torch.eye(self.K, dtype=torch.float64)
-        return torch.tensor(
-            [self.value((counts + eye[k]) / (m + 1))[0] for k in range(self.K)],
-            dtype=torch.float64,
-        )
+    def greedy(self) -> Greedy:
+        def losses(W: Tensor) -> Tensor:
+            return torch.tensor([self.value(w)[0] for w in W], dtype=torch.float64)
+
+        return _CountsGreedy(self.K, losses)
+
+    def with_weights(self, s: Tensor) -> CallableLoss:
+        return CallableLoss(self.fn, self.p, self.t, s)
 
     def subset(self, rows: Tensor) -> CallableLoss:
         s = None if self.s is None else self.s[rows] / self.s[rows].sum()

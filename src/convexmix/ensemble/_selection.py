@@ -27,10 +27,12 @@ def select(
     counts = torch.zeros(obj.K, dtype=torch.float64)
     history: list[float] = []
     snapshots: list[Tensor] = []
+    state = obj.greedy()
     for m in range(size):
-        values = obj.greedy_values(counts, m)
+        values = state.values()
         values = torch.where(torch.isnan(values), torch.inf, values)
         k = int(values.argmin())
+        state.add(k)
         counts[k] += 1
         history.append(float(values[k]))
         snapshots.append(counts.clone())

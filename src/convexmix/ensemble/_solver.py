@@ -181,15 +181,16 @@ def solve(
     tol: float,
     max_iter: int,
     callback: Callable[[int, float, float], None] | None = None,
+    w0: Tensor | None = None,
 ) -> tuple[Tensor, list[float], int, float, bool]:
-    """Newton from equal weights, then the same with the tiny weights set to exactly 0.
+    """Newton from equal weights (or ``w0``), then again with the tiny weights set to 0.
 
     When the optimum is degenerate (a zero loss, or models whose gradient ties with the
     support's), the multipliers of the unused models are at rounding level and the
     solution can keep them at 1e-13 instead of 0. Those weights are dropped and the fit
     resumed; the pruned point is kept when its objective is no worse than rounding.
     """
-    w, history, n_iter, gap, converged = _newton(obj, tol, max_iter, callback)
+    w, history, n_iter, gap, converged = _newton(obj, tol, max_iter, callback, w0)
     tiny = (w > 0) & (w < PRUNE_BELOW)
     if not bool(tiny.any()):
         return w, history, n_iter, gap, converged
@@ -203,7 +204,11 @@ def solve(
 
 
 def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: int) -> float:
-    """The regularisation strength with the lowest cross-validated loss."""
+    """The regularisation strength with the lowest cross-validated loss.
+
+    Each fold's fits go along the grid from the strongest pull (whose optimum is near equal
+    weights, the cold start) to none, each warm-started from the previous optimum.
+    """
     n = obj.n_samples
     if n < 2 * folds:
         raise ConvexMixError(
@@ -218,8 +223,10 @@ def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: i
         held = parts[i]
         kept = torch.cat([parts[j] for j in range(folds) if j != i])
         train, test = obj.subset(kept), obj.subset(held)
-        for j, lam in enumerate(grid):
+        w: Tensor | None = None
+        for j in reversed(range(len(grid))):
+            lam = grid[j]
             inner = Regularized(train, lam) if lam > 0 else train
-            w = solve(inner, tol, max_iter)[0]
+            w = solve(inner, tol, max_iter, None, w)[0]
             scores[j] += test.value(w)[0] * held.numel() / n
     return grid[int(scores.argmin())]
