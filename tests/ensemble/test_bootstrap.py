@@ -39,14 +39,15 @@ def test_rows_equal_with_fit_arguments() -> None:
 
 def test_sample_weights_are_dirichlet_times_n() -> None:
     P, y = two_model_problem(50)
-    bs = bootstrap(P, y, n=4000, seed=7)
+    bs = bootstrap(P, y, n=400, seed=7)
     s = bs.sample_weights
     assert bool((s > 0).all())
-    torch.testing.assert_close(s.sum(1), torch.full((4000,), 50.0, dtype=torch.float64))
+    torch.testing.assert_close(s.sum(1), torch.full((400,), 50.0, dtype=torch.float64))
     # Dirichlet(1,...,1) times N: each coordinate is N * Beta(1, N - 1): mean 1,
     # variance N^2 (N - 1) / (N^2 (N + 1)) = (N - 1) / (N + 1).
     assert s.mean().item() == pytest.approx(1.0, abs=1e-12)
-    assert s.var().item() == pytest.approx(49 / 51, rel=0.03)
+    # 20000 values: the variance's relative standard error is about 2%
+    assert s.var().item() == pytest.approx(49 / 51, rel=0.08)
 
 
 def test_seeded_determinism() -> None:
@@ -62,7 +63,7 @@ def test_intervals_shrink_with_more_data() -> None:
     widths = []
     for N in (100, 400, 1600):
         P, y = two_model_problem(N, seed=11)
-        bs = bootstrap(P, y, n=200, seed=0)
+        bs = bootstrap(P, y, n=100, seed=0)
         w = bs.fit.weights
         assert 0.05 < w[0].item() < 0.95  # the optimum is inside
         lo, hi = bs.interval(0.9)
