@@ -465,7 +465,8 @@ def bootstrap(
     models apart: prefer ``regularization="cv"`` or more data.
 
     Args:
-        predictions, targets: as in :func:`fit_weights`.
+        predictions: as in :func:`fit_weights`.
+        targets: as in :func:`fit_weights`.
         n: the number of draws.
         seed: the seed of the draws; the same seed gives the same draws and weights.
         callback: ``callback(done, n)`` after each draw, for progress displays.
