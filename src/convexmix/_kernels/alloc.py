@@ -58,7 +58,7 @@ _capsule.restype = ctypes.py_object
 ENV = "CONVEXMIX_OUTPUT_CACHE_MB"
 #: The default limit: 1 GiB, or a sixteenth of the machine's memory where that is less.
 #: A training step of the 16M-element float32 case with K = 8 inputs (output and eight
-#: gradients, 9 x 64 MiB) runs entirely from the cache under it (docs/guide.md has the
+#: gradients, 9 blocks of 62 MiB) runs entirely from the cache under it (docs/guide.md has the
 #: measurements).
 DEFAULT_LIMIT = 1 << 30
 
