@@ -413,7 +413,7 @@ class BootstrapResult:
         sample_weights: (n, N) float64 Dirichlet(1, ..., 1) draws times N (mean 1).
         loss: (n,) each draw's weighted loss at its weights.
         converged: (n,) bool, whether each fit reached ``tol``.
-        fit: the fit on the unweighted rows (the point estimate; draws start from it).
+        fit: the fit on the unweighted rows (the point estimate).
         seed: the seed of the draws.
     """
 
@@ -454,15 +454,16 @@ def bootstrap(
     n: int = 200,
     seed: int = 0,
     callback: Callable[[int, int], None] | None = None,
+    warm_start: bool = False,
     **fit_kwargs: Any,
 ) -> BootstrapResult:
     """How sure the blend weights are: a Bayesian bootstrap of :func:`fit_weights`.
 
     Each draw weights the N samples by a Dirichlet(1, ..., 1) draw times N (Rubin 1981;
-    the stacking weights of R's ``loo`` use the same), and fits the weights exactly,
-    warm-started from the fit on the unweighted rows. The predictions are read and
-    checked once. Wide intervals mean the validation set is too small to tell the
-    models apart: prefer ``regularization="cv"`` or more data.
+    the stacking weights of R's ``loo`` use the same), and fits the weights exactly.
+    The predictions are read and checked once, and every draw reuses them. Wide
+    intervals mean the validation set is too small to tell the models apart: prefer
+    ``regularization="cv"`` or more data.
 
     Args:
         predictions: as in :func:`fit_weights`.
@@ -470,16 +471,19 @@ def bootstrap(
         n: the number of draws.
         seed: the seed of the draws; the same seed gives the same draws and weights.
         callback: ``callback(done, n)`` after each draw, for progress displays.
+        warm_start: start each draw's fit from the point estimate instead of equal
+            weights: fewer Newton steps (about 1.7x faster at K=8, N=2000), and rows
+            that equal the separate fits to the solver's tolerance (about 1e-9) rather
+            than bit for bit.
         **fit_kwargs: ``loss``, ``map``, ``regularization``, ``tol``, ``max_iter``,
             ``validate`` and ``cv_folds``, passed to :func:`fit_weights`, and
             ``cv_seed``, passed as its ``seed`` (the cross-validation split; 0 by
             default, like fit_weights').
 
     Returns:
-        A :class:`BootstrapResult`. Row i of ``weights`` equals
+        A :class:`BootstrapResult`. Row i of ``weights`` is exactly (bit for bit)
         ``fit_weights(predictions, targets, sample_weight=sample_weights[i],
-        **fit_kwargs).weights`` (up to the solver's tolerance: the fits start from
-        another point).
+        **fit_kwargs).weights``: the fit runs the same steps on the same objective.
 
     >>> import torch, convexmix as cx
     >>> g = torch.Generator().manual_seed(0)
@@ -497,6 +501,8 @@ def bootstrap(
         raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConvexMixError(f"seed must be an int; got {seed!r}.")
+    if not isinstance(warm_start, bool):
+        raise ConvexMixError(f"warm_start must be a bool; got {warm_start!r}.")
     unknown = set(fit_kwargs) - _BOOTSTRAP_FIT_ARGS - {"cv_seed"}
     if unknown:
         raise ConvexMixError(
@@ -537,7 +543,7 @@ def bootstrap(
             cv_folds,
             cv_seed,
             None,
-            w0=fit.weights,
+            w0=fit.weights if warm_start else None,
         )
         weights[i], losses[i], converged[i] = res.weights, res.loss, res.converged
         if callback is not None:
