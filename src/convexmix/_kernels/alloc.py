@@ -65,6 +65,15 @@ DEFAULT_LIMIT = 1 << 30
 _limit: list[int] = []  # the cache's limit in bytes, once read from the environment
 _limit_lock = threading.Lock()
 
+
+def _after_fork_in_child() -> None:  # another thread may have held the lock at the fork
+    global _limit_lock
+    _limit_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _malloc_trim = None
 if sys.platform.startswith("linux"):
     try:
