@@ -18,10 +18,18 @@ import torch
 
 from convexmix._kernels import alloc, native
 from convexmix.errors import ConvexMixWarning
-from convexmix.functional import convex_combination
+from convexmix.functional import _combine, convex_combination
 
 HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang")) and sys.platform != "win32"
 needs_native = pytest.mark.skipif(native.library() is None, reason="installed without kernels")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small eager calls run composite ATen code; these tests are about the kernels."""
+    monkeypatch.setattr(_combine, "_force", "fused")
+
+
 EPS = {
     torch.float64: 2.0**-53,
     torch.float32: 2.0**-24,
