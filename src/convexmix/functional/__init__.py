@@ -11,6 +11,7 @@ tensor([[1.0000, 0.0000, 0.0000],
         [0.3333, 0.3333, 0.3333]])
 """
 
+from convexmix.functional._bounded import project_l1_ball, project_sparse_simplex
 from convexmix.functional._combine import convex_combination
 from convexmix.functional._project import project_simplex
 from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax
@@ -22,7 +23,9 @@ __all__ = [
     "convex_combination",
     "entmax",
     "entmax15",
+    "project_l1_ball",
     "project_simplex",
+    "project_sparse_simplex",
     "softmax",
     "sparsemax",
     "stick_breaking",

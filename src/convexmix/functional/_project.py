@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError
+from convexmix.functional._bounded import capped_projection
 from convexmix.functional._checks import prepare
 from convexmix.functional._sparse import (
     _batch_rule_single,
@@ -260,9 +261,24 @@ _BisectEager = eager_function(_Bisect, _bisect_fwd)
 
 
 def project_simplex(
-    x: Tensor, dim: int = -1, *, total: float = 1.0, method: str = "auto"
+    x: Tensor,
+    dim: int = -1,
+    *,
+    total: float = 1.0,
+    lower: float | Tensor | None = None,
+    upper: float | Tensor | None = None,
+    method: str = "auto",
 ) -> Tensor:
     r"""Euclidean projection of ``x`` onto :math:`\{p \ge 0, \sum p = t\}` along ``dim``.
+
+    With ``lower`` and/or ``upper``, the projection onto the capped simplex
+    :math:`\{l \le p \le u, \sum p = t\}`: :math:`p = \mathrm{clip}(x - \tau, l, u)`,
+    exact to float64 rounding (a bracketing search on :math:`\tau`, then the threshold
+    taken from the partition into lower / free / upper entries). Its backward is the
+    sparsemax Jacobian on the free entries and zero on the clamped ones, O(K). Bounds
+    are floats or tensors that broadcast to ``x`` (gradients flow to tensor bounds);
+    an infeasible set (sum of ``lower`` > ``total`` or sum of ``upper`` < ``total``) is
+    a :class:`~convexmix.ConvexMixError`. ``method`` is not used with bounds.
 
     :math:`p = [x - \tau]_+`, the closest point of the simplex; exact zeros, ties and
     ``-inf`` entries (which get 0) are handled, and a slice of only ``-inf`` gives zeros.
@@ -272,6 +288,8 @@ def project_simplex(
         x: any shape; ``dim`` indexes the K entries.
         dim: the dimension that sums to ``total``.
         total: the sum, > 0.
+        lower: ``None`` (0), a float or a tensor broadcastable to ``x``.
+        upper: ``None`` (no cap), a float or a tensor broadcastable to ``x``.
         method: ``"sort"`` (O(K log K)), ``"bisect"`` (O(K) per step, no sort: a few
             halvings of a bracket, then exact Michelot steps), ``"condat"`` (Condat's
             filter pass, O(K) expected, then exact Michelot steps; sequential along a
@@ -292,10 +310,14 @@ def project_simplex(
         >>> cx.functional.project_simplex(x, dim=0, total=2.0, method="bisect")
         tensor([[2.],
                 [0.]])
+        >>> cx.functional.project_simplex(torch.tensor([2.0, 1.0, 0.0]), upper=0.5)
+        tensor([0.5000, 0.5000, 0.0000])
     """
     if method not in METHODS:
         raise ConvexMixError(f"method must be one of {list(METHODS)}; got {method!r}.")
     z, d, total = prepare(x, dim, None, total)
+    if lower is not None or upper is not None:
+        return capped_projection(z, d, total, lower, upper).to(x.dtype)
     if method == "auto":
         big = z.shape[d] >= AUTO_BISECT_K and z.numel() >= AUTO_BISECT_NUMEL
         method = "bisect" if big or z.device.type != "cpu" else "sort"

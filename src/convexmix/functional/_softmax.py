@@ -45,6 +45,7 @@ def softmax(
     temperature: float | Tensor = 1.0,
     mask: Tensor | None = None,
     total: float = 1.0,
+    upper: float | Tensor | None = None,
 ) -> Tensor:
     r"""Softmax onto the simplex: :math:`p = \text{total}\cdot\exp(x/T) / \sum \exp(x/T)`.
 
@@ -52,12 +53,20 @@ def softmax(
     0 and the others are renormalised over the present ones. A slice with nothing
     present is all zeros, with zero (finite) gradients, where ``torch.softmax`` gives NaN.
 
+    With ``upper``, the constrained softmax (Martins & Kreutzer, 2017):
+    :math:`p_i = \min(u_i, c\,e^{x_i/T})` with :math:`c` such that the sum is ``total``,
+    the KL projection of the softmax onto :math:`\{p \le u\}`. Exact (a sort by
+    :math:`e^{x_i/T} / u_i` finds the capped set); the backward is the softmax Jacobian
+    on the free entries and zero on the capped ones. ``sum(upper) < total`` over the
+    present entries is a :class:`~convexmix.ConvexMixError`.
+
     Args:
         x: logits, any shape ``(..., K, ...)``.
         dim: the dimension that sums to ``total``.
         temperature: ``T > 0``, a float or a tensor broadcastable to ``x``.
         mask: bool, True = present, broadcastable to ``x``.
         total: the sum of each output slice, ``> 0``.
+        upper: ``None`` (no cap), a float or a tensor ``>= 0`` broadcastable to ``x``.
 
     Returns:
         Tensor of the shape and dtype of ``x``; float16/bfloat16 are computed in float32.
@@ -70,12 +79,18 @@ def softmax(
         tensor([1., 0., 1.])
         >>> cx.functional.softmax(torch.zeros(2), mask=torch.tensor([False, False]))
         tensor([0., 0.])
+        >>> cx.functional.softmax(torch.tensor([3.0, 1.0, 0.0]), upper=0.5)
+        tensor([0.5000, 0.3655, 0.1345])
     """
     if temperature.__class__ is not float or temperature != 1.0:
         temperature = check_temperature(temperature)
     z, d, total = prepare(x, dim, mask, total)
     if temperature.__class__ is not float or temperature != 1.0:
         z = z / temperature  # -inf (absent) stays -inf
+    if upper is not None:
+        from convexmix.functional._bounded import constrained_softmax
+
+        return constrained_softmax(z, d, total, upper).to(x.dtype)
     p = safe_softmax(z, d)
     if total != 1.0:
         p = p * total

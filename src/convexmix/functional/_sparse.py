@@ -193,19 +193,30 @@ _SparsemaxEager = eager_function(_Sparsemax, _sparsemax_fwd)
 
 
 def sparsemax(
-    x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0
+    x: Tensor,
+    dim: int = -1,
+    *,
+    mask: Tensor | None = None,
+    total: float = 1.0,
+    lower: float | Tensor | None = None,
+    upper: float | Tensor | None = None,
 ) -> Tensor:
     r"""Sparsemax: the Euclidean projection of ``x`` onto the simplex that sums to ``total``.
 
     :math:`p = [x - \tau]_+` with :math:`\tau` such that :math:`\sum p = t` (Martins &
     Astudillo, 2016). Exact (sort-based), with exact zeros; the backward is O(K) from the
     output. Absent entries (``mask`` False or ``-inf``) are 0; an all-absent slice is zeros.
+    With ``lower``/``upper`` it is the constrained sparsemax (Malaviya et al., 2018), the
+    projection onto :math:`\{l \le p \le u, \sum p = t\}` of
+    :func:`~convexmix.functional.project_simplex`.
 
     Args:
         x: scores, any shape; ``dim`` indexes the K entries.
         dim: the dimension that sums to ``total``.
         mask: bool, True = present, broadcastable to ``x``.
         total: the sum of each output slice, ``> 0``.
+        lower: ``None`` (0), a float or a tensor broadcastable to ``x``.
+        upper: ``None`` (no cap), a float or a tensor broadcastable to ``x``.
 
     Returns:
         Tensor of the shape and dtype of ``x``.
@@ -216,8 +227,14 @@ def sparsemax(
         tensor([0.6000, 0.4000, 0.0000])
         >>> cx.functional.sparsemax(torch.tensor([0.2, 0.3, 0.5]))  # identity on the simplex
         tensor([0.2000, 0.3000, 0.5000])
+        >>> cx.functional.sparsemax(torch.tensor([1.0, 0.8, -1.0]), upper=0.5)
+        tensor([0.5000, 0.5000, 0.0000])
     """
     z, d, total = prepare(x, dim, mask, total)
+    if lower is not None or upper is not None:
+        from convexmix.functional._bounded import capped_projection
+
+        return capped_projection(z, d, total, lower, upper).to(x.dtype)
     out = run(_Sparsemax, _SparsemaxEager, _sparsemax_fwd, 1, z, d, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
