@@ -10,7 +10,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
 from convexmix.functional._combine import convex_combination
-from convexmix.parametrize import Simplex
+from convexmix.functional._project import project_simplex
+from convexmix.parametrize import Simplex, check_capacity
 
 __all__ = ["LazyWeightedSum", "ScalarMix", "SimplexWeights", "WeightedSum"]
 
@@ -69,6 +70,8 @@ class SimplexWeights(nn.Module):
             simplex, from torch's global generator) or ``n`` probabilities summing to ``total``.
         temperature: divides the free values before the map, > 0.
         total: the sum of the weights, > 0.
+        upper: a cap on every weight (``map="softmax"``: the constrained softmax;
+            ``"sparsemax"``: the capped projection); ``n * upper >= total``.
 
     Example:
         >>> import torch, convexmix as cx
@@ -79,6 +82,8 @@ class SimplexWeights(nn.Module):
         tensor([0.7143, 0.0000, 0.2857], grad_fn=<...>)
         >>> cx.SimplexWeights(4, map="sparsemax")
         SimplexWeights(n=4, map='sparsemax', total=1.0)
+        >>> cx.SimplexWeights(4, init=[0.1, 0.2, 0.3, 0.4], upper=0.3)()  # projected start
+        tensor([0.1500, 0.2500, 0.3000, 0.3000], grad_fn=<...>)
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class SimplexWeights(nn.Module):
         init: Init = "uniform",
         temperature: float = 1.0,
         total: float = 1.0,
+        upper: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -98,13 +104,16 @@ class SimplexWeights(nn.Module):
         # layer already says everything about it.
         self.simplex: Simplex
         object.__setattr__(
-            self, "simplex", Simplex(map, dim=-1, total=total, temperature=temperature)
+            self,
+            "simplex",
+            Simplex(map, dim=-1, total=total, temperature=temperature, upper=upper),
         )
+        check_capacity(n, self.simplex.total, self.simplex.upper)
         p = initial_weights(n, init, self.simplex.total)
         if p is None:  # every map sends zeros to exactly uniform weights
             free = torch.zeros(self.simplex.free_shape((n,)))
         else:
-            free = self.simplex.right_inverse(p)
+            free = _right_inverse_quiet(self.simplex, p)
         self.free = nn.Parameter(free)
 
     @property
@@ -143,7 +152,17 @@ class SimplexWeights(nn.Module):
         s = f"n={self.n}, map={self.map!r}, total={self.total}"
         if self.simplex.temperature != 1.0:
             s += f", temperature={self.simplex.temperature}"
+        if self.simplex.upper is not None:
+            s += f", upper={self.simplex.upper}"
         return s
+
+
+def _right_inverse_quiet(simplex: Simplex, p: Tensor) -> Tensor:
+    """Free values for the starting weights ``p``; under a cap, ``p`` is first projected
+    onto the capped simplex (documented: ``init`` above the cap starts at its projection)."""
+    if simplex.upper is not None:
+        p = project_simplex(p, 0, total=simplex.total, upper=simplex.upper)
+    return simplex.right_inverse(p)
 
 
 # ------------------------------------------------------------------------ WeightedSum
@@ -201,6 +220,8 @@ class WeightedSum(nn.Module):
             last input dimension.
         sources: names of the n inputs, for dict inputs.
         temperature: divides the free values before the map.
+        upper: a cap on every weight (``"softmax"`` and ``"sparsemax"`` maps); with a
+            mask, the present inputs must still be able to carry the total.
 
     Example:
         >>> import torch, convexmix as cx
@@ -225,6 +246,7 @@ class WeightedSum(nn.Module):
         channels: int | None = None,
         sources: Sequence[str] | None = None,
         temperature: float = 1.0,
+        upper: float | None = None,
     ) -> None:
         super().__init__()
         if channels is not None and (
@@ -234,7 +256,9 @@ class WeightedSum(nn.Module):
         self.channels = channels
         self.sources = self._check_sources(sources)
         self.init = init
-        object.__setattr__(self, "simplex", Simplex(map, dim=0, temperature=temperature))
+        object.__setattr__(
+            self, "simplex", Simplex(map, dim=0, temperature=temperature, upper=upper)
+        )
         self.simplex: Simplex
         if bias:
             self.bias = nn.Parameter(torch.zeros(() if channels is None else (channels,)))
@@ -270,9 +294,10 @@ class WeightedSum(nn.Module):
             p = initial_weights(n, init, 1.0)
             if p is not None and self.channels is not None:
                 p = p[:, None].expand(shape)
+        check_capacity(n, 1.0, self.simplex.upper)
         if p is None:  # exact uniform: every map sends zeros there
             return torch.zeros(self.simplex.free_shape(shape))
-        return self.simplex.right_inverse(p).contiguous()
+        return _right_inverse_quiet(self.simplex, p).contiguous()
 
     @property
     def map(self) -> str:
@@ -390,6 +415,8 @@ class WeightedSum(nn.Module):
             parts.append("bias=True")
         if self.simplex.temperature != 1.0:
             parts.append(f"temperature={self.simplex.temperature}")
+        if self.simplex.upper is not None:
+            parts.append(f"upper={self.simplex.upper}")
         return ", ".join(parts)
 
 
@@ -422,6 +449,7 @@ class LazyWeightedSum(LazyModuleMixin, WeightedSum):
         channels: int | None = None,
         sources: Sequence[str] | None = None,
         temperature: float = 1.0,
+        upper: float | None = None,
     ) -> None:
         super().__init__(
             0,
@@ -431,6 +459,7 @@ class LazyWeightedSum(LazyModuleMixin, WeightedSum):
             channels=channels,
             sources=sources,
             temperature=temperature,
+            upper=upper,
         )
 
     def initialize_parameters(self, inputs: Inputs, mask: Tensor | None = None) -> None:

@@ -4,6 +4,10 @@
   ``p <- total * softmax(log p - lr * grad)``, exactly on the simplex after every step.
 * :class:`Projected`: wraps any torch optimizer and projects chosen parameters back onto
   the simplex (exact Euclidean projection) after each of its steps.
+
+Both keep bounds: ``ExponentiatedGradient(..., upper=)`` takes the KL projection onto the
+capped simplex (the constrained softmax of the log-weights), ``Projected(..., lower=,
+upper=, k=)`` the Euclidean projection onto the box-constrained or k-sparse simplex.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from convexmix.errors import ConvexMixError, ConvexMixWarning
+from convexmix.functional._bounded import project_sparse_simplex
 from convexmix.functional._checks import check_total, compute_dtype, normalize_dim
 from convexmix.functional._project import METHODS, project_simplex
-from convexmix.functional._softmax import safe_softmax
+from convexmix.functional._softmax import safe_softmax, softmax
 
 #: Optimizers that scale each coordinate of the step: projected, they can stall.
 _ADAPTIVE = (
@@ -35,6 +40,28 @@ _ADAPTIVE = (
 )
 
 __all__ = ["ExponentiatedGradient", "Projected"]
+
+
+def _check_bounds(
+    p: Tensor, lower: float | Tensor | None, upper: float | Tensor | None, who: str
+) -> None:
+    """Parameters must start inside their bounds (to rounding)."""
+    v = p.detach()
+    tol = 64 * torch.finfo(compute_dtype(v.dtype)).eps
+    if upper is not None and not bool((v <= torch.as_tensor(upper, dtype=v.dtype) + tol).all()):
+        raise ConvexMixError(
+            f"{who} needs parameters at or below upper={_show(upper)}; got one of shape "
+            f"{tuple(p.shape)} above it. Start inside, e.g. from "
+            "cx.functional.project_simplex(p, upper=...)."
+        )
+    if lower is not None and not bool((v >= torch.as_tensor(lower, dtype=v.dtype) - tol).all()):
+        raise ConvexMixError(
+            f"{who} needs parameters at or above lower={_show(lower)}; got one below it."
+        )
+
+
+def _show(bound: float | Tensor) -> str:
+    return f"tensor{tuple(bound.shape)}" if isinstance(bound, Tensor) else str(bound)
 
 
 def _check_on_simplex(p: Tensor, dim: int, total: float, who: str) -> None:
@@ -63,6 +90,10 @@ class ExponentiatedGradient(Optimizer):
         lr: the step size eta, > 0.
         dim: the dimension that sums to ``total``.
         total: the sum, > 0.
+        upper: a cap on every weight (a float, or a tensor that broadcasts to each
+            parameter): each step is then the KL projection onto
+            :math:`\{p \le u, \sum p = t\}` of the multiplicative update, i.e. the
+            constrained softmax :math:`\min(u, c\,p\,e^{-\eta \nabla f})`.
 
     Example:
         >>> import torch, convexmix as cx
@@ -74,17 +105,33 @@ class ExponentiatedGradient(Optimizer):
         ...     opt.step()
         >>> w.data
         tensor([0.7000, 0.2000, 0.1000])
+        >>> w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+        >>> opt = cx.optim.ExponentiatedGradient([w], lr=1.0, upper=0.5)  # capped
+        >>> for _ in range(200):
+        ...     opt.zero_grad()
+        ...     ((w - torch.tensor([0.7, 0.2, 0.1])) ** 2).sum().backward()
+        ...     opt.step()
+        >>> w.data
+        tensor([0.5000, 0.3000, 0.2000])
     """
 
     def __init__(
-        self, params: Iterable[Any], lr: float, *, dim: int = -1, total: float = 1.0
+        self,
+        params: Iterable[Any],
+        lr: float,
+        *,
+        dim: int = -1,
+        total: float = 1.0,
+        upper: float | Tensor | None = None,
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ConvexMixError(f"lr must be a finite number > 0; got {lr!r}.")
-        super().__init__(params, {"lr": float(lr), "dim": dim, "total": check_total(total)})
+        defaults = {"lr": float(lr), "dim": dim, "total": check_total(total), "upper": upper}
+        super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 _check_on_simplex(p, group["dim"], group["total"], "ExponentiatedGradient")
+                _check_bounds(p, None, group["upper"], "ExponentiatedGradient")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -101,6 +148,9 @@ class ExponentiatedGradient(Optimizer):
                 d = normalize_dim(p, group["dim"], "parameter")
                 dtype = compute_dtype(p.dtype)
                 z = torch.log(p.to(dtype)) - lr * p.grad.to(dtype)
+                if group.get("upper") is not None:
+                    p.copy_(softmax(z, d, total=total, upper=group["upper"]))
+                    continue
                 p.copy_(safe_softmax(z, d).mul_(total))
         return loss
 
@@ -130,6 +180,11 @@ class Projected(Optimizer):
         dim: the dimension that sums to ``total``.
         total: the sum, > 0.
         method: the projection method (``"auto"``, ``"sort"``, ``"bisect"`` or ``"condat"``).
+        lower: a lower bound on every entry (a float or a tensor that broadcasts to each
+            parameter), or None (0): projects onto the capped simplex.
+        upper: an upper bound, likewise, or None.
+        k: keep at most ``k`` non-zeros per slice (the k-sparse simplex,
+            :func:`~convexmix.functional.project_sparse_simplex`); not with bounds.
 
     Example:
         >>> import torch, convexmix as cx
@@ -141,6 +196,14 @@ class Projected(Optimizer):
         ...     opt.step()
         >>> w.data  # the projection of the target: an exact zero
         tensor([0.8000, 0.2000, 0.0000])
+        >>> w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+        >>> opt = cx.optim.Projected(torch.optim.SGD([w], lr=0.1), [w], upper=0.6)
+        >>> for _ in range(200):
+        ...     opt.zero_grad()
+        ...     ((w - torch.tensor([0.9, 0.3, -0.2])) ** 2).sum().backward()
+        ...     opt.step()
+        >>> w.data
+        tensor([0.6000, 0.4000, 0.0000])
     """
 
     def __init__(
@@ -151,6 +214,9 @@ class Projected(Optimizer):
         dim: int = -1,
         total: float = 1.0,
         method: str = "auto",
+        lower: float | Tensor | None = None,
+        upper: float | Tensor | None = None,
+        k: int | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ConvexMixError(
@@ -169,6 +235,15 @@ class Projected(Optimizer):
                 )
             normalize_dim(p, dim, f"params[{i}]")
         self.dim, self.total, self.method = dim, check_total(total), method
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConvexMixError(f"k must be None or an int >= 1; got {k!r}.")
+            if lower is not None or upper is not None:
+                raise ConvexMixError(
+                    "k cannot be combined with lower/upper: the projection onto the k-sparse "
+                    "simplex has no box; use one or the other."
+                )
+        self.lower, self.upper, self.k = lower, upper, k
         if isinstance(optimizer, _ADAPTIVE):
             warnings.warn(
                 f"Projected({type(optimizer).__name__}): per-coordinate step scaling and a "
@@ -186,8 +261,14 @@ class Projected(Optimizer):
     @torch.no_grad()
     def project(self) -> None:
         """Project the chosen parameters onto the simplex (done after every step)."""
+        lower, upper, k = self.lower, self.upper, self.k
         for p in self.projected:
-            p.copy_(project_simplex(p, self.dim, total=self.total, method=self.method))
+            if k is not None:
+                p.copy_(project_sparse_simplex(p, k, self.dim, total=self.total))
+            elif lower is not None or upper is not None:
+                p.copy_(project_simplex(p, self.dim, total=self.total, lower=lower, upper=upper))
+            else:
+                p.copy_(project_simplex(p, self.dim, total=self.total, method=self.method))
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """The wrapped optimizer's step, then the projection."""
@@ -200,7 +281,14 @@ class Projected(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["projected"] = {"dim": self.dim, "total": self.total, "method": self.method}
+        state["projected"] = {
+            "dim": self.dim,
+            "total": self.total,
+            "method": self.method,
+            "lower": self.lower,
+            "upper": self.upper,
+            "k": self.k,
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -215,9 +303,16 @@ class Projected(Optimizer):
                 settings["total"],
                 settings["method"],
             )
+            self.lower = settings.get("lower")
+            self.upper = settings.get("upper")
+            self.k = settings.get("k")
 
     def __repr__(self) -> str:
         return (
             f"Projected({type(self.optimizer).__name__}, {len(self.projected)} parameter(s), "
-            f"dim={self.dim}, total={self.total}, method={self.method!r})"
+            f"dim={self.dim}, total={self.total}, method={self.method!r}"
+            + (f", lower={_show(self.lower)}" if self.lower is not None else "")
+            + (f", upper={_show(self.upper)}" if self.upper is not None else "")
+            + (f", k={self.k}" if self.k is not None else "")
+            + ")"
         )

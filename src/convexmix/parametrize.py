@@ -36,6 +36,7 @@ from convexmix.functional._checks import (
     compute_dtype,
     normalize_dim,
 )
+from convexmix.functional._project import project_simplex
 from convexmix.functional._registry import get_map
 from convexmix.functional._sparse import sparsemax
 
@@ -69,6 +70,51 @@ def to_simplex(value: Tensor, dim: int, total: float, *, what: str = "value") ->
     return sparsemax(p, d, total=total).to(value.dtype)
 
 
+#: The maps that take ``upper=``.
+CAPPED_MAPS = ("softmax", "sparsemax")
+
+
+def check_upper(upper: float | None, map: str) -> float | None:
+    """A cap on every weight: None or a finite float > 0, for the maps that support it."""
+    if upper is None:
+        return None
+    if isinstance(upper, bool) or not isinstance(upper, (int, float)):
+        raise ConvexMixError(f"upper must be None or a float > 0; got {type(upper).__name__}.")
+    if not (math.isfinite(upper) and upper > 0):
+        raise ConvexMixError(f"upper must be finite and > 0; got {upper}.")
+    if map not in CAPPED_MAPS:
+        raise ConvexMixError(
+            f"upper= needs map='softmax' (constrained softmax) or map='sparsemax' "
+            f"(capped projection); got map={map!r}."
+        )
+    return float(upper)
+
+
+def check_capacity(k: int, total: float, upper: float | None) -> None:
+    """K weights capped at ``upper`` can sum to ``total`` only if ``K * upper >= total``."""
+    if upper is not None and k * upper < total * (1 - 1e-12):
+        raise ConvexMixError(
+            f"infeasible cap: {k} weights of at most upper={upper} sum to at most "
+            f"{k * upper:.6g} < total={total}."
+        )
+
+
+def to_capped(p: Tensor, dim: int, total: float, upper: float) -> Tensor:
+    """``p`` (on the simplex) if every entry is <= ``upper``, else its projection onto the
+    capped simplex, with a warning."""
+    check_capacity(p.shape[dim], total, upper)
+    tol = _on_simplex_tolerance(p, p.shape[dim], total)
+    if bool((p <= upper + tol).all()):
+        return p.clamp_max(upper)
+    warnings.warn(
+        f"value has entries above upper={upper}; starting from its projection onto the "
+        "capped simplex.",
+        ConvexMixWarning,
+        stacklevel=3,
+    )
+    return project_simplex(p, dim, total=total, upper=upper)
+
+
 class Simplex(nn.Module):
     """Parametrization onto the simplex: ``forward(free) = map(free / temperature)``.
 
@@ -83,6 +129,9 @@ class Simplex(nn.Module):
         dim: the dimension of the constrained tensor that sums to ``total``.
         total: the sum, > 0.
         temperature: divides the free values before the map, > 0.
+        upper: a cap on every weight (``"softmax"``: the constrained softmax,
+            ``"sparsemax"``: the capped projection), a float > 0 with
+            ``K * upper >= total``; None for no cap.
 
     Example:
         >>> import torch, convexmix as cx
@@ -100,7 +149,12 @@ class Simplex(nn.Module):
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
         >>> s(s.right_inverse(torch.tensor([0.1, 0.2, 0.3, 0.4])))
         tensor([0.1000, 0.2000, 0.3000, 0.4000])
+        >>> cx.Simplex("softmax", upper=0.3)(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+        tensor([0.3000, 0.2333, 0.2333, 0.2333])
     """
+
+    #: the cap (class default: modules pickled before caps existed load uncapped)
+    upper: float | None = None
 
     def __init__(
         self,
@@ -108,6 +162,7 @@ class Simplex(nn.Module):
         dim: int = -1,
         total: float = 1.0,
         temperature: float = 1.0,
+        upper: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = get_map(map)
@@ -119,6 +174,7 @@ class Simplex(nn.Module):
         if isinstance(t, Tensor):
             raise ConvexMixError("Simplex takes a float temperature; got a tensor.")
         self.temperature = t
+        self.upper = check_upper(upper, self.spec.name)
 
     @property
     def map(self) -> str:
@@ -131,6 +187,11 @@ class Simplex(nn.Module):
         ``mask`` (bool, True = present, broadcastable to the weights) restricts the map to
         the present entries; absent ones are exactly 0."""
         z = free if self.temperature == 1.0 else free / self.temperature
+        if self.upper is not None:
+            capped: Tensor = self.spec.forward(
+                z, self.dim, mask=mask, total=self.total, upper=self.upper
+            )
+            return capped
         out: Tensor = self.spec.forward(z, self.dim, mask=mask, total=self.total)
         return out
 
@@ -139,6 +200,8 @@ class Simplex(nn.Module):
         check_tensor(value, "value")
         p = to_simplex(value, self.dim, self.total)
         d = normalize_dim(p, self.dim)
+        if self.upper is not None:
+            p = to_capped(p, d, self.total, self.upper)
         free = self.spec.inverse(p, d, self.total)
         return free if self.temperature == 1.0 else free * self.temperature
 
@@ -153,6 +216,8 @@ class Simplex(nn.Module):
         s = f"map={self.map!r}, dim={self.dim}, total={self.total}"
         if self.temperature != 1.0:
             s += f", temperature={self.temperature}"
+        if self.upper is not None:
+            s += f", upper={self.upper}"
         return s
 
 
@@ -238,6 +303,7 @@ def simplex_(
     dim: int = -1,
     total: float = 1.0,
     temperature: float = 1.0,
+    upper: float | None = None,
 ) -> nn.Module:
     """Constrain ``module.<name>`` to the simplex in place, starting from its current value.
 
@@ -255,6 +321,7 @@ def simplex_(
         dim: the dimension of the parameter that sums to ``total``.
         total: the sum, > 0.
         temperature: divides the free values before the map, > 0.
+        upper: a cap on every entry (``"softmax"`` and ``"sparsemax"`` only), or None.
 
     Returns:
         ``module``, constrained.
@@ -289,7 +356,7 @@ def simplex_(
     if hasattr(module, free_name):
         raise ConvexMixError(f"cannot add {free_name!r}: {type(module).__name__} already has it.")
     normalize_dim(param, dim, f"parameter {name!r}")
-    simplex = Simplex(map, dim, total, temperature)
+    simplex = Simplex(map, dim, total, temperature, upper=upper)
     with torch.no_grad():
         free = simplex.right_inverse(param.detach())
     # Only now that everything is checked do we touch the module.
