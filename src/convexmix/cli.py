@@ -124,6 +124,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
             max_iter=args.max_iter,
             fit_callback=lambda it, f, gap: fit_bar(info=f"gap {gap:.1e}", completed=it),
             selection_callback=lambda m, f: sel_bar(info=f"loss {f:.5f}"),
+            max_weight=args.max_weight,
+            max_models=args.max_models,
         )
     fit, car = result.fit, result.caruana
     K = len(names)
@@ -164,8 +166,16 @@ def run_ensemble(args: argparse.Namespace) -> int:
         )
     console.print(table)
     losses = result.losses()
+    limits = ", ".join(
+        part
+        for part in (
+            f"max weight {args.max_weight:g}" if args.max_weight is not None else "",
+            f"max {args.max_models} models" if args.max_models is not None else "",
+        )
+        if part
+    )
     labels = {
-        "convexmix": "convexmix (exact optimum)",
+        "convexmix": "convexmix (exact optimum" + (f", {limits})" if limits else ")"),
         "caruana": f"Caruana ensemble selection ({args.size})",
         "equal_weights": "equal weights",
         "best_single": f"best single model ({names[result.best_single]})",
@@ -202,6 +212,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
             "map": args.map,
             "method": fit.method,
             "sample_shape": list(predictions.shape[2:]),
+            "max_weight": args.max_weight,
+            "max_models": args.max_models,
         }
         if boot is not None:
             payload["bootstrap"] = {
@@ -416,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ens.add_argument("--size", type=int, default=50, help="Caruana's number of picks")
     ens.add_argument("--tol", type=float, default=1e-10, help="optimality gap to stop at")
+    ens.add_argument(
+        "--max-weight", type=float, default=None, metavar="U", help="cap on every weight"
+    )
+    ens.add_argument(
+        "--max-models", type=int, default=None, metavar="K", help="at most K non-zero weights"
+    )
     ens.add_argument("--max-iter", type=int, default=200, help="most Newton iterations")
     ens.add_argument("--out", metavar="JSON", help="write the weights and losses as JSON")
     ens.add_argument("--plot", metavar="PNG", help="draw the weights and losses")

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from convexmix.ensemble import _capped
 from convexmix.ensemble._distributed import reducer
 from convexmix.ensemble._files import read_weights_file
 from convexmix.ensemble._inputs import as_predictions, make_objective
@@ -73,7 +74,8 @@ class EnsembleResult:
             initialise a :class:`~convexmix.SimplexWeights` or a parametrized layer.
         map: the name of that map.
         regularization: the ``lam`` that was used (chosen by cross-validation for "cv").
-        method: "newton" or "caruana".
+        method: "newton", "caruana", or with ``max_models``: "branch-and-bound" (proven
+            best support) or "forward-swap" (the heuristic for large K).
         models: the models' names, when known (:func:`load_weights` reads them).
     """
 
@@ -130,6 +132,8 @@ def fit_weights(
     seed: int = 0,
     callback: Callable[[int, float, float], None] | None = None,
     process_group: Any = None,
+    max_weight: float | None = None,
+    max_models: int | None = None,
 ) -> EnsembleResult:
     """The convex blend weights that minimise a loss on stored predictions, exactly.
 
@@ -167,6 +171,12 @@ def fit_weights(
             ``None`` uses the default group when it is initialised (one process
             otherwise). Sharded fits take "log_loss" or "mse" and a number for
             ``regularization``.
+        max_weight: a cap on every weight, ``1/K <= max_weight <= 1``: the exact optimum
+            over ``{0 <= w <= max_weight, sum w = 1}`` (a box-constrained Newton method).
+        max_models: at most this many non-zero weights. Exact (branch and bound over the
+            supports, with the convex fits as bounds) for K <= 24; above, forward
+            selection plus swaps (a heuristic: ``result.method`` says which, and
+            docs/ensemble.md gives its measured gap).
 
     Returns:
         An :class:`EnsembleResult`; ``weights`` is (K,) float64 with exact zeros for the
@@ -183,6 +193,10 @@ def fit_weights(
     >>> y = 0.25 * p[0] + 0.75 * p[1]
     >>> cx.ensemble.fit_weights(p, y, loss="mse").weights
     tensor([0.2500, 0.7500, 0.0000], dtype=torch.float64)
+    >>> cx.ensemble.fit_weights(p, y, loss="mse", max_weight=0.6).weights
+    tensor([0.3940, 0.6000, 0.0060], dtype=torch.float64)
+    >>> cx.ensemble.fit_weights(p, y, loss="mse", max_models=1).weights
+    tensor([0., 1., 0.], dtype=torch.float64)
     """
     _check_fit_args(map, tol, max_iter, regularization, cv_folds)
     p = as_predictions(predictions)
@@ -197,7 +211,76 @@ def fit_weights(
                 "a sharded fit (process_group) takes a number for regularization; got 'cv'."
             )
     obj = make_objective(p, targets, loss, sample_weight, validate, reduce)
+    if max_weight is not None or max_models is not None:
+        if reduce is not local:
+            raise ConvexMixError(
+                "a sharded fit (process_group) does not take max_weight/max_models."
+            )
+        return _fit_constrained(
+            obj, map, regularization, tol, max_iter, callback, max_weight, max_models
+        )
     return _fit(obj, map, regularization, tol, max_iter, cv_folds, seed, callback)
+
+
+def _fit_constrained(
+    obj: DataObjective,
+    map: str,
+    regularization: float | str,
+    tol: float,
+    max_iter: int,
+    callback: Callable[[int, float, float], None] | None,
+    max_weight: float | None,
+    max_models: int | None,
+) -> EnsembleResult:
+    """``fit_weights`` under ``max_weight`` and/or ``max_models`` (see ``_capped``)."""
+    K = obj.K
+    if max_weight is not None:
+        if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)):
+            raise ConvexMixError(f"max_weight must be a number; got {type(max_weight).__name__}.")
+        if not (math.isfinite(max_weight) and max_weight > 0):
+            raise ConvexMixError(f"max_weight must be finite and > 0; got {max_weight}.")
+    cap = 1.0 if max_weight is None else min(float(max_weight), 1.0)
+    if max_models is not None and (
+        isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1
+    ):
+        raise ConvexMixError(f"max_models must be an int >= 1; got {max_models!r}.")
+    k = K if max_models is None else min(max_models, K)
+    if k * cap < 1.0 - 1e-12:
+        raise ConvexMixError(
+            f"infeasible: {k} model(s) with weights of at most max_weight={cap} sum to at "
+            f"most {k * cap:.6g} < 1 (need max_weight >= 1/{k})."
+        )
+    if isinstance(regularization, str):
+        raise ConvexMixError(
+            "regularization='cv' is not available with max_weight/max_models; pass a number."
+        )
+    lam = float(regularization)
+    solved = Regularized(obj, lam) if lam > 0 else obj
+    method = "newton"
+    if k < K:
+        search = _capped.Search(solved, cap, float(tol), max_iter)
+        exact = K <= _capped.EXACT_MAX_MODELS
+        allowed, proven = _capped.best_support(search, k, exact)
+        method = "branch-and-bound" if proven else "forward-swap"
+        u = torch.zeros(K, dtype=torch.float64)
+        u[sorted(allowed)] = cap
+    else:
+        u = torch.full((K,), cap, dtype=torch.float64)
+    w, history, n_iter, gap, converged = _capped.newton_capped(
+        solved, u, float(tol), max_iter, callback
+    )
+    return EnsembleResult(
+        weights=w,
+        loss=obj.loss(w),
+        history=history,
+        n_iter=n_iter,
+        gap=gap,
+        converged=converged,
+        free=_free(w, map),
+        map=map,
+        regularization=lam,
+        method=method,
+    )
 
 
 def _non_negative_number(x: object) -> bool:
@@ -378,6 +461,8 @@ def compare(
     seed: int = 0,
     fit_callback: Callable[[int, float, float], None] | None = None,
     selection_callback: Callable[[int, float], None] | None = None,
+    max_weight: float | None = None,
+    max_models: int | None = None,
 ) -> Comparison:
     """Fit the exact weights and score equal weights, each model alone and Caruana.
 
@@ -395,7 +480,12 @@ def compare(
     _check_fit_args(map, tol, max_iter, regularization, cv_folds)
     _check_size(size)
     obj = make_objective(predictions, targets, loss, sample_weight, validate)
-    fit = _fit(obj, map, regularization, tol, max_iter, cv_folds, seed, fit_callback)
+    if max_weight is not None or max_models is not None:
+        fit = _fit_constrained(
+            obj, map, regularization, tol, max_iter, fit_callback, max_weight, max_models
+        )
+    else:
+        fit = _fit(obj, map, regularization, tol, max_iter, cv_folds, seed, fit_callback)
     caruana = _select(obj, size, False, map, selection_callback)
     K = obj.K
     eye = torch.eye(K, dtype=torch.float64)
