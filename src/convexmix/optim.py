@@ -281,14 +281,10 @@ class Projected(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["projected"] = {
-            "dim": self.dim,
-            "total": self.total,
-            "method": self.method,
-            "lower": self.lower,
-            "upper": self.upper,
-            "k": self.k,
-        }
+        state["projected"] = {"dim": self.dim, "total": self.total, "method": self.method}
+        for key in ("lower", "upper", "k"):  # only when set: unbounded dicts stay as they were
+            if getattr(self, key) is not None:
+                state["projected"][key] = getattr(self, key)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
