@@ -42,6 +42,12 @@ CAPPED_BISECT_STEPS = 6
 #: The Newton steps stop when the partition is stable; this caps them (each failed
 #: Newton step halves the bracket, so 200 steps reach any float's resolution).
 CAPPED_MAX_STEPS = 200
+#: Blocks of at least this many elements (scalar bounds, rows of ``COMPACT_K``+ entries)
+#: gather the entries that can still change state after ``COMPACT_AFTER`` false-position
+#: steps, and finish on those.
+COMPACT_NUMEL = 1 << 15
+COMPACT_AFTER = 2
+COMPACT_K = 128
 #: Rows are projected in blocks of about this many elements (small reused scratch).
 ROW_BLOCK = 1 << 20
 
@@ -124,6 +130,61 @@ def _rows(b: Tensor, shape: torch.Size, d: int) -> Tensor:
 # ----------------------------------------------------------------- capped projection
 
 
+def _gather_active(
+    z: Tensor, lo: Tensor, hi: Tensor, lv: float, uv: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries whose state can change for tau in [lo, hi] (as values and row indices)
+    and, per row, the mass of the others: those at the cap for every tau <= hi and those
+    at the lower bound for every tau >= lo (strict tests: ties stay active)."""
+    capped = (z - hi) > uv if math.isfinite(uv) else torch.zeros_like(z, dtype=torch.bool)
+    low = (z - lo) < lv
+    const = low.sum(-1).to(z.dtype) * lv
+    if math.isfinite(uv):
+        const += capped.sum(-1).to(z.dtype) * uv
+    active = ~(capped | low)
+    rows = active.nonzero()[:, 0]
+    return z[active], rows, const
+
+
+def _exact_compact(
+    compact: tuple[Tensor, Tensor, Tensor],
+    tau: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    z: Tensor,
+    lv: float,
+    uv: float,
+    total: float,
+) -> Tensor:
+    """The threshold from the partition of the gathered entries at ``tau``, in float64
+    (the gathered set holds every entry whose state differs anywhere in [lo, hi])."""
+    za, ra, const = compact
+    rows = z.shape[0]
+    f64 = torch.float64
+    za64 = za.to(f64)
+    t64 = tau.reshape(-1).to(f64)
+    counts: tuple[Tensor, Tensor] | None = None
+    for _ in range(4):
+        d = za64 - t64[ra]
+        up = d >= uv
+        lw = d <= lv
+        free = ~(up | lw)
+        n_up = torch.zeros(rows, dtype=f64, device=z.device).index_add_(0, ra, up.to(f64))
+        n_lo = torch.zeros(rows, dtype=f64, device=z.device).index_add_(0, ra, lw.to(f64))
+        if counts is not None and torch.equal(n_up, counts[0]) and torch.equal(n_lo, counts[1]):
+            break
+        counts = (n_up, n_lo)
+        n_free = torch.zeros(rows, dtype=f64, device=z.device).index_add_(0, ra, free.to(f64))
+        s = torch.zeros(rows, dtype=f64, device=z.device).index_add_(
+            0, ra, torch.where(free, za64, 0.0)
+        )
+        s += const.to(f64) + n_lo * lv
+        if math.isfinite(uv):
+            s += n_up * uv
+        t64 = torch.where(n_free > 0, (s - total) / n_free.clamp_min(1.0), t64)
+    return t64.unsqueeze(-1)
+
+
 def _capped_rows(z: Tensor, lo_b: Tensor, up_b: Tensor, total: float, n_iter: int) -> Tensor:
     """Project each row of a 2-D block ``z`` onto ``{l <= p <= u, sum p = total}``."""
     rows, k = z.shape
@@ -135,6 +196,7 @@ def _capped_rows(z: Tensor, lo_b: Tensor, up_b: Tensor, total: float, n_iter: in
         up_b = torch.where(present, up_b, 0.0)
     scalar = lo_b.numel() == 1 and up_b.numel() == 1
     inf = z.new_full((), math.inf)
+    lv = uv = 0.0
     if scalar:
         lv, uv = float(lo_b), float(up_b)
         if has_absent:
@@ -164,10 +226,18 @@ def _capped_rows(z: Tensor, lo_b: Tensor, up_b: Tensor, total: float, n_iter: in
     hi = torch.where(allabsent, 0.0, hi)
 
     buf = torch.empty_like(z)
+    # Once the bracket is narrow, only the entries that can change state inside it
+    # matter: they are gathered (with their row index) and the others are counted.
+    compact: tuple[Tensor, Tensor, Tensor] | None = None
+    big = scalar and z.numel() >= COMPACT_NUMEL and k >= COMPACT_K
 
     def excess(tau: Tensor) -> Tensor:  # m(tau) - total, m non-increasing
-        torch.sub(z, tau, out=buf)
-        return buf.clamp_(lo_b, up_b).sum(-1, keepdim=True) - total
+        if compact is None:
+            torch.sub(z, tau, out=buf)
+            return buf.clamp_(lo_b, up_b).sum(-1, keepdim=True) - total
+        za, ra, const = compact
+        d = (za - tau.reshape(-1)[ra]).clamp_(lv, uv)
+        return (const + z.new_zeros(rows).index_add_(0, ra, d) - total).unsqueeze(-1)
 
     for _ in range(n_iter):
         mid = (lo + hi) / 2
@@ -184,9 +254,11 @@ def _capped_rows(z: Tensor, lo_b: Tensor, up_b: Tensor, total: float, n_iter: in
     tau = torch.where(flo <= tol, lo, hi)
     done = allabsent | (flo <= tol) | (fhi >= -tol)
     side = torch.zeros_like(tau)
-    for _ in range(CAPPED_MAX_STEPS):
+    for step in range(CAPPED_MAX_STEPS):
         if bool(done.all()):
             break
+        if big and compact is None and step == COMPACT_AFTER:
+            compact = _gather_active(z, lo, hi, lv, uv)
         mid = (lo + hi) / 2
         gap = flo - fhi
         s = lo + flo * (hi - lo) / torch.where(gap > 0, gap, 1.0)
@@ -208,6 +280,11 @@ def _capped_rows(z: Tensor, lo_b: Tensor, up_b: Tensor, total: float, n_iter: in
     # The exact threshold from the partition at tau, in float64; a stable partition
     # (checked at the new threshold) means exact. One or two rounds at most.
     f64 = torch.float64
+    if compact is not None:
+        tau64 = _exact_compact(compact, tau, lo, hi, z, lv, uv, total)
+        out = torch.empty_like(z)
+        torch.sub(z, tau64, out=out)
+        return out.clamp_(lv, uv)
     zero = z.new_zeros(())
     upper_mask = torch.empty(z.shape, dtype=torch.bool, device=z.device)
     lower_mask = torch.empty(z.shape, dtype=torch.bool, device=z.device)
