@@ -153,7 +153,7 @@ def main() -> None:
             times["cvxpylayers"] = (time.perf_counter() - t0) * rows / n
         base = times["convexmix capped"]
         for name, t in times.items():
-            out = torch.as_tensor(np.asarray(outs[name]))
+            out = torch.as_tensor(np.array(outs[name]))
             if name == "optax simplex (no cap)" or name == "convexmix unbounded":
                 err = "(no cap)"
             else:
