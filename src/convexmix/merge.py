@@ -295,7 +295,6 @@ class LearnedMerge(nn.Module):
         self._cx_cache: dict[int, Tensor] | None = None
         self._cx_weights: Tensor | None = None
         self.free = nn.Parameter(self._initial_free(init))
-        self.learn_scale = learn is not None
         self._fixed_scale = 1.0 if learn is not None else float(scale)
         self.log_scale: nn.Parameter | None = None
         if learn is not None:
