@@ -4,8 +4,8 @@
 
 One run prints, for each case, the time of convexmix and of the naive code or peer
 (forward and backward, ``out.backward(g)``) and the ratio convexmix / naive. Each pair
-is timed interleaved (a batch of convexmix calls, then a batch of naive calls, and
-again), best of ``--rounds`` rounds, so that both see the same machine load.
+is timed interleaved (a ~1 ms batch of convexmix calls, then one of naive calls, and
+again), best of at least ``--rounds`` rounds, so that both see the same machine load.
 
 The grid (issue 12):
 
@@ -38,28 +38,35 @@ import convexmix as cx
 Fn = Callable[[], object]
 
 
-def pair(a: Fn, b: Fn, rounds: int, budget: float = 0.02) -> tuple[float, float]:
-    """Best-of-``rounds`` seconds per call of ``a`` and of ``b``, timed interleaved."""
-    a()
-    b()
-    t0 = time.perf_counter()
-    a()
-    b()
-    once = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(budget / once))
-    best_a = best_b = float("inf")
-    gc.collect()
-    for _ in range(rounds):
+def pair(
+    a: Fn, b: Fn, rounds: int, batch: float = 1e-3, budget: float = 4.0
+) -> tuple[float, float]:
+    """Best seconds per call of ``a`` and of ``b``, timed interleaved.
+
+    Each round times a batch of about ``batch`` seconds of ``a``, then one of ``b``; the
+    best of the rounds is kept. Short batches fit between the scheduler's interruptions
+    on a shared machine, so the best round is a quiet one for both. At least ``rounds``
+    rounds, more while the case has used less than ``budget`` seconds (at most 10x)."""
+    counts = []
+    for f in (a, b):
+        f()
+        f()
         t0 = time.perf_counter()
-        for _ in range(n):
-            a()
-        t1 = time.perf_counter()
-        for _ in range(n):
-            b()
-        t2 = time.perf_counter()
-        best_a = min(best_a, (t1 - t0) / n)
-        best_b = min(best_b, (t2 - t1) / n)
-    return best_a, best_b
+        f()
+        counts.append(max(1, int(batch / max(time.perf_counter() - t0, 1e-7))))
+    best = [float("inf"), float("inf")]
+    gc.collect()
+    start = time.perf_counter()
+    done = 0
+    while done < rounds or (time.perf_counter() - start < budget and done < 10 * rounds):
+        for i, f in enumerate((a, b)):
+            n = counts[i]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            best[i] = min(best[i], (time.perf_counter() - t0) / n)
+        done += 1
+    return best[0], best[1]
 
 
 ROWS: list[tuple[str, float, float]] = []
@@ -216,13 +223,13 @@ def layer_cases(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a few sizes of each case")
     args = parser.parse_args()
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, convexmix {cx.__version__}; fwd+bwd unless marked fwd; "
-        f"best of {args.rounds} interleaved rounds\n"
+        f"best of >= {args.rounds} interleaved rounds\n"
     )
     print("| case | convexmix (us) | naive (us) | ratio |")
     print("|---|---:|---:|---:|")

@@ -2,8 +2,8 @@
 
 Three ways to run, one answer:
 
-* eager, small (fewer than ``COMPOSITE_MAX`` elements moved): composite ATen code, ``mul``
-  then K-1 ``addcmul`` (a GEMV for one stacked tensor). At these sizes any fused call
+* eager, small (inputs of fewer than ``COMPOSITE_MAX`` elements): composite ATen code,
+  ``mul`` then K-1 ``addcmul`` (a GEMV for one stacked tensor). At these sizes any fused call
   costs more in fixed overhead than it saves in memory traffic;
 * eager, larger: ``_Fused``, a plain ``autograd.Function`` around the kernels of
   ``convexmix._kernels.combine`` (native C on CPU, Triton on CUDA, blocked ATen
@@ -133,11 +133,12 @@ _combine_op.register_autograd(_backward, setup_context=_setup)
 
 # ------------------------------------------------------------------- eager paths
 
-#: Below this many elements moved (``(K + 1) * numel``), eager calls run composite ATen
-#: code (``mul`` then ``addcmul``): one fused kernel behind an ``autograd.Function`` costs
-#: more in fixed overhead than it saves in memory traffic (measured:
-#: benchmarks/bench_overhead.py). At and above it, the fused kernels.
-COMPOSITE_MAX = 1 << 17
+#: Inputs of fewer elements than this run composite ATen code in eager calls (``mul``
+#: then ``addcmul``): up to (256, 1024) inputs, whatever K, that measured faster than
+#: the fused kernels behind an ``autograd.Function`` (their fixed costs, and fresh
+#: gradient buffers, outweigh the memory traffic they save); from (8, 128, 768) on the
+#: fused kernels won by 2-4x (benchmarks/bench_overhead.py).
+COMPOSITE_MAX = 1 << 19
 
 #: Forces one path for every eager call (tests and benchmarks): ``"composite"``,
 #: ``"fused"`` (the ``autograd.Function``) or ``"op"`` (the custom op that
@@ -260,7 +261,7 @@ def convex_combination(
     are usually on the simplex (the output of a map), but any weights work (a ScalarMix
     gamma is folded in this way); they are not checked, so nothing synchronises.
 
-    Small calls (fewer than ``COMPOSITE_MAX`` elements moved) run K ATen kernels
+    Small calls (inputs of fewer than 2^19 elements) run K ATen kernels
     (``mul``, then ``addcmul``), which cost less than any fused call's fixed overhead;
     larger ones the fused kernels. Under ``torch.compile`` the call is one opaque custom
     op (no graph break); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
@@ -342,7 +343,7 @@ def convex_combination(
     if _transformed():
         path = "composite"
     elif path is None:
-        path = "composite" if (k + 1) * shape.numel() < COMPOSITE_MAX else "fused"
+        path = "composite" if shape.numel() < COMPOSITE_MAX else "fused"
     if path == "composite":
         return _composite_stacked(w, full, d) if stacked else _composite(w, xs)
     if stacked:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from convexmix.functional._checks import check_temperature, compute_dtype, prepare
+from convexmix.functional._checks import check_temperature, compute_dtype, prepare, traced
 
 __all__ = ["softmax", "softmax_inverse"]
 
@@ -18,16 +18,24 @@ SOFTMAX_ZERO_EPS = 1e-12
 
 
 #: ``torch._safe_softmax`` (torch >= 2.5): one ATen op that gives zeros, with zero
-#: gradients, for all--inf slices. Dynamo cannot trace it, so compiled graphs use the
-#: composite form below (which Inductor fuses anyway).
+#: gradients, for all--inf slices, at the cost of three more kernels than the softmax.
+#: Dynamo cannot trace it, so compiled graphs use the composite form below (which
+#: Inductor fuses anyway).
 _SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)
 
 
 def safe_softmax(z: Tensor, dim: int) -> Tensor:
     """``torch.softmax`` that returns zeros (and zero gradients) for all--inf slices.
 
-    ``z`` is already masked (-inf = absent) and in its compute dtype.
+    ``z`` is already masked (-inf = absent) and in its compute dtype. In plain eager calls
+    on the CPU this is ``torch.softmax`` and one sum of its output: only a NaN there (an
+    all--inf slice, or a NaN or +inf input) sends the call to the safe form, so the usual
+    call costs one reduction more than ``torch.softmax``, and its backward is the same.
     """
+    if z.device.type == "cpu" and not traced():
+        p = torch.softmax(z, dim)
+        if not math.isnan(p.sum().item()):
+            return p
     if _SAFE_SOFTMAX is not None and not torch.compiler.is_compiling():
         out: Tensor = _SAFE_SOFTMAX(z, dim)
         return out
