@@ -139,7 +139,7 @@ class SimplexWeights(nn.Module):
                 got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ShapeError(f"mask must have shape (n,) or (B, n) with n={self.n}; got {got}.")
             free = free.expand(*mask.shape[:-1], free.shape[-1])
-        out: Tensor = self.simplex(free, mask=mask)
+        out: Tensor = self.simplex.forward(free, mask=mask)
         return out
 
     @property
@@ -307,7 +307,7 @@ class WeightedSum(nn.Module):
     @property
     def weights(self) -> Tensor:
         """The current weights, ``(n,)`` or ``(n, C)`` (with the graph, like ``forward``)."""
-        out: Tensor = self.simplex(self.free)
+        out: Tensor = self.simplex.forward(self.free)
         return out
 
     def _split(self, inputs: Inputs) -> tuple[list[Tensor | None], Tensor | None]:
@@ -405,14 +405,16 @@ class WeightedSum(nn.Module):
         free = self.free
         if mask.dim() == 1:
             m = mask if self.channels is None else mask[:, None]
-            out: Tensor = self.simplex(free, mask=m)
+            out: Tensor = self.simplex.forward(free, mask=m)
             return out
         b = mask.shape[0]
         per_sample = mask.T  # (n, B)
         if self.channels is None:
-            w: Tensor = self.simplex(free[:, None].expand(free.shape[0], b), mask=per_sample)
+            w: Tensor = self.simplex.forward(
+                free[:, None].expand(free.shape[0], b), mask=per_sample
+            )
             return w.reshape(self.n, b, *([1] * (like.dim() - 1)))
-        w = self.simplex(
+        w = self.simplex.forward(
             free[:, None, :].expand(free.shape[0], b, self.channels), mask=per_sample[..., None]
         )
         return w.reshape(self.n, b, *([1] * (like.dim() - 2)), self.channels)
