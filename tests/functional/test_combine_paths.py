@@ -148,3 +148,33 @@ def test_weighted_sum_model_ensembling_with_vmap() -> None:
     for i, m in enumerate(models):
         (ref,) = torch.autograd.grad(m(xs).sum(), [m.free])
         torch.testing.assert_close(g[i], ref)
+
+
+def test_layers_compile_fullgraph_like_eager() -> None:
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    fuse = cx.WeightedSum(3, init=[0.2, 0.3, 0.5], bias=True)
+    mix = cx.ScalarMix(3, init=[0.1, 0.6, 0.3])
+    weights = cx.SimplexWeights(5, map="sparsemax", init=[0.1, 0.2, 0.3, 0.4, 0.0])
+    for module, args in ((fuse, (xs,)), (mix, (xs,)), (weights, ())):
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args), module(*args))
+
+
+def test_eager_maps_match_the_custom_ops() -> None:
+    """The eager Functions run the ops' bodies; torch.func runs the ops: same values and
+    gradients."""
+    x = rand(4, 7, seed=30)
+    f = cx.functional
+    for fn in (
+        f.sparsemax,
+        f.entmax15,
+        lambda x: f.entmax(x, 1.3),
+        lambda x: f.project_simplex(x, method="bisect"),
+        lambda x: f.project_simplex(x, method="condat"),
+    ):
+        g = rand(4, 7, seed=31)
+        xe = x.clone().requires_grad_()
+        (ge,) = torch.autograd.grad((fn(xe) * g).sum(), [xe])
+        got, vjp = torch.func.vjp(fn, x)
+        torch.testing.assert_close(got, fn(x))
+        torch.testing.assert_close(vjp(g)[0], ge)
