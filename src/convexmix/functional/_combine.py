@@ -134,10 +134,9 @@ _combine_op.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------- eager paths
 
 #: Inputs of fewer elements than this run composite ATen code in eager calls (``mul``
-#: then ``addcmul``): up to (256, 1024) inputs, whatever K, that measured faster than
-#: the fused kernels behind an ``autograd.Function`` (their fixed costs, and fresh
-#: gradient buffers, outweigh the memory traffic they save); from (8, 128, 768) on the
-#: fused kernels won by 2-4x (benchmarks/bench_overhead.py).
+#: then ``addcmul``): there the fused kernels' fixed costs (the Function, the ctypes
+#: calls, fresh gradient buffers) outweigh the memory traffic they save, whatever K;
+#: above it the fused kernels win (figures in docs/benchmarks.md).
 COMPOSITE_MAX = 1 << 19
 
 #: Forces one path for every eager call (tests and benchmarks): ``"composite"``,
