@@ -22,6 +22,11 @@ def check_tensor(x: object, name: str = "x") -> Tensor:
             f"{name} must be a floating-point tensor; got dtype {x.dtype}. "
             f"Convert it first, e.g. {name}.float()."
         )
+    if x.layout != torch.strided:
+        raise ConvexMixError(
+            f"{name} must be a dense (strided) tensor; got layout {x.layout}. "
+            f"Convert it first, e.g. {name}.to_dense()."
+        )
     return x
 
 
@@ -40,10 +45,20 @@ def normalize_dim(x: Tensor, dim: int, name: str = "x") -> int:
     return dim % ndim
 
 
-def check_total(total: float | Tensor) -> float:
-    """The sum of the output: a finite number > 0."""
+#: (smallest normal, largest finite) value of each floating dtype: the range of ``total``.
+_RANGE = {
+    dt: (torch.finfo(dt).tiny, torch.finfo(dt).max)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def check_total(total: float | Tensor, dtype: torch.dtype | None = None) -> float:
+    """The sum of the output: a finite number > 0 that ``dtype`` (the output's) can hold,
+    between its smallest normal and its largest finite value."""
     if total.__class__ is float and 0.0 < total < math.inf:  # the usual case, first
-        return total
+        if total == 1.0 or dtype is None:
+            return total
+        return _in_range(total, dtype)
     if isinstance(total, Tensor):
         if total.numel() != 1:
             raise ConvexMixError(
@@ -54,7 +69,19 @@ def check_total(total: float | Tensor) -> float:
         raise ConvexMixError(f"total must be a positive number; got {type(total).__name__}.")
     if not (math.isfinite(total) and total > 0):
         raise ConvexMixError(f"total must be finite and > 0; got {total}.")
+    if dtype is not None and total != 1.0:
+        return _in_range(float(total), dtype)
     return float(total)
+
+
+def _in_range(total: float, dtype: torch.dtype) -> float:
+    lo, hi = _RANGE.get(dtype, (0.0, math.inf))
+    if not lo <= total <= hi:
+        raise ConvexMixError(
+            f"total={total:g} cannot be represented by the output dtype {dtype}: "
+            f"expected {lo:.3g} <= total <= {hi:.3g}."
+        )
+    return total
 
 
 def any_true(cond: Tensor) -> bool:
@@ -133,4 +160,4 @@ def prepare(x: Tensor, dim: int, mask: Tensor | None, total: float) -> tuple[Ten
     z = x if dtype == torch.float32 or dtype == torch.float64 else x.to(compute_dtype(dtype))
     if mask is not None:
         z = apply_mask(z, mask)
-    return z, d, check_total(total)
+    return z, d, check_total(total, dtype)

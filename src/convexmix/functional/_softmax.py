@@ -25,7 +25,8 @@ _SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)
 
 
 def safe_softmax(z: Tensor, dim: int) -> Tensor:
-    """``torch.softmax`` that returns zeros (and zero gradients) for all--inf slices.
+    """``torch.softmax`` that returns zeros (and zero gradients) for all--inf slices, and
+    shares the mass among the ``+inf`` entries of a slice that has any.
 
     ``z`` is already masked (-inf = absent) and in its compute dtype. In plain eager calls
     on the CPU this is ``torch.softmax`` and one sum of its output: only a NaN there (an
@@ -36,13 +37,16 @@ def safe_softmax(z: Tensor, dim: int) -> Tensor:
         p = torch.softmax(z, dim)
         if not math.isnan(p.sum().item()):
             return p
+    # +inf -> the largest finite value: the +inf entries then share all the mass (ties
+    # equally) instead of giving NaN. NaN stays NaN and fills its slice, as in torch.softmax.
+    big = torch.finfo(z.dtype).max
     if _SAFE_SOFTMAX is not None and not torch.compiler.is_compiling():
-        out: Tensor = _SAFE_SOFTMAX(z, dim)
+        out: Tensor = _SAFE_SOFTMAX(z.clamp_max(big), dim)
         return out
-    present = (z > -math.inf).any(dim, keepdim=True)
-    # Replace empty slices by zeros *before* the softmax: a where() after it would
-    # still back-propagate NaN through the softmax of an all--inf slice.
-    p = torch.softmax(z.masked_fill(~present, 0.0), dim)
+    present = (z != -math.inf).any(dim, keepdim=True)  # NaN counts as present
+    # -inf -> the lowest finite value *before* the softmax: an all--inf slice then gives a
+    # finite softmax (and finite gradients) that the masked_fill zeroes.
+    p = torch.softmax(torch.nan_to_num(z, nan=math.nan, posinf=big, neginf=-big), dim)
     return p.masked_fill(~present, 0.0)
 
 

@@ -43,11 +43,19 @@ def _sorted_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     are O(1) and free of cancellation, even for logits of 1e4. The sort runs in the
     input dtype: only the order matters."""
     zs = torch.sort(z, dim=-1, descending=True).values.to(torch.float64)
-    top = zs[..., :1]
-    present = top > -math.inf
+    top = zs[..., :1]  # NaN sorts first: NaN for a row with a NaN
+    # A NaN row counts as present: its shift is NaN, so its whole output is NaN.
+    present = top != -math.inf
     shift = torch.where(present, top, 0.0)
     zs -= shift
     return zs, shift, present
+
+
+def clamp_inf(z: Tensor) -> Tensor:
+    """``+inf`` -> the largest finite value of the dtype: the ``+inf`` entries of a row then
+    are its maximum and share all the mass (every other entry is at least ``total`` below
+    them once shifted). NaN stays NaN."""
+    return z.clamp_max(torch.finfo(z.dtype).max)
 
 
 def _finish(
@@ -141,8 +149,10 @@ def _batch_rule_single(op: Any) -> Any:
 
 
 def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1)
+    z = clamp_inf(x.movedim(dim, -1))
     k = z.shape[-1]
+    if k == 0:
+        return x.new_empty(x.shape)
     zs, shift, present = _sorted_shifted(z)
     cs = zs.cumsum(-1)
     ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
@@ -243,8 +253,10 @@ def sparsemax(
 
 
 def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1)
+    z = clamp_inf(x.movedim(dim, -1))
     k = z.shape[-1]
+    if k == 0:
+        return x.new_empty(x.shape)
     zs, shift, present = _sorted_shifted(z)
     zs *= 0.5  # entmax15 works on x / 2; exact
     valid = zs > -math.inf
@@ -321,25 +333,33 @@ def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: flo
 
 
 def _entmax_fwd(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
-    z = x.movedim(dim, -1).to(torch.float64)
+    k = x.shape[dim]
+    if k == 0:
+        return x.new_empty(x.shape)
+    z = clamp_inf(x.movedim(dim, -1).to(torch.float64))
     am1 = alpha.movedim(dim, -1).to(torch.float64) - 1.0
     inv = 1.0 / am1
-    k = z.shape[-1]
-    z = z * am1
-    zmax = z.max(-1, keepdim=True).values
-    present = zmax > -math.inf
-    zmax = torch.where(present, zmax, 0.0)
-    z = torch.where(present, z, 0.0)
-    # At tau = lo the largest entry alone gives t; at tau = hi every entry is <= t/K.
-    lo = zmax - total**am1
-    hi = zmax - (total / k) ** am1
+    # Work relative to the row maximum, like the sort-based maps: x - max is exact near
+    # the maximum (Sterbenz), so the result does not depend on a common shift of x.
+    # NaN propagates through the max into the whole row.
+    zmax = z.amax(-1, keepdim=True)
+    present = zmax != -math.inf
+    # In units of t^(alpha-1), so that the bracket is [-1, -K^(1-alpha)] whatever the total:
+    # p(x, t) = t * p(x / t^(alpha-1), 1). t^(alpha-1) can overflow (t = 1e300, alpha = 3);
+    # its inverse then rounds to the smallest positive float, which keeps -inf entries absent.
+    f64 = torch.finfo(torch.float64)
+    scale = (total ** (-am1)).clamp(f64.tiny, f64.max) if total != 1.0 else 1.0
+    z = (z - torch.where(present, zmax, 0.0)) * (am1 * scale)
+    # At tau = lo the largest entry alone gives 1; at tau = hi every entry is <= 1/K.
+    lo = -torch.ones_like(am1)
+    hi = -((1.0 / k) ** am1)
     for _ in range(n_iter):
-        mid = (lo + hi) / 2
-        above = ((z - mid).clamp_min(0.0) ** inv).sum(-1, keepdim=True) >= total
+        mid = lo + (hi - lo) * 0.5
+        above = ((z - mid).clamp_min(0.0) ** inv).sum(-1, keepdim=True) >= 1.0
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
     p = (z - lo).clamp_min(0.0) ** inv
-    p = p * (total / p.sum(-1, keepdim=True))
+    p = p * (total / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
     p = p.masked_fill(~present, 0.0)
     return p.to(x.dtype).movedim(-1, dim).contiguous()
 

@@ -57,7 +57,7 @@ def stick_breaking(
     """
     check_tensor(z, "z")
     d = normalize_dim(z, dim, "z")
-    total = check_total(total)
+    total = check_total(total, z.dtype)
     u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
     u = u - _offsets(u.shape[-1], u)
     # log p_i = log s_i + sum_{j<i} log(1 - s_j); the last weight is the rest of the stick.
