@@ -2,6 +2,12 @@
 
 Hypothesis profiles sized for a 2-core CI machine; the map names from the registry; the
 save/pickle/deepcopy round trip that every module must survive.
+
+Profiles (``--hypothesis-profile=NAME`` or the ``HYPOTHESIS_PROFILE`` variable): ``ci``
+(the default, sized for a 2-core CI machine), ``dev`` (a few hundred cases per property)
+and ``long`` (10^5 cases per property, for the adversarial suite:
+``pytest tests/functional/test_adversarial.py --hypothesis-profile=long``; hours on two
+cores, so run it with ``-k`` per map in parallel processes).
 """
 
 from __future__ import annotations
@@ -40,4 +46,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("dev", max_examples=300, deadline=None)
+settings.register_profile(
+    "long",
+    max_examples=100_000,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
