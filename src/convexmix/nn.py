@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
+from convexmix.functional._checks import compute_dtype
 from convexmix.functional._combine import convex_combination
 from convexmix.functional._project import project_simplex
 from convexmix.parametrize import Simplex, check_capacity
@@ -191,6 +193,11 @@ def _check_init(init: Init, n: int, channels: int | None) -> Init:
     if isinstance(init, str):
         return init
     p = torch.as_tensor(init, dtype=torch.float64)
+    if channels is None and p.dim() == 2:
+        raise ShapeError(
+            f"init of shape {tuple(p.shape)} gives one simplex per channel: pass "
+            f"channels={p.shape[1]} with it, or give {n} probabilities."
+        )
     if channels is not None and p.dim() == 2:
         if p.shape != (n, channels):
             raise ShapeError(
@@ -348,6 +355,20 @@ class WeightedSum(nn.Module):
             free = self.free if s.temperature == 1.0 else self.free / s.temperature
             out = convex_combination(s.spec.forward(free, 0, total=s.total), inputs)
             return out if self.bias is None else out + self.bias
+        xs, given, mask, key_mask = self._check_inputs(inputs, mask)
+        weights = self._weights_for(mask, given[0])
+        if key_mask is not None:  # combine only the inputs that were given
+            idx = [i for i, x in enumerate(xs) if x is not None]
+            weights = weights[idx]
+        out = convex_combination(weights, given)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def _check_inputs(
+        self, inputs: Inputs, mask: Tensor | None
+    ) -> tuple[list[Tensor | None], list[Tensor], Tensor | None, Tensor | None]:
+        """Validate a call: (inputs in order, the given ones, the combined mask, key mask)."""
         xs, key_mask = self._split(inputs)
         given = [x for x in xs if x is not None]
         if not given:
@@ -366,15 +387,7 @@ class WeightedSum(nn.Module):
                 f"channels={self.channels} needs inputs whose last dimension is {self.channels}; "
                 f"got shape {tuple(like.shape)}."
             )
-        mask = self._combine_masks(mask, key_mask, like)
-        weights = self._weights_for(mask, like)
-        if key_mask is not None:  # combine only the inputs that were given
-            idx = [i for i, x in enumerate(xs) if x is not None]
-            weights = weights[idx]
-        out = convex_combination(weights, given)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        return xs, given, self._combine_masks(mask, key_mask, like), key_mask
 
     def _combine_masks(
         self, mask: Tensor | None, key_mask: Tensor | None, like: Tensor
@@ -480,17 +493,81 @@ class LazyWeightedSum(LazyModuleMixin, WeightedSum):
         """Materialise the weights for the count of the first call's inputs."""
         if not self.has_uninitialized_params():
             return
+        sources = self.sources
         if isinstance(inputs, Mapping) and self.sources is None:
             self.sources = self._check_sources(list(inputs))
         n = len(self.sources) if self.sources is not None else _count(inputs)
         self.n = n
+        try:  # a call that would fail leaves the module lazy, n unset
+            self._check_inputs(inputs, mask)
+        except Exception:
+            self.n, self.sources = 0, sources
+            raise
         with torch.no_grad():
             init = self._initial_free(n)
             self.free.materialize(init.shape)
             self.free.copy_(init)
 
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Loading a state materialises the weights (torch's lazy-module convention): n
+        comes from the loaded ``free`` tensor, whose shape must suit ``channels``."""
+        free = state_dict.get(prefix + "free")
+        if self.n == 0 and isinstance(free, Tensor):
+            want = 1 if self.channels is None else 2
+            if free.dim() != want or (self.channels is not None and free.shape[1] != self.channels):
+                raise ShapeError(
+                    f"the loaded weights ({prefix}free) have shape {tuple(free.shape)}; "
+                    f"expected (n,) for channels=None or (n, C) for channels=C "
+                    f"(this module: channels={self.channels})."
+                )
+            n = int(free.shape[0]) + self.simplex.spec.drop
+            if self.sources is not None and len(self.sources) != n:
+                raise ShapeError(
+                    f"the loaded weights are for {n} inputs; sources names {len(self.sources)}."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.n == 0 and not self.has_uninitialized_params():
+            self.n = int(self.free.shape[0]) + self.simplex.spec.drop
+
 
 # --------------------------------------------------------------------------- ScalarMix
+
+
+class _CenteredMix(torch.autograd.Function):
+    r""":math:`\sum_k a_k (h_k - m_k)`, ``a`` and ``m`` of shape ``(K, *S)`` broadcasting
+    against each ``h_k``: the layer-normalised mix. Each layer is centred before it is
+    scaled, in float32 or wider, layer by layer into one accumulator (one scratch buffer,
+    no normalised copy of any layer). Folding the means into one offset,
+    ``sum_k a_k h_k - sum_k a_k m_k``, cancels: at layers of mean 1e3 and std 1e-2 it lost
+    two digits in float32, and constant tokens (``a = 1e6``) gave 0.125 instead of 0.
+    The backward recomputes ``h_k - m_k`` from the saved layers."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, m: Tensor, *xs: Tensor) -> Tensor:
+        acc = torch.promote_types(compute_dtype(xs[0].dtype), a.dtype)
+        out = torch.zeros(xs[0].shape, dtype=acc, device=xs[0].device)
+        tmp = torch.empty_like(out)
+        for k, x in enumerate(xs):
+            out.addcmul_(torch.sub(x, m[k], out=tmp), a[k])
+        ctx.save_for_backward(a, m, *xs)
+        return out.to(xs[0].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a, m, *xs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.to(a.dtype)
+        ga = torch.zeros_like(a) if need[0] else None
+        gm = torch.zeros_like(m) if need[1] else None
+        gxs: list[Tensor | None] = []
+        for k, x in enumerate(xs):
+            gxs.append((g * a[k]).to(x.dtype) if need[2 + k] else None)
+            if ga is not None:
+                ga[k] = (g * (x - m[k])).sum_to_size(a[k].shape)
+            if gm is not None:
+                gm[k] = -(a[k] * g).sum_to_size(m[k].shape)
+        return (ga, gm, *gxs)
+
 
 LayerNorm = bool | str
 
@@ -501,8 +578,9 @@ class ScalarMix(nn.Module):
     Same output as AllenNLP's ``ScalarMix`` for the same parameters. ``layer_norm=True``
     (needs ``mask`` ``(B, T)``) normalises each layer with the mean and variance of its
     unmasked elements, ``(h - mean) / sqrt(var + 1e-12)``; ``layer_norm="token"``
-    normalises each token over the last dimension. The normalisation is folded into the
-    weights (``s_k / std_k`` and one offset), so no normalised copy of any layer is made.
+    normalises each token over the last dimension. Each layer is centred, scaled and
+    added into one accumulator (float32 for half inputs), so no normalised copy of any
+    layer is made. An all-False mask gives zeros.
 
     Args:
         num_layers: the number of layers mixed.
@@ -576,9 +654,8 @@ class ScalarMix(nn.Module):
         if self.layer_norm is False:
             return convex_combination(w, xs)
         scale, offset = self._norm_stats(xs, mask)
-        # sum_k w_k (h_k - mean_k) / std_k = sum_k (w_k / std_k) h_k - sum_k w_k mean_k / std_k
-        a = w.reshape(-1, *[1] * (scale.dim() - 1)) * scale
-        out: Tensor = convex_combination(a, xs) - (a * offset).sum(0)
+        a = w.reshape(-1, *[1] * (scale.dim() - 1)).to(scale.dtype) * scale
+        out: Tensor = _CenteredMix.apply(a, offset, *xs)  # type: ignore[no-untyped-call]
         return out
 
     def _dropout_mask(self, device: torch.device) -> Tensor | None:
@@ -592,8 +669,9 @@ class ScalarMix(nn.Module):
     def _norm_stats(self, xs: list[Tensor], mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per layer ``1/std`` and ``mean``: scalars (AllenNLP) or per token ``(B, T, 1)``."""
         eps = 1e-12
+        acc = compute_dtype(xs[0].dtype)  # 1e-12 and 1/std underflow/overflow in half
         if self.layer_norm == "token":
-            stats = [torch.var_mean(x, dim=-1, keepdim=True, correction=0) for x in xs]
+            stats = [torch.var_mean(x.to(acc), dim=-1, keepdim=True, correction=0) for x in xs]
             inv = torch.stack([(v + eps).rsqrt() for v, _ in stats])
             return inv, torch.stack([m for _, m in stats])
         x0 = xs[0]
@@ -603,14 +681,22 @@ class ScalarMix(nn.Module):
                 "layer_norm=True needs layers of shape (B, T, D) and mask of shape (B, T); "
                 f"got layers {tuple(x0.shape)} and mask {got}."
             )
-        m = mask.to(x0.dtype).unsqueeze(-1)
+        m = mask.to(acc).unsqueeze(-1)
         count = m.sum() * x0.shape[-1]
+        # An all-False mask: no element to normalise by; those layers count 0 (zeros out).
+        anything = count > 0
+        count = count.clamp_min(1)
         means, invs = [], []
         for x in xs:
-            mean = (x * m).sum() / count
-            var = (((x * m) - mean) * m).square().sum() / count
+            xm = x.to(acc) * m
+            mean = xm.sum() / count
+            centred = (xm - mean) * m
+            # one correction step: the rounding of the first sum is taken back, so that a
+            # constant layer has its exact mean (and gives zeros, not rounding / 1e-6)
+            mean = mean + centred.sum() / count
+            var = ((xm - mean) * m).square().sum() / count
             means.append(mean)
-            invs.append((var + eps).rsqrt())
+            invs.append(torch.where(anything, (var + eps).rsqrt(), 0.0))
         return torch.stack(invs), torch.stack(means)
 
     @classmethod
