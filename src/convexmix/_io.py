@@ -8,8 +8,6 @@ names the file.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,15 @@ def _numpy() -> Any:
 
 def _read_csv(path: Path) -> Any:
     np = _numpy()
-    with path.open(newline="") as fh:
-        rows = [row for row in csv.reader(fh) if row and any(c.strip() for c in row)]
+    # utf-8-sig: Excel starts its CSV files with a byte-order mark, which would otherwise
+    # glue onto the first cell and make the first data row look like a header.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh) if row and any(c.strip() for c in row)]
+    except UnicodeDecodeError:
+        raise ConvexMixError(f"{path}: not a text CSV file (not UTF-8).") from None
+    except csv.Error as err:
+        raise ConvexMixError(f"{path}: not a readable CSV file ({err}).") from None
     if not rows:
         raise ConvexMixError(f"{path}: the file has no rows.")
 
@@ -85,7 +90,7 @@ def _read_parquet(path: Path) -> Any:
 
 def read_arrays(path: str | Path) -> list[tuple[str, Any]]:
     """The arrays in a file, as (name, array) pairs: one pair, or one per ``.npz`` entry."""
-    np = _numpy()
+    _numpy()
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
@@ -93,8 +98,18 @@ def read_arrays(path: str | Path) -> list[tuple[str, Any]]:
             f"{p}: unknown file type {p.suffix or '(none)'!r}; "
             f"expected one of {', '.join(FORMATS)}."
         )
+    if p.is_dir():
+        raise ConvexMixError(f"{p}: is a directory; expected a {suffix} file.")
     if not p.is_file():
         raise ConvexMixError(f"{p}: no such file.")
+    try:
+        return _read(p, suffix)
+    except OSError as err:  # unreadable: permissions, I/O errors
+        raise ConvexMixError(f"{p}: cannot read the file ({err.strerror or err}).") from None
+
+
+def _read(p: Path, suffix: str) -> list[tuple[str, Any]]:
+    np = _numpy()
     if suffix == ".csv":
         return [(p.stem, _read_csv(p))]
     if suffix == ".parquet":
@@ -206,18 +221,11 @@ def load_targets(path: str | Path) -> Any:
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``:
     a failure (or an interrupt) leaves no partial output."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    from convexmix._files import atomic_path  # errors name the path; umask permissions
+
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return Path(path)
 
 
 def save_array(path: str | Path, array: Any) -> Path:

@@ -9,14 +9,18 @@
 * ``convexmix info [--json]``: versions, the kernels in use and the CPU output cache (for
   bug reports).
 
-Errors become one line on stderr and exit code 2, never a traceback. Tables and progress
+Errors become one line on stderr and exit code 2, never a traceback; a closed output
+pipe (``| head``) is one line and exit code 1. Files (``--out``, ``--plot``) are written to
+a temporary file and renamed when complete: never a partial file. Tables and progress
 bars come from ``rich`` (the ``[cli]`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,10 +57,16 @@ def _console(stderr: bool = False) -> Any:
     _rich()
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with code 1 and no message; let main() say what happened
+            self.quiet = True
+            raise BrokenPipeError
+
     stream = sys.stderr if stderr else sys.stdout
     # Pipes and files get 120 columns rather than rich's 80, so tables do not wrap.
     width = None if stream.isatty() else 120
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 @contextmanager
@@ -106,6 +116,10 @@ def run_ensemble(args: argparse.Namespace) -> int:
         raise ConvexMixError(f"--bootstrap must be >= 0; got {args.bootstrap}.")
     if not 0 < args.level < 1:
         raise ConvexMixError(f"--level must be in (0, 1); got {args.level}.")
+    if args.plot:  # a bad plot name fails now, before any work or any file is written
+        from convexmix.plot import plot_path
+
+        args.plot = plot_path(args.plot)
     targets = _io.load_targets(args.targets)
     predictions, names = _io.load_predictions(args.predictions, n_samples=len(targets))
     show = not args.quiet and sys.stderr.isatty()
@@ -506,6 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvexMixError as err:
         print(f"convexmix: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout was closed early (e.g. `| head -1`): say so once, and point stdout at
+        # devnull so that Python's flush at exit does not raise a second time.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("convexmix: error: the output was closed before it was all written.", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"convexmix: error: {err}", file=sys.stderr)
         return 2

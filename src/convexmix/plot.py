@@ -26,12 +26,43 @@ def _figure(rows: int) -> Any:
     return fig
 
 
+#: The file types matplotlib's Agg canvas writes.
+PLOT_FORMATS = (
+    ".png",
+    ".pdf",
+    ".svg",
+    ".svgz",
+    ".eps",
+    ".ps",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+
+def plot_path(path: str | Path) -> Path:
+    """The path a plot is written to: ``path`` with ``.png`` added when it has no suffix;
+    an unknown suffix is a :class:`ConvexMixError` (checked before any work is done)."""
+    out = Path(path)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() not in PLOT_FORMATS:
+        raise ConvexMixError(
+            f"{out}: cannot draw a {out.suffix!r} file; use one of {', '.join(PLOT_FORMATS)}."
+        )
+    return out
+
+
 def _save(fig: Any, path: str | Path, title: str | None) -> Path:
+    from convexmix._files import atomic_path
+
     if title:
         fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    out = plot_path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:].lower())
     return out
 
 
