@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -126,3 +127,30 @@ def test_projected_warns_only_for_adaptive_optimizers() -> None:
     for cls in (torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
         with pytest.warns(cx.ConvexMixWarning, match=cls.__name__):
             cx.optim.Projected(cls([w], lr=0.1), [w])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exponentiated_gradient_accepts_half_precision_simplex(dtype: torch.dtype) -> None:
+    """Issue 14.10: the on-simplex tolerance came from float32, not the parameter's dtype."""
+    w = torch.nn.Parameter(torch.full((3,), 1 / 3, dtype=dtype))
+    assert float(w.double().sum()) != 1.0  # 1/3 rounded three times
+    opt = cx.optim.ExponentiatedGradient([w], lr=0.5)
+    w.grad = torch.tensor([1.0, 0.0, -1.0], dtype=dtype)
+    opt.step()
+    assert w.dtype == dtype
+    assert abs(float(w.double().sum()) - 1.0) <= 3 * torch.finfo(dtype).eps
+    with pytest.raises(cx.ConvexMixError, match="needs parameters on the simplex"):
+        cx.optim.ExponentiatedGradient(
+            [torch.nn.Parameter(torch.tensor([0.5, 0.7], dtype=dtype))], lr=1.0
+        )
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan])
+def test_exponentiated_gradient_rejects_non_finite_gradients(bad: float) -> None:
+    """Issue 14.10: a -inf gradient made the parameter NaN silently."""
+    w = torch.nn.Parameter(torch.full((3,), 1 / 3))
+    opt = cx.optim.ExponentiatedGradient([w], lr=0.5)
+    w.grad = torch.tensor([bad, 0.0, 0.0])
+    with pytest.raises(cx.ConvexMixError, match=r"non-finite gradient \(inf or NaN\)"):
+        opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 1 / 3))

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from convexmix.errors import ConvexMixError, ConvexMixWarning
 from convexmix.functional._bounded import project_sparse_simplex
-from convexmix.functional._checks import check_total, compute_dtype, normalize_dim
+from convexmix.functional._checks import any_true, check_total, compute_dtype, normalize_dim
 from convexmix.functional._project import METHODS, project_simplex
 from convexmix.functional._softmax import safe_softmax, softmax
 
@@ -67,7 +67,11 @@ def _show(bound: float | Tensor) -> str:
 def _check_on_simplex(p: Tensor, dim: int, total: float, who: str) -> None:
     d = normalize_dim(p, dim, "parameter")
     v = p.detach().to(compute_dtype(p.dtype))
-    tol = 64 * torch.finfo(v.dtype).eps * math.sqrt(max(v.shape[d], 1)) * max(total, 1.0)
+    # The parameter's own precision: K entries each rounded to float16/bfloat16 sum to
+    # within K * eps / 2 of the total, far above a float32 tolerance.
+    k = max(v.shape[d], 1)
+    eps = max(64 * math.sqrt(k) * torch.finfo(v.dtype).eps, 2 * k * torch.finfo(p.dtype).eps)
+    tol = eps * max(total, 1.0)
     if not (bool((v >= -tol).all()) and bool(((v.sum(d) - total).abs() <= tol).all())):
         raise ConvexMixError(
             f"{who} needs parameters on the simplex (entries >= 0 summing to {total} along "
@@ -146,6 +150,13 @@ class ExponentiatedGradient(Optimizer):
                 if p.grad is None:
                     continue
                 d = normalize_dim(p, group["dim"], "parameter")
+                if any_true(~torch.isfinite(p.grad)):
+                    raise ConvexMixError(
+                        f"ExponentiatedGradient got a non-finite gradient (inf or NaN) for a "
+                        f"parameter of shape {tuple(p.shape)}; the step would leave the "
+                        "simplex. Skip or clip such steps (e.g. torch.nn.utils.clip_grad_norm_"
+                        "(..., error_if_nonfinite=True), or torch.amp.GradScaler)."
+                    )
                 dtype = compute_dtype(p.dtype)
                 z = torch.log(p.to(dtype)) - lr * p.grad.to(dtype)
                 if group.get("upper") is not None:
