@@ -302,3 +302,29 @@ def test_progress_callback_and_history() -> None:
     assert len(fit.history) == len(seen) + 1
     assert all(b <= a + 1e-15 for a, b in zip(fit.history, fit.history[1:], strict=False))
     assert seen[-1][2] == fit.gap <= 1e-10
+
+
+# ------------------------------------------------------- issue 14: hardening regressions
+
+
+def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
+    """Issue 14.11: predictions >= 1e154 raised IndexError from argmin (or gave uniform)."""
+    rng = np.random.default_rng(0)
+    for scale in (1e155, 1e200):
+        P, y = rng.random((3, 50)) * scale, rng.random(50) * scale
+        with pytest.raises(cx.ConvexMixError, match="mse squares them.*rescale them"):
+            fit_weights(P, y, loss="mse")
+        with pytest.raises(cx.ConvexMixError, match="not finite at the starting weights"):
+            compare(P, y, loss="mse", size=5)
+
+
+def test_callable_loss_returning_nan_is_a_clear_error() -> None:
+    """Issue 14.11: a callable loss returning NaN gave uniform weights, converged=False."""
+    rng = np.random.default_rng(1)
+    P, y = rng.random((3, 40)), (rng.random(40) > 0.5).astype(float)
+
+    def nan_loss(blend: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (blend * float("nan")).mean()
+
+    with pytest.raises(cx.ConvexMixError, match="callable loss returns finite values"):
+        fit_weights(P, y, loss=nan_loss)

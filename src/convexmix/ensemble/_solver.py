@@ -8,6 +8,7 @@ bound on the distance to the optimal value, is below ``tol``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -129,6 +130,14 @@ def _newton(
     w = torch.full((K,), 1.0 / K, dtype=torch.float64) if w0 is None else w0
     f, grad = obj.value(w)
     g = grad()
+    if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
+        raise ConvexMixError(
+            f"the loss is not finite at the starting weights (loss {f}, gradient "
+            f"{'finite' if bool(torch.isfinite(g).all()) else 'not finite'}): check the "
+            "predictions and targets for inf or NaN, values too large for the loss (mse "
+            "squares them: beyond about 1e150 they overflow float64; rescale them), and that "
+            "a callable loss returns finite values."
+        )
     history = [f]
     gap = fw_gap(w, g)
     it = 0
@@ -148,6 +157,11 @@ def _newton(
         while t > 1e-10:
             cand = target if t == 1.0 else w + t * d
             f_new, grad_new = obj.value(cand)
+            if math.isnan(f_new):
+                raise ConvexMixError(
+                    f"the loss is NaN at weights {[round(float(v), 6) for v in cand]} (on the "
+                    "simplex): a callable loss must return a finite number for every blend."
+                )
             if f_new <= f + 1e-4 * t * slope:
                 accepted = True
                 break
