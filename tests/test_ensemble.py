@@ -312,7 +312,7 @@ def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
     rng = np.random.default_rng(0)
     for scale in (1e155, 1e200):
         P, y = rng.random((3, 50)) * scale, rng.random(50) * scale
-        with pytest.raises(cx.ConvexMixError, match="mse squares them.*rescale them"):
+        with pytest.raises(cx.ConvexMixError, match=r"mse squares them.*rescale them"):
             fit_weights(P, y, loss="mse")
         with pytest.raises(cx.ConvexMixError, match="not finite at the starting weights"):
             compare(P, y, loss="mse", size=5)
