@@ -171,3 +171,57 @@ def test_compile_inductor_with_backward() -> None:
     ref = torch.autograd.grad(f(w, xs), [w, *xs])
     for a, b in zip(grads, ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------- issue 14: hardening regressions
+
+
+@pytest.mark.parametrize("path", ["native", "aten"])
+def test_out_overlapping_an_input_is_correct(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14.2: out=b (an input) was off by 1.06; a shifted view off by 2.08; with
+    CONVEXMIX_NATIVE=0 even an exact alias was wrong and a partial overlap raised."""
+    if path == "aten":
+        from convexmix._kernels import native
+
+        monkeypatch.setattr(native, "_state", {"lib": None})
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    w = torch.full((2, 5), 0.5)
+    out = b.clone()
+    convex_combination(w, [a, out], out=out)
+    torch.testing.assert_close(out, 0.5 * a + 0.5 * b)
+    base = torch.randn(4097, generator=gen)
+    x0 = torch.randn(4096, generator=gen)
+    expected = 0.3 * base[:-1] + 0.7 * x0
+    convex_combination(torch.tensor([0.3, 0.7]), [base[:-1], x0], out=base[1:])
+    torch.testing.assert_close(base[1:], expected)
+    weights = torch.tensor([0.25, 0.75])
+    with pytest.raises(cx.ConvexMixError, match="out must not have overlapping elements"):
+        convex_combination(weights, [torch.ones(3)] * 2, out=torch.zeros(1).expand(3))
+
+
+def test_empty_inputs_give_empty_outputs() -> None:
+    """Issue 14.6: empty inputs raised "range() arg 3 must not be zero" (native._ranges)."""
+    w = torch.tensor([0.5, 0.5], requires_grad=True)
+    xs = [torch.zeros(0, 4, requires_grad=True) for _ in range(2)]
+    out = convex_combination(w, xs)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert w.grad is not None
+    assert (w.grad == 0).all()
+    assert xs[0].grad is not None
+    assert xs[0].grad.shape == (0, 4)
+    assert convex_combination(w.detach(), xs, out=torch.empty(0, 4)).shape == (0, 4)
+    assert cx.WeightedSum(3)([torch.zeros(0, 4)] * 3).shape == (0, 4)
+
+
+def test_bad_kinds_of_inputs_are_clear_errors() -> None:
+    """Issue 14.12: K = 0, complex weights (imaginary part dropped) and sparse tensors."""
+    with pytest.raises(cx.ShapeError, match=r"hold no input along dim=0; expected K >= 1\."):
+        convex_combination(torch.zeros(0), torch.zeros(0, 5))
+    with pytest.raises(cx.ConvexMixError, match=r"dense real tensor; got torch\.complex64"):
+        convex_combination(torch.tensor([0.5 + 1j, 0.5]), [torch.ones(3)] * 2)
+    with pytest.raises(cx.ConvexMixError, match=r"dense real tensor; got torch\.sparse_coo"):
+        convex_combination(torch.tensor([0.5, 0.5]).to_sparse(), [torch.ones(3)] * 2)
+    with pytest.raises(cx.ConvexMixError, match=r"dense \(strided\) tensors; got layout"):
+        convex_combination(torch.tensor([0.5, 0.5]), [torch.ones(3).to_sparse()] * 2)

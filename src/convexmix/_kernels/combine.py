@@ -94,6 +94,8 @@ def empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor
 
 def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
     """``out[...] = sum_k weights[k] * xs[k]``; ``weights`` is in the accumulation dtype."""
+    if out.numel() == 0:  # nothing to write (the native kernel splits no empty range)
+        return
     if gpu.forward(weights, xs, out) or native.forward(weights, xs, out):
         return
     acc = weights.dtype
@@ -140,6 +142,9 @@ def backward(
     """``grad_w[k] = sum(grad * x_k)`` reduced to the weights' shape, and ``grad_x[k] = w_k
     grad`` for the inputs with ``need_x[k]`` (returned in order, only those)."""
     acc = weights.dtype
+    if grad.numel() == 0:  # empty inputs: zero weight gradients, empty input gradients
+        gw = torch.zeros(weights.shape, dtype=acc, device=weights.device) if need_w else None
+        return gw, [torch.empty_like(x) for x, n in zip(xs, need_x, strict=True) if n]
     done, dots, all_grads = gpu.backward(grad, weights, xs, need_w, any(need_x))
     if done:
         kept = [g for g, needed in zip(all_grads, need_x, strict=False) if needed]

@@ -227,13 +227,21 @@ def _check_list(inputs: object) -> list[Tensor]:
     if isinstance(x0, Tensor):
         shape, dtype, device = x0.shape, x0.dtype, x0.device
         if all(
-            isinstance(x, Tensor) and x.shape == shape and x.dtype == dtype and x.device == device
+            isinstance(x, Tensor)
+            and x.shape == shape
+            and x.dtype == dtype
+            and x.device == device
+            and x.layout == torch.strided
             for x in xs
         ):
             return xs
     for i, x in enumerate(xs):  # something is off: say what
         if not isinstance(x, Tensor):
             raise ConvexMixError(f"inputs[{i}] must be a tensor; got {type(x).__name__}.")
+        if x.layout != torch.strided:
+            raise ConvexMixError(
+                f"inputs must be dense (strided) tensors; got layout {x.layout} for inputs[{i}]."
+            )
     if any(x.shape != x0.shape for x in xs):
         raise ShapeError(
             f"all inputs must have the same shape; got {[tuple(t.shape) for t in xs]}."
@@ -274,7 +282,8 @@ def convex_combination(
             or one tensor with K along ``dim``.
         dim: the dimension of K when ``inputs`` is one tensor.
         out: a preallocated output of the inputs' shape and dtype, to reuse a buffer
-            (no autograd through ``out=``).
+            (no autograd through ``out=``). It may share memory with the inputs (e.g.
+            ``out=inputs[1]``): the sum then goes through a temporary buffer first.
 
     Returns:
         Tensor of the inputs' shape and dtype; float16/bfloat16 accumulate in float32.
@@ -301,12 +310,26 @@ def convex_combination(
         full: Tensor = inputs  # type: ignore[assignment]
         k, shape = full.shape[d], full.shape[:d] + full.shape[d + 1 :]
         dtype, device = full.dtype, full.device
+        if k == 0:
+            raise ShapeError(
+                f"inputs of shape {tuple(full.shape)} hold no input along dim={dim}; "
+                "expected K >= 1."
+            )
+        if full.layout != torch.strided:
+            raise ConvexMixError(
+                f"inputs must be dense (strided) tensors; got layout {full.layout}."
+            )
     else:
         xs = _check_list(inputs)
         x0 = xs[0]
         k, shape, dtype, device = len(xs), x0.shape, x0.dtype, x0.device
     if not isinstance(weights, Tensor):
         raise ConvexMixError(f"weights must be a tensor; got {type(weights).__name__}.")
+    if weights.layout != torch.strided or weights.dtype.is_complex:
+        raise ConvexMixError(
+            "weights must be a dense real tensor; got "
+            f"{weights.dtype if weights.dtype.is_complex else weights.layout}."
+        )
     wshape = weights.shape
     if len(wshape) == 0 or wshape[0] != k:
         raise ShapeError(
@@ -370,8 +393,42 @@ def _into(
         raise ConvexMixError(
             "out= does not support autograd: drop out= or run under torch.no_grad()."
         )
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ConvexMixError(
+            "out must not have overlapping elements (e.g. an expand()ed view); "
+            "pass a fresh or contiguous tensor."
+        )
+    if not compiling and _overlaps(out, [*xs, w]):
+        # out shares memory with an input: the kernel would read what it has already
+        # written. Combine into a buffer, then copy.
+        res = combine.empty(shape, dtype, out.device)
+        combine.forward(w.detach(), xs, res)
+        out.copy_(res)
+        return out
     if compiling or _force == "op":
         _combine_out_op(w.detach(), xs, out)
     else:
         combine.forward(w.detach(), xs, out)
     return out
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` that a tensor's elements occupy (strides >= 0)."""
+    start = t.data_ptr()
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return start, start + (extent + 1) * t.element_size()
+
+
+def _overlaps(out: Tensor, others: Sequence[Tensor]) -> bool:
+    """Whether ``out`` shares memory with any of ``others`` (same storage, byte ranges that
+    intersect). Pointer arithmetic only: no device sync."""
+    if out.numel() == 0:
+        return False
+    base = out.untyped_storage().data_ptr()
+    lo, hi = _span(out)
+    for t in others:
+        if t.device == out.device and t.untyped_storage().data_ptr() == base:
+            a, b = _span(t)
+            if a < hi and lo < b:
+                return True
+    return False
