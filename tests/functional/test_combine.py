@@ -211,7 +211,8 @@ def test_empty_inputs_give_empty_outputs() -> None:
     assert (w.grad == 0).all()
     assert xs[0].grad is not None
     assert xs[0].grad.shape == (0, 4)
-    assert convex_combination(w.detach(), xs, out=torch.empty(0, 4)).shape == (0, 4)
+    plain = [x.detach() for x in xs]
+    assert convex_combination(w.detach(), plain, out=torch.empty(0, 4)).shape == (0, 4)
     assert cx.WeightedSum(3)([torch.zeros(0, 4)] * 3).shape == (0, 4)
 
 
