@@ -27,7 +27,7 @@ Then, against the code they replaced (kept here as references, measured in the s
 * Caruana's selection (50 picks): today's incremental running sum with a lower bound
   that skips most models' logarithms, against the full K x N recomputation per pick;
 * the ``regularization="cv"`` guard: fits warm-started along the lambda path, against
-  60 cold starts;
+  60 cold starts (the code of commit 93cfb56, in ``_ensemble_before.py``);
 * a streamed fit of a float32 ``.npy`` file: time, and the growth of the anonymous RSS
   against the file's size;
 * ``bootstrap(n=200)``, cold and warm-started, against 200 ``fit_weights`` calls.
@@ -47,9 +47,8 @@ from scipy.optimize import minimize
 
 from convexmix.ensemble import bootstrap, ensemble_selection, fit_weights
 from convexmix.ensemble._inputs import make_objective
-from convexmix.ensemble._objectives import LogLoss, Regularized
+from convexmix.ensemble._objectives import LogLoss
 from convexmix.ensemble._selection import select
-from convexmix.ensemble._solver import solve
 
 
 def make_problem(K: int, N: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -148,21 +147,15 @@ def caruana_before(obj: LogLoss, size: int = 50) -> np.ndarray:
     return (counts / size).numpy()
 
 
-def cv_before(P: np.ndarray, y: np.ndarray, folds: int = 5) -> np.ndarray:
-    """The cross-validated guard as it was: every fit of the path from a cold start."""
-    obj = make_objective(P, y, "log_loss", None, True)
-    n = obj.n_samples
-    parts = torch.randperm(n, generator=torch.Generator().manual_seed(0)).chunk(folds)
-    grid = [0.0, *(float(x) for x in torch.logspace(-4, 1, 11, dtype=torch.float64))]
-    scores = torch.zeros(len(grid), dtype=torch.float64)
-    for i in range(folds):
-        kept = torch.cat([parts[j] for j in range(folds) if j != i])
-        train, test = obj.subset(kept), obj.subset(parts[i])
-        for j, lam in enumerate(grid):
-            w = solve(Regularized(train, lam) if lam > 0 else train, 1e-10, 200)[0]
-            scores[j] += test.value(w)[0] * parts[i].numel() / n
-    lam = grid[int(scores.argmin())]
-    return solve(Regularized(obj, lam) if lam > 0 else obj, 1e-10, 200)[0].numpy()
+def cv_before(P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The cross-validated guard as it was (commit 93cfb56, kept in _ensemble_before.py):
+    every fit of the path from a cold start, to tol."""
+    import _ensemble_before
+
+    fit = _ensemble_before.fit_weights(
+        torch.from_numpy(P), torch.from_numpy(y), regularization="cv"
+    )
+    return np.asarray(fit.weights.numpy())
 
 
 def anon_rss() -> int:

@@ -191,7 +191,7 @@ class LogLoss:
 
     def subset(self, rows: Tensor) -> LogLoss:
         s = self.s[rows]
-        return LogLoss(self.q[:, rows], s / s.sum(), self.reduce)
+        return LogLoss(self.q.index_select(1, rows), s / s.sum(), self.reduce)
 
     def with_weights(self, s: Tensor) -> LogLoss:
         return LogLoss(self.q, s, self.reduce)

@@ -222,12 +222,45 @@ def solve(
     return w, history, n_iter, gap, converged
 
 
+class _Lagged:
+    """A cross-validation fold's training loss whose last Hessian can stand in once.
+
+    Along the lambda path each fit starts at the previous fit's optimum, where the last
+    Hessian was computed one Newton step before: close enough for the first step of the
+    next fit (the Frank-Wolfe gap still decides convergence, from exact gradients).
+    """
+
+    def __init__(self, base: Objective) -> None:
+        self.base, self.K = base, base.K
+        self.last: tuple[Tensor, Tensor] | None = None
+        self.reuse = False
+
+    def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
+        return self.base.value(w)
+
+    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
+        reuse, self.reuse = self.reuse, False
+        if reuse and self.last is not None:
+            old_idx, old_h = self.last
+            pos = torch.full((self.K,), -1, dtype=torch.long)
+            pos[old_idx] = torch.arange(old_idx.numel())
+            at = pos[idx]
+            if bool((at >= 0).all()):
+                return old_h[at][:, at]
+        h = self.base.hessian(w, idx)
+        self.last = (idx, h)
+        return h
+
+
 def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: int) -> float:
     """The regularisation strength with the lowest cross-validated loss.
 
-    Each fold's fits go along the grid from the strongest pull (whose optimum is near equal
-    weights, the cold start) to none, each warm-started from the previous optimum, and
-    stop at a gap of :data:`CV_TOL`.
+    The first fold's fits go along the grid from the strongest pull (whose optimum is
+    near equal weights, the cold start) to none, each warm-started from the previous
+    optimum, a secant step along the path in log(lambda). The other folds share 3/5 of
+    their training rows with the fold before: each of their fits starts from that
+    fold's optimum at the same lambda, with its last Hessian for the first Newton step.
+    The scoring fits stop at a gap of :data:`CV_TOL`.
     """
     n = obj.n_samples
     if n < 2 * folds:
@@ -239,14 +272,33 @@ def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: i
     parts = order.chunk(folds)
     grid = [0.0, *(float(x) for x in torch.logspace(-4, 1, 11, dtype=torch.float64))]
     scores = torch.zeros(len(grid), dtype=torch.float64)
+    before: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []
     for i in range(folds):
-        held = parts[i]
-        kept = torch.cat([parts[j] for j in range(folds) if j != i])
-        train, test = obj.subset(kept), obj.subset(held)
+        # Rows in order: the subsets' gathers then read q forward.
+        held = parts[i].sort().values
+        kept = torch.cat([parts[j] for j in range(folds) if j != i]).sort().values
+        train, test = _Lagged(obj.subset(kept)), obj.subset(held)
         w: Tensor | None = None
+        prev: Tensor | None = None
+        here: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []
         for j in reversed(range(len(grid))):
             lam = grid[j]
             inner = Regularized(train, lam) if lam > 0 else train
-            w = solve(inner, max(tol, CV_TOL), max_iter, None, w)[0]
+            start: Tensor | None
+            if before:
+                start, train.last = before[len(here)]
+                train.reuse = train.last is not None
+            else:
+                start = w
+                if w is not None and prev is not None and lam > 0:
+                    # The grid is even in log(lam): a secant step along the path from
+                    # the last two optima, kept on the simplex.
+                    start = (2 * w - prev).clamp_min_(0)
+                    start /= start.sum()
+                train.reuse = w is not None
+            prev = w
+            w = solve(inner, max(tol, CV_TOL), max_iter, None, start)[0]
+            here.append((w, train.last))
             scores[j] += test.value(w)[0] * held.numel() / n
+        before = here
     return grid[int(scores.argmin())]
