@@ -232,9 +232,13 @@ def main() -> None:
             threadpool_limits(args.threads)
         except ImportError:
             pass
+    import os
+
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; best of {args.repeats} runs\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {load}; best of {args.repeats} runs\n"
     )
     for size in args.sizes:
         K, N, C = (int(v) for v in size.split("x"))
@@ -310,7 +314,6 @@ def main() -> None:
         f"200 separate fit_weights calls {t_cold:.3f}s ({t_cold / t_boot:.1f}x)"
     )
 
-    import os
     import tempfile
 
     K, N, C = (int(v) for v in args.stream_size.split("x"))
@@ -324,6 +327,7 @@ def main() -> None:
             f"streamed float32 .npy, K={K} N={N} C={C} ({size / 1e6:.0f} MB): {t:.3f}s, "
             f"anonymous RSS grew by {grown / 1e6:.0f} MB ({grown / size:.2f} of the file)"
         )
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
