@@ -38,7 +38,7 @@ from convexmix.errors import ConvexMixWarning
 __all__: list[str] = []
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "combine.c", HERE / "pool.c"]
+SOURCES = [HERE / "combine.c", HERE / "pool.c", HERE / "capped.c"]
 #: The builds setup.py makes on this platform, baseline first (the same names as there).
 ISAS: list[str] = (
     ["x86-64", "avx2", "avx512"]
@@ -52,6 +52,8 @@ ISAS: list[str] = (
 NT_BYTES = 8 << 20
 #: Below this many elements moved ((K + 1) * N) one thread does the whole call.
 PARALLEL_MIN = 1 << 20
+#: Below this many elements the capped projection runs on one thread.
+CAPPED_PARALLEL_MIN = 1 << 16
 _ALIGN = 64  # elements per thread boundary: keeps every range 64-byte aligned
 
 _SUFFIX = {
@@ -189,6 +191,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cx_pool_cached.argtypes, lib.cx_pool_cached.restype = [], i64
     lib.cx_pool_empty.argtypes, lib.cx_pool_empty.restype = [], None
     lib.cx_isa.argtypes, lib.cx_isa.restype = [], ctypes.c_char_p
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"cx_capped_{suffix}")
+        fn.argtypes = [p, p, i64, p, i64, i64, p, i64, i64, ctypes.c_double, i64, i64]
+        fn.restype = i32
     return lib
 
 
@@ -293,6 +299,40 @@ def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> bool:
     nt = _nt([out])
     _run(fn, [(ptrs, w.data_ptr(), k, out.data_ptr(), a, b, nt) for a, b in _ranges(n, k)])
     return True
+
+
+def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
+    threads = torch.get_num_threads() if rows > 1 and rows * k >= CAPPED_PARALLEL_MIN else 1
+    step = -(-rows // max(threads, 1))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+
+def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | None:
+    """The capped-simplex projection of each row of the contiguous 2-D CPU ``x``
+    (float32/64) onto ``{lower <= p <= upper, sum p = total}`` (absent entries, -inf, are
+    0), with ``lower``/``upper`` of x's dtype, shaped (1|R, 1|K); None (nothing done)
+    where the native path does not apply or the row holds values it leaves to the caller
+    (NaN, +inf, a bound of -inf)."""
+    suffix = _SUFFIX.get(x.dtype)
+    if suffix not in ("f32", "f64") or x.dim() != 2 or not x.is_contiguous():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    rows, k = x.shape
+    out = torch.empty_like(x)
+
+    def strides(b: Tensor) -> tuple[int, int]:
+        return (b.stride(0) if b.shape[0] > 1 else 0), (b.stride(1) if b.shape[1] > 1 else 0)
+
+    (lrs, lcs), (urs, ucs) = strides(lower), strides(upper)
+    fn = getattr(lib, f"cx_capped_{suffix}")
+    args = (x.data_ptr(), out.data_ptr(), k, lower.data_ptr(), lrs, lcs)
+    args2 = (upper.data_ptr(), urs, ucs, float(total))
+    rcs = _run(fn, [(*args, *args2, a, b) for a, b in _row_ranges(rows, k)])
+    if any(rc == 2 for rc in rcs):
+        raise MemoryError("convexmix: out of memory for the capped projection's scratch")
+    return None if any(rcs) else out
 
 
 def backward(

@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from convexmix._kernels import native
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._checks import any_true, broadcasts_to, prepare
 from convexmix.functional._sparse import _batch_rule_single, _Sparsemax, _sparsemax_op
@@ -326,6 +327,11 @@ def _project_blocks(
     rows = x.movedim(dim, -1).reshape(-1, k)
     lo_r = _rows(lower, shape, dim)
     up_r = _rows(upper, shape, dim)
+    out_n = native.capped(rows.contiguous(), lo_r, up_r, total) if x.device.type == "cpu" else None
+    if out_n is not None:
+        moved = list(shape)
+        moved.append(moved.pop(dim))
+        return out_n.reshape(moved).movedim(-1, dim).contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     step = max(1, ROW_BLOCK // max(k, 1))
     for a in range(0, rows.shape[0], step):
