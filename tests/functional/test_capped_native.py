@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import convexmix as cx
 from convexmix._kernels import native
 from convexmix.functional import project_simplex, sparsemax
 from tests.reference import capped_projection_ref
@@ -139,3 +140,20 @@ def test_native_falls_back_on_nonfinite_bounds(monkeypatch: pytest.MonkeyPatch) 
     y = project_simplex(x, -1, lower=-math.inf, upper=0.3)
     yt = torch_path(monkeypatch, x, -1, lower=-math.inf, upper=0.3)
     torch.testing.assert_close(y, yt)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"upper": 0.1}, "sum of upper"),
+        ({"lower": 0.3}, "sum of lower"),
+        ({"lower": 0.3, "upper": 0.2}, "lower must be <= upper"),
+    ],
+)
+@pytest.mark.parametrize("k", [5, 5000])
+def test_native_infeasible_bounds_raise(kwargs: dict, match: str, k: int) -> None:
+    x = torch.randn(3, k, dtype=torch.float64)
+    if k > 5:
+        kwargs = {n: v * 5 / k for n, v in kwargs.items()}
+    with pytest.raises(cx.ConvexMixError, match=match):
+        project_simplex(x, -1, **kwargs)

@@ -307,12 +307,26 @@ def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
 
 
+class InfeasibleError(Exception):
+    """A row's bounds cannot meet the total (the caller raises its own error)."""
+
+
+def capped_applies(x: Tensor) -> bool:
+    """Whether :func:`capped` runs for ``x`` (CPU float32/64, kernels loaded)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (library() is not None)
+    )
+
+
 def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | None:
     """The capped-simplex projection of each row of the contiguous 2-D CPU ``x``
     (float32/64) onto ``{lower <= p <= upper, sum p = total}`` (absent entries, -inf, are
     0), with ``lower``/``upper`` of x's dtype, shaped (1|R, 1|K); None (nothing done)
     where the native path does not apply or the row holds values it leaves to the caller
-    (NaN, +inf, a bound of -inf)."""
+    (NaN, +inf, a bound of -inf). Raises :class:`InfeasibleError` where a row's bounds cannot
+    meet ``total``."""
     suffix = _SUFFIX.get(x.dtype)
     if suffix not in ("f32", "f64") or x.dim() != 2 or not x.is_contiguous():
         return None
@@ -332,6 +346,8 @@ def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | No
     rcs = _run(fn, [(*args, *args2, a, b) for a, b in _row_ranges(rows, k)])
     if any(rc == 2 for rc in rcs):
         raise MemoryError("convexmix: out of memory for the capped projection's scratch")
+    if any(rc == 3 for rc in rcs):
+        raise InfeasibleError
     return None if any(rcs) else out
 
 

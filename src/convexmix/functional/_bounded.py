@@ -12,7 +12,10 @@ piecewise-linear mass :math:`m(\tau) = \sum_i \mathrm{clip}(x_i - \tau, l_i, u_i
 halvings of a bracket, then safeguarded Newton steps (Newton from the current partition
 into lower / free / upper entries, a halving when it leaves the bracket) until the
 partition stops changing; the threshold is then taken exactly, in float64, from the
-partition. Each step is O(K), with no sort: the same code runs on CPU and GPU.
+partition. Each step is O(K), with no sort: the same code runs on CPU and GPU. Eager
+float32/64 calls on CPU run the same search row by row in C (``_kernels/capped.c``: one
+branch-free pass per step over the entries still inside the bracket, long rows started
+from a sample), which also checks the sums; the torch code is the fallback.
 
 Every forward is a ``torch.library`` custom op with a vmap rule wrapped in a staticmethod
 ``autograd.Function`` whose backward is O(K) from the saved output, as for the other maps.
@@ -75,8 +78,11 @@ def _as_bound(value: float | Tensor | None, z: Tensor, d: int, name: str, defaul
     return torch.full((1,) * z.dim(), float(value), dtype=z.dtype, device=z.device)
 
 
-def _check_feasible(z: Tensor, d: int, lo: Tensor, up: Tensor, total: float) -> None:
-    """Raise when a slice with present entries cannot meet its bounds (eager only)."""
+def _check_feasible(
+    z: Tensor, d: int, lo: Tensor, up: Tensor, total: float, sums: bool = True
+) -> None:
+    """Raise when a slice with present entries cannot meet its bounds (eager only);
+    ``sums=False`` checks the bounds alone (the native kernel checks the sums)."""
     if torch.compiler.is_compiling():
         return
     try:
@@ -86,6 +92,8 @@ def _check_feasible(z: Tensor, d: int, lo: Tensor, up: Tensor, total: float) -> 
             )
         if any_true(lo == math.inf) or any_true(up == -math.inf):
             raise ConvexMixError("lower must be < inf and upper > -inf.")
+        if not sums:
+            return
         present = z > -math.inf
         k = z.shape[d]
         lsum = torch.where(present, lo, 0.0).sum(d) if lo.numel() > 1 else None
@@ -327,7 +335,12 @@ def _project_blocks(
     rows = x.movedim(dim, -1).reshape(-1, k)
     lo_r = _rows(lower, shape, dim)
     up_r = _rows(upper, shape, dim)
-    out_n = native.capped(rows.contiguous(), lo_r, up_r, total) if x.device.type == "cpu" else None
+    out_n = None
+    if native.capped_applies(x):
+        try:
+            out_n = native.capped(rows.contiguous(), lo_r, up_r, total)
+        except native.InfeasibleError:
+            _check_feasible(x, dim, lower, upper, total)  # raises the error that says the sums
     if out_n is not None:
         moved = list(shape)
         moved.append(moved.pop(dim))
@@ -427,7 +440,9 @@ def capped_projection(
     """The capped projection of the prepared ``z`` (absent entries -inf) along ``d``."""
     lo = _as_bound(lower, z, d, "lower", 0.0)
     up = _as_bound(upper, z, d, "upper", math.inf)
-    _check_feasible(z.detach(), d, lo.detach(), up.detach(), total)
+    # the native kernel checks the sums as it goes (and the error is raised then)
+    sums = not native.capped_applies(z)
+    _check_feasible(z.detach(), d, lo.detach(), up.detach(), total, sums)
     if any_true(lo.detach() < 0):
         # absent entries (-inf) get bounds 0, so the backward sees them as clamped
         present = z.detach() > -math.inf
