@@ -288,6 +288,10 @@ def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: i
             if before:
                 start, train.last = before[len(here)]
                 train.reuse = train.last is not None
+                if w is not None:
+                    # This fold's shift from the previous fold at the last lambda.
+                    start = (start + (w - before[len(here) - 1][0])).clamp_min_(0)
+                    start /= start.sum()
             else:
                 start = w
                 if w is not None and prev is not None and lam > 0:
