@@ -11,7 +11,7 @@
  * search ends when the partition at tau reproduces tau (tau' = tau + (m(tau) - total) /
  * |free|, exact on that piece), or on a flat piece at the total.
  *
- * Long rows with scalar bounds first solve a strided sample (K / 4 entries, at most
+ * Long rows with scalar bounds first solve a strided sample (K / 16 entries, at most
  * CX_SAMPLE) for
  * two thresholds that bracket the row's with high probability, then make one pass over
  * the row that checks the bracket and keeps only the entries between the two: the row is
@@ -208,7 +208,7 @@ static double CX_SUF(cx_search)(const T *ax, const T *al, int64_t acs_l, const T
 static int CX_SUF(cx_sampled)(const T *x, int64_t k, double l, double u, double total,
                               T *scratch, double *tau_out)
 {
-    int64_t size = k / 4 < CX_SAMPLE ? k / 4 : CX_SAMPLE;
+    int64_t size = k / 16 < CX_SAMPLE ? k / 16 : CX_SAMPLE;
     int64_t stride = k / size;
     int64_t ns = 0;
     T *s1 = scratch + k, *s2 = s1 + size, *s3 = s2 + size;
