@@ -266,9 +266,20 @@ def _fit_constrained(
         u[sorted(allowed)] = cap
     else:
         u = torch.full((K,), cap, dtype=torch.float64)
-    w, history, n_iter, gap, converged = _capped.newton_capped(
-        solved, u, float(tol), max_iter, callback
-    )
+    solution = _capped.newton_capped(solved, u, float(tol), max_iter, callback)
+    return _result(obj, solution, map, lam, method)
+
+
+def _result(
+    obj: DataObjective,
+    solution: tuple[Tensor, list[float], int, float, bool],
+    map: str,
+    lam: float,
+    method: str,
+) -> EnsembleResult:
+    """The result of a solve: ``solution`` is the solver's (w, history, n_iter, gap,
+    converged); the loss is the data loss, without the regularization."""
+    w, history, n_iter, gap, converged = solution
     return EnsembleResult(
         weights=w,
         loss=obj.loss(w),
@@ -324,19 +335,7 @@ def _fit(
     else:
         lam = float(regularization)
     solved = Regularized(obj, lam) if lam > 0 else obj
-    w, history, n_iter, gap, converged = solve(solved, float(tol), max_iter, callback, w0)
-    return EnsembleResult(
-        weights=w,
-        loss=obj.loss(w),
-        history=history,
-        n_iter=n_iter,
-        gap=gap,
-        converged=converged,
-        free=_free(w, map),
-        map=map,
-        regularization=lam,
-        method="newton",
-    )
+    return _result(obj, solve(solved, float(tol), max_iter, callback, w0), map, lam, "newton")
 
 
 def ensemble_selection(
