@@ -14,6 +14,12 @@ values mixing ordinary floats with 0, ties, +-1e4, +-1e30, +-inf and NaN. Then:
   NumPy float64 reference within ``entry_bound``;
 * on finite inputs, the gradient is finite.
 
+``test_convex_combination_on_hostile_inputs`` does the same for the fused weighted sum, on
+each of its three eager paths: inputs and weights (simplex, or free with +-inf and NaN;
+``(K,)`` or per-channel) against ``sum_k w_k x_k`` in float64, NaN exactly where the
+reference has one, results beyond the dtype's range as the same infinity, and gradients
+against the closed form.
+
 The budget is the hypothesis profile's: ``ci`` (the default, sized for a 2-core CI run)
 or ``long`` (10^5 cases per map: ``pytest --hypothesis-profile=long``).
 
@@ -277,6 +283,137 @@ def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
     if count[0] % 1000 == 0:
         with open(_LOG, "a") as f:
             f.write(f"{name} {count[0]} cases {count[1]} failures\n")
+
+
+# ----------------------------------------------------------------- convex_combination
+
+#: convex_combination's three eager paths: composite ATen (small inputs), the fused
+#: kernels behind an autograd.Function (large inputs) and the custom op (torch.compile).
+#: Hypothesis draws small inputs, so each path is forced in turn.
+COMBINE_PATHS = ["composite", "fused", "op"]
+
+
+@st.composite
+def combine_cases(draw: st.DrawFn) -> dict[str, Any]:
+    k = draw(st.one_of(st.integers(1, 5), st.just(0)))
+    ndim = draw(st.integers(0, 3))
+    shape = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
+    dtype = draw(st.sampled_from(DTYPES))
+    ordinary = st.floats(-20, 20, width=32)
+    values = st.one_of(ordinary, ordinary, st.floats(-1e4, 1e4, width=32), st.sampled_from(SPECIAL))
+    n = k * math.prod(shape)
+    x = np.array(draw(st.lists(values, min_size=n, max_size=n)), dtype=np.float64)
+    x = x.reshape([k, *shape])
+    # weights (K,) or per-channel (K, *S) with S broadcasting to the trailing shape
+    j = draw(st.integers(0, ndim))
+    wtail = [s if draw(st.booleans()) else 1 for s in shape[ndim - j :]]
+    wn = k * math.prod(wtail)
+    kind = draw(st.sampled_from(["simplex", "simplex", "free"]))
+    if kind == "simplex":  # a map's output: non-negative, exact zeros, sums to one
+        raw = st.one_of(st.just(0.0), st.floats(0.0, 1.0), st.floats(1e-30, 1e-3))
+        w = np.array(draw(st.lists(raw, min_size=wn, max_size=wn)), dtype=np.float64)
+        w = w.reshape([k, *wtail])
+        s = w.sum(0, keepdims=True)
+        w = np.where(s > 0, w / np.where(s > 0, s, 1.0), 1.0 / max(k, 1))
+    else:  # any weights (a ScalarMix gamma folded in), specials included
+        free = st.one_of(st.floats(-4, 4), st.sampled_from([0.0, math.inf, -math.inf, math.nan]))
+        w = np.array(draw(st.lists(free, min_size=wn, max_size=wn)), dtype=np.float64)
+        w = w.reshape([k, *wtail])
+    wdtype = draw(st.sampled_from([dtype, torch.float32, torch.float64]))
+    layout = draw(st.sampled_from(["list", "stacked"]))
+    dim = draw(st.integers(-ndim - 1, ndim))
+    return {"x": x, "w": w, "dtype": dtype, "wdtype": wdtype, "layout": layout, "dim": dim}
+
+
+def check_combine(case: dict[str, Any]) -> None:
+    dtype, wdtype = case["dtype"], case["wdtype"]
+    x = torch.tensor(case["x"]).to(dtype)  # (K, *shape)
+    w = torch.tensor(case["w"]).to(wdtype)
+    k = x.shape[0]
+    xs = list(x.unbind(0))
+    stacked = x.movedim(0, case["dim"]).contiguous()
+
+    def call(weights: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if case["layout"] == "list":
+            return F.convex_combination(weights, inputs)
+        return F.convex_combination(weights, torch.stack(inputs, case["dim"]), dim=case["dim"])
+
+    if k == 0:
+        with pytest.raises(ConvexMixError, match=r"non-empty|K >= 1"):
+            F.convex_combination(w, [] if case["layout"] == "list" else stacked, dim=case["dim"])
+        return
+
+    grads = bool(x.numel()) and dtype in (torch.float32, torch.float64)
+    xg = [t.clone().requires_grad_(grads) for t in xs]
+    wg = w.clone().requires_grad_(grads)
+    out = call(wg, xg)
+    assert out.dtype == dtype
+    assert tuple(out.shape) == tuple(x.shape[1:])
+    if out.numel() == 0:
+        return
+
+    # float64 reference from the very values the call saw (inputs and weights as cast)
+    acc = torch.promote_types(compute(dtype), wdtype)
+    wa = w.to(acc).double().numpy()
+    xd = x.double().numpy()
+    wb = wa.reshape((k,) + (1,) * (xd.ndim - wa.ndim) + wa.shape[1:])
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = wb * xd
+        ref = terms.sum(0)
+        scale = np.abs(terms).sum(0)
+    o = out.detach().double().numpy()
+    nan_ref = np.isnan(ref)
+    assert (np.isnan(o) == nan_ref).all(), (case, o, ref)
+    info = torch.finfo(dtype)
+    ok = ~nan_ref
+    o, ref, scale = o[ok], ref[ok], scale[ok]
+    # results beyond the dtype's range round to +-inf (the same sign)
+    big = np.abs(ref) >= info.max * (1 - 2 * eps(dtype))
+    assert (np.sign(o[big]) == np.sign(ref[big])).all()
+    assert (np.abs(o[big]) >= info.max * (1 - 4 * eps(dtype))).all()
+    fin = ~big & np.isfinite(ref)
+    assert (o[~fin & ~big] == ref[~fin & ~big]).all()  # +-inf terms: the same infinity
+    bound = eps(dtype) * np.abs(ref[fin]) + (k + 1) * eps(acc) * scale[fin] + info.tiny
+    err = np.abs(o[fin] - ref[fin])
+    assert (err <= bound).all(), (case, o, ref, err.max())
+
+    if grads and torch.isfinite(x).all() and torch.isfinite(w).all():
+        g = torch.linspace(-1.0, 1.0, out.numel(), dtype=dtype).reshape(out.shape)
+        got = torch.autograd.grad((out * g).sum(), [wg, *xg])
+        assert all(torch.isfinite(t).all() for t in got)
+        if dtype == torch.float64 and wdtype == torch.float64:
+            wx = w.reshape(w.shape[:1] + (1,) * (x.dim() - w.dim()) + w.shape[1:])
+            torch.testing.assert_close(got[1:], [g * wx[i].expand_as(g) for i in range(k)])
+            gw = torch.stack([(g * x[i]).sum_to_size(w.shape[1:]) for i in range(k)])
+            torch.testing.assert_close(got[0], gw)
+
+
+@pytest.mark.parametrize("path", COMBINE_PATHS)
+@given(case=st.data())
+def test_convex_combination_on_hostile_inputs(path: str, case: st.DataObject) -> None:
+    from convexmix.functional import _combine
+
+    problem = case.draw(combine_cases())
+    _combine._force = path
+    try:
+        if not _LOG:
+            check_combine(problem)
+            return
+        name = f"combine_{path}"
+        count = _counts.setdefault(name, [0, 0])
+        count[0] += 1
+        try:
+            check_combine(problem)
+        except BaseException as e:
+            count[1] += 1
+            with open(_LOG, "a") as f:
+                f.write(f"FAIL {name} {problem!r}: {e!r}\n")
+            raise
+        if count[0] % 1000 == 0:
+            with open(_LOG, "a") as f:
+                f.write(f"{name} {count[0]} cases {count[1]} failures\n")
+    finally:
+        _combine._force = None
 
 
 # ------------------------------------------------------------------ the regressions
