@@ -15,11 +15,13 @@ bound, the bytes a fused op must move at that bandwidth:
 (and a forward + backward for the weights and inputs), in units of one output; it is
 read from the kernel's high-water mark, reset before each measurement (Linux).
 Implementations: fused (``cx.functional.convex_combination``, its large outputs from
-convexmix's cache of freed outputs; "fused, no cache" with the cache off, so every output
-is fresh memory from the OS; "fused out=" into one reused buffer), the seed loop
-``sum(w * x for ...)``, ``torch.stack`` + ``tensordot``, and ``torch.compile`` of the loop
-(its compile time in the last column). A time is the best of ``--repeats`` runs, each the
-mean of enough back-to-back calls to last 5 ms (one call for the large cases).
+convexmix's cache of freed outputs;
+"fused, no cache" with the cache off, so every output is fresh memory from the OS;
+"fused out=" into one reused buffer), the seed loop ``sum(w * x for ...)``,
+``torch.stack`` + ``tensordot``, and ``torch.compile`` of the loop and of
+``convex_combination`` ("compiled fused", ``fullgraph=True``); compile times in the last
+column. A time is the best of ``--repeats`` runs, each the mean of enough back-to-back
+calls to last 5 ms (one call for the large cases).
 """
 
 from __future__ import annotations
@@ -138,17 +140,21 @@ def run_case(
         def loop(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
             return seed_loop(w, xs)
 
-        compiled = torch.compile(loop, dynamic=False)
-        t0 = time.perf_counter()
-        compiled(w, xs)
-        compile_s["compiled loop"] = time.perf_counter() - t0
-        impls["compiled loop"] = compiled
-        wg = w.clone().requires_grad_()
-        xg = [x.clone().requires_grad_() for x in xs]
-        t0 = time.perf_counter()
-        compiled(wg, xg).backward(torch.ones(shape))
-        compile_s["compiled loop"] += time.perf_counter() - t0
-        del wg, xg
+        def mixed(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+            return fused(w, xs)
+
+        # The loop as Inductor fuses it, and convexmix inside a compiled graph (one
+        # opaque custom op, fullgraph): the cost of each under torch.compile.
+        for label, fn, full in (("compiled loop", loop, False), ("compiled fused", mixed, True)):
+            compiled = torch.compile(fn, dynamic=False, fullgraph=full)
+            t0 = time.perf_counter()
+            compiled(w, xs)
+            wg = w.clone().requires_grad_()
+            xg = [x.clone().requires_grad_() for x in xs]
+            compiled(wg, xg).backward(torch.ones(shape))
+            compile_s[label] = time.perf_counter() - t0
+            impls[label] = compiled
+            del wg, xg
     out_buf = torch.empty(shape)
     g = torch.randn(shape)
     for label, f in [*impls.items(), ("fused out=", None)]:

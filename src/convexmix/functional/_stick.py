@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,15 +16,75 @@ from convexmix.functional._checks import (
     check_total,
     compute_dtype,
     normalize_dim,
+    traced,
 )
 from convexmix.functional._softmax import safe_softmax
 
 __all__ = ["stick_breaking", "stick_breaking_inverse"]
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets_cached(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(n, 0, -1, device=device, dtype=dtype).log()
+
+
 def _offsets(n: int, like: Tensor) -> Tensor:
-    """log(K-1), log(K-2), ..., log(1) for K-1 = n: the shift that makes zeros uniform."""
-    return torch.arange(n, 0, -1, device=like.device, dtype=like.dtype).log()
+    """log(K-1), log(K-2), ..., log(1) for K-1 = n: the shift that makes zeros uniform.
+    Cached (read only) outside traced code, where it would be a constant tensor."""
+    if traced():
+        return torch.arange(n, 0, -1, device=like.device, dtype=like.dtype).log()
+    return _offsets_cached(n, like.dtype, like.device)
+
+
+def _log_weights(u: Tensor) -> Tensor:
+    """``(..., K-1)`` shifted free values to ``(..., K)`` log-weights:
+    ``log p_i = log s_i + sum_{j<i} log(1 - s_j)``; the last is the rest of the stick.
+    Both logs are ``logsigmoid`` (of ``u`` and of ``-u``): exact in the tails, where
+    ``log(1 - s)`` from ``log s`` would cancel."""
+    log_rest = F.logsigmoid(-u).cumsum(-1)
+    log_p = F.pad(log_rest, (1, 0))  # [0, rest_0, ..., rest_{K-2}]
+    log_p[..., :-1] += F.logsigmoid(u)
+    return log_p
+
+
+class _StickBreaking(torch.autograd.Function):
+    """Eager stick-breaking as one autograd node, with the closed-form backward.
+
+    With ``a = p * (g - <g, p>)`` (the softmax that renormalises), the gradient of the
+    free value ``u_j`` is ``a_j - s_j * sum_{i >= j} a_i``: a cumsum and a few
+    elementwise kernels, where autograd through the composite form records and replays
+    about a dozen. Plain eager calls only: traced code (compile, torch.func) runs the
+    composite form."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, d: int, mask: Tensor | None, total: float) -> Tensor:
+        p, u = _forward(z, d, mask)
+        ctx.d, ctx.total = d, total
+        ctx.save_for_backward(p, u)
+        out = p * total if total != 1.0 else p
+        return out if out.dtype == z.dtype else out.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        p, u = ctx.saved_tensors
+        d, total = ctx.d, ctx.total
+        g = grad.to(p.dtype)
+        if total != 1.0:
+            g = g * total
+        a = (g - (g * p).sum(d, keepdim=True)).mul_(p).movedim(d, -1)
+        tail = a.cumsum(-1)  # then sum_{i >= j} a_i = tail[-1] - tail[j] + a_j
+        tail = torch.sub(tail[..., -1:], tail).add_(a)[..., :-1]
+        du = a[..., :-1] - torch.sigmoid(u).mul_(tail)
+        return du.movedim(-1, d).to(grad.dtype), None, None, None
+
+
+def _forward(z: Tensor, d: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The weights (in the compute dtype, summing to one) and the shifted free values."""
+    u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
+    u = u - _offsets(u.shape[-1], u)
+    log_p = apply_mask(_log_weights(u).movedim(-1, d), mask, "the stick-breaking output")
+    # A softmax over exact log-weights renormalises them: sums are exact to rounding.
+    return safe_softmax(log_p, d), u
 
 
 def stick_breaking(
@@ -58,26 +121,28 @@ def stick_breaking(
     check_tensor(z, "z")
     d = normalize_dim(z, dim, "z")
     total = check_total(total, z.dtype)
+    if not traced():
+        if torch.is_grad_enabled() and z.requires_grad:
+            return cast(Tensor, _StickBreaking.apply(z, d, mask, total))  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            return _StickBreaking.forward(_NoContext(), z, d, mask, total)
     u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
     u = u - _offsets(u.shape[-1], u)
-    # log p_i = log s_i + sum_{j<i} log(1 - s_j); the last weight is the rest of the stick.
     log_rest = F.logsigmoid(-u).cumsum(-1)
-    log_p = torch.cat(
-        [
-            F.logsigmoid(u[..., :1]),
-            F.logsigmoid(u[..., 1:]) + log_rest[..., :-1],
-            log_rest[..., -1:],
-        ],
-        dim=-1,
-    )
-    if u.shape[-1] == 0:  # K = 1: the single weight is the whole stick
-        log_p = u.new_zeros((*u.shape[:-1], 1))
+    # out of place (differentiable under every transform): [0, rest] + [log s, 0]
+    log_p = F.pad(log_rest, (1, 0)) + F.pad(F.logsigmoid(u), (0, 1))
     log_p = apply_mask(log_p.movedim(-1, d), mask, "the stick-breaking output")
-    # A softmax over exact log-weights renormalises them: sums are exact to rounding.
     p = safe_softmax(log_p, d)
     if total != 1.0:
         p = p * total
     return p.to(z.dtype)
+
+
+class _NoContext:
+    """Stands in for the autograd context when no gradient is wanted."""
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        pass
 
 
 def stick_breaking_inverse(p: Tensor, dim: int = -1, *, total: float = 1.0) -> Tensor:
