@@ -38,6 +38,7 @@ for float16/bfloat16 inputs; ``t``: total; ``K``: slice length):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -86,28 +87,85 @@ MAPS: dict[str, tuple[Call, float | None, bool]] = {
 
 # ------------------------------------------------------------------------- strategy
 
+#: Values at the edges of the ordinary range: zeros of both signs, subnormals, the ends.
+EDGES = [0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 20.0, -20.0]
+
+
+@functools.cache
+def binary(n: int) -> st.SearchStrategy[bytes]:
+    """Strategies built once: hypothesis validates each new one (a tenth of a case)."""
+    return st.binary(min_size=n, max_size=n)
+
+
+@functools.cache
+def ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    return st.integers(lo, hi)
+
+
+def draw_values(draw: st.DrawFn, n: int, palette: str = "logits") -> np.ndarray:
+    """``n`` float64 values (exact float32 numbers) decoded from ``5 n`` drawn bytes.
+
+    One byte string is one hypothesis choice: drawing element by element cost ~10x the
+    checks themselves, and the long profile (10^5 cases per map) needs the cases cheap.
+    The bytes still shrink (towards zero bytes) and mutate (hypothesis repeats chunks:
+    ties). Each element takes its kind from its first byte and its value from the next
+    four. ``palette``:
+
+    * ``"logits"``: a quarter each: ordinary in [-20, 20] (twice; 1 in 64 of them an
+      edge value), wide in [-1e4, 1e4], special (0, +-1, +-1e4, +-1e30, +-inf, NaN);
+    * ``"simplex"``: a third each: 0, in [0, 1], in [1e-30, 1e-3] (non-negative weights);
+    * ``"free"``: half in [-4, 4], half special (0, +-inf, NaN): any weights.
+    """
+    raw = np.frombuffer(draw(binary(5 * n)), dtype=np.uint8)
+    b = raw.reshape(n, 5)
+    u = b[:, 1:].astype(np.float64) @ (256.0 ** -np.arange(1, 5))  # in [0, 1)
+    kind = b[:, 0]
+    if palette == "logits":
+        special = np.array(SPECIAL)[b[:, 1] % len(SPECIAL)]
+        edge = np.array(EDGES)[b[:, 1] % len(EDGES)]
+        ordinary = np.where(kind >= 252, edge, 40.0 * u - 20.0)
+        out = np.select([kind % 4 < 2, kind % 4 == 2], [ordinary, 2e4 * u - 1e4], special)
+    elif palette == "simplex":
+        out = np.select([kind % 3 == 0, kind % 3 == 1], [np.zeros(n), u], 1e-30 + 1e-3 * u)
+    else:
+        special = np.array([0.0, math.inf, -math.inf, math.nan])[b[:, 1] % 4]
+        out = np.where(kind % 2 == 0, 8.0 * u - 4.0, special)
+    return out.astype(np.float32).astype(np.float64)
+
+
+def draw_bools(draw: st.DrawFn, n: int) -> np.ndarray:
+    """``n`` booleans from ``n`` drawn bytes (one choice)."""
+    raw = draw(binary(n))
+    return (np.frombuffer(raw, dtype=np.uint8) & 1).astype(bool)
+
+
+#: K = 0 one case in ten; short slices (1 to 3) weighted twice.
+K_SIZES = st.sampled_from([0, 1, 1, 2, 2, 3, 3, 4, 5, 6])
+DTYPE_ST = st.sampled_from(DTYPES)
+TOTAL_ST = st.sampled_from(TOTALS)
+
 
 @st.composite
 def cases(draw: st.DrawFn, masked: bool) -> dict[str, Any]:
-    ndim = draw(st.integers(1, 3))
-    shape = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
-    dim = draw(st.integers(-ndim, ndim - 1))
-    shape[dim] = draw(st.one_of(st.integers(1, 6), st.just(0), st.integers(1, 3)))
-    dtype = draw(st.sampled_from(DTYPES))
-    ordinary = st.floats(-20, 20, width=32)
-    values = st.one_of(ordinary, ordinary, st.floats(-1e4, 1e4, width=32), st.sampled_from(SPECIAL))
+    ndim = draw(ints(1, 3))
+    shape = [draw(ints(0, 4)) for _ in range(ndim)]
+    dim = draw(ints(-ndim, ndim - 1))
+    shape[dim] = draw(K_SIZES)
+    dtype = draw(DTYPE_ST)
     n = math.prod(shape)
     # Mostly one special value at a time, so that the ordinary entries around it matter.
-    x = np.array(draw(st.lists(values, min_size=n, max_size=n)), dtype=np.float64).reshape(shape)
+    x = draw_values(draw, n).reshape(shape)
     mask = None
     if masked and draw(st.booleans()):
         mshape = [s if draw(st.booleans()) else 1 for s in shape]
         mshape[dim] = shape[dim]
         mn = math.prod(mshape)
-        mask = np.array(draw(st.lists(st.booleans(), min_size=mn, max_size=mn)), dtype=bool)
-        mask = mask.reshape(mshape)
-    total = draw(st.sampled_from(TOTALS))
+        mask = draw_bools(draw, mn).reshape(mshape)
+    total = draw(TOTAL_ST)
     return {"x": x, "dim": dim, "dtype": dtype, "mask": mask, "total": total}
+
+
+CASES = {True: cases(True), False: cases(False)}
 
 
 # ------------------------------------------------------------------------ references
@@ -267,7 +325,7 @@ _counts: dict[str, list[int]] = {}
 @pytest.mark.parametrize("name", list(MAPS))
 @given(case=st.data())
 def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
-    problem = case.draw(cases(MAPS[name][2]))
+    problem = case.draw(CASES[MAPS[name][2]])
     if not _LOG:
         check_map(name, problem)
         return
@@ -293,36 +351,36 @@ def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
 COMBINE_PATHS = ["composite", "fused", "op"]
 
 
+COMBINE_K = st.one_of(st.integers(1, 5), st.just(0))
+WEIGHT_KINDS = st.sampled_from(["simplex", "simplex", "free"])
+LAYOUTS = st.sampled_from(["list", "stacked"])
+
+
 @st.composite
 def combine_cases(draw: st.DrawFn) -> dict[str, Any]:
-    k = draw(st.one_of(st.integers(1, 5), st.just(0)))
-    ndim = draw(st.integers(0, 3))
-    shape = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
-    dtype = draw(st.sampled_from(DTYPES))
-    ordinary = st.floats(-20, 20, width=32)
-    values = st.one_of(ordinary, ordinary, st.floats(-1e4, 1e4, width=32), st.sampled_from(SPECIAL))
-    n = k * math.prod(shape)
-    x = np.array(draw(st.lists(values, min_size=n, max_size=n)), dtype=np.float64)
-    x = x.reshape([k, *shape])
+    k = draw(COMBINE_K)
+    ndim = draw(ints(0, 3))
+    shape = [draw(ints(0, 4)) for _ in range(ndim)]
+    dtype = draw(DTYPE_ST)
+    x = draw_values(draw, k * math.prod(shape)).reshape([k, *shape])
     # weights (K,) or per-channel (K, *S) with S broadcasting to the trailing shape
-    j = draw(st.integers(0, ndim))
+    j = draw(ints(0, ndim))
     wtail = [s if draw(st.booleans()) else 1 for s in shape[ndim - j :]]
     wn = k * math.prod(wtail)
-    kind = draw(st.sampled_from(["simplex", "simplex", "free"]))
+    kind = draw(WEIGHT_KINDS)
     if kind == "simplex":  # a map's output: non-negative, exact zeros, sums to one
-        raw = st.one_of(st.just(0.0), st.floats(0.0, 1.0), st.floats(1e-30, 1e-3))
-        w = np.array(draw(st.lists(raw, min_size=wn, max_size=wn)), dtype=np.float64)
-        w = w.reshape([k, *wtail])
+        w = draw_values(draw, wn, "simplex").reshape([k, *wtail])
         s = w.sum(0, keepdims=True)
         w = np.where(s > 0, w / np.where(s > 0, s, 1.0), 1.0 / max(k, 1))
     else:  # any weights (a ScalarMix gamma folded in), specials included
-        free = st.one_of(st.floats(-4, 4), st.sampled_from([0.0, math.inf, -math.inf, math.nan]))
-        w = np.array(draw(st.lists(free, min_size=wn, max_size=wn)), dtype=np.float64)
-        w = w.reshape([k, *wtail])
-    wdtype = draw(st.sampled_from([dtype, torch.float32, torch.float64]))
-    layout = draw(st.sampled_from(["list", "stacked"]))
-    dim = draw(st.integers(-ndim - 1, ndim))
+        w = draw_values(draw, wn, "free").reshape([k, *wtail])
+    wdtype = [dtype, torch.float32, torch.float64][draw(ints(0, 2))]
+    layout = draw(LAYOUTS)
+    dim = draw(ints(-ndim - 1, ndim))
     return {"x": x, "w": w, "dtype": dtype, "wdtype": wdtype, "layout": layout, "dim": dim}
+
+
+COMBINE_CASES = combine_cases()
 
 
 def check_combine(case: dict[str, Any]) -> None:
@@ -393,7 +451,7 @@ def check_combine(case: dict[str, Any]) -> None:
 def test_convex_combination_on_hostile_inputs(path: str, case: st.DataObject) -> None:
     from convexmix.functional import _combine
 
-    problem = case.draw(combine_cases())
+    problem = case.draw(COMBINE_CASES)
     _combine._force = path
     try:
         if not _LOG:
