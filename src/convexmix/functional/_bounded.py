@@ -32,7 +32,8 @@ from torch import Tensor
 from convexmix._kernels import native
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._checks import any_true, broadcasts_to, prepare
-from convexmix.functional._sparse import _batch_rule_single, _Sparsemax, _sparsemax_op
+from convexmix.functional._ops import register_map
+from convexmix.functional._sparse import SPARSEMAX, sparsemax_vjp
 
 __all__ = [
     "capped_projection",
@@ -356,38 +357,10 @@ def _project_blocks(
     return out.reshape(moved).movedim(-1, dim).contiguous()
 
 
-@torch.library.custom_op("convexmix::project_capped", mutates_args=())
-def _capped_op(
+def _capped_fwd(
     x: Tensor, lower: Tensor, upper: Tensor, dim: int, total: float, n_iter: int
 ) -> Tensor:
     return _project_blocks(x, lower, upper, dim, total, n_iter)
-
-
-@_capped_op.register_fake
-def _(x: Tensor, lower: Tensor, upper: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-def _batch_rule_bounds(op: Any) -> Any:
-    """vmap rule for ``op(x, a, b, dim, *scalars)`` with ``a``, ``b`` broadcast to ``x``."""
-
-    def rule(
-        info: Any, in_dims: tuple[Any, ...], x: Tensor, a: Tensor, b: Tensor, dim: int, *rest: Any
-    ) -> Any:
-        size = info.batch_size
-
-        def lead(t: Tensor, bd: int | None) -> Tensor:
-            return t.unsqueeze(0) if bd is None else t.movedim(bd, 0)
-
-        xb = lead(x, in_dims[0])
-        if in_dims[0] is None:
-            xb = xb.expand(size, *x.shape)
-        return op(xb, lead(a, in_dims[1]), lead(b, in_dims[2]), dim + 1, *rest), 0
-
-    return rule
-
-
-torch.library.register_vmap(_capped_op, _batch_rule_bounds(_capped_op))
 
 
 def _bound_grads(
@@ -403,35 +376,24 @@ def _bound_grads(
     return glo, gup
 
 
-class _Capped(torch.autograd.Function):
-    """Autograd for the capped projection: the sparsemax Jacobian on the free entries
-    (strictly between their bounds), zero on the clamped ones; O(K) from the output."""
+def _capped_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The capped projection: the sparsemax Jacobian on the free entries (strictly between
+    their bounds), zero on the clamped ones; O(K) from the output."""
+    y, lower, upper = ctx.saved_tensors
+    d = ctx.dim
+    at_lo = (y <= lower) & (y > -math.inf)
+    at_up = y >= upper
+    free = ~(at_lo | at_up)
+    gd = torch.where(free, grad, 0.0)
+    q = gd.sum(d, keepdim=True) / free.sum(d, keepdim=True).clamp_min(1)
+    dx = gd.sub_(q).masked_fill_(~free, 0.0) if ctx.needs_input_grad[0] else None
+    glo, gup = _bound_grads(ctx, grad, free, at_lo, at_up, q)
+    return dx, glo, gup
 
-    generate_vmap_rule = True
 
-    @staticmethod
-    def forward(
-        x: Tensor, lower: Tensor, upper: Tensor, dim: int, total: float, n_iter: int
-    ) -> Tensor:
-        return cast(Tensor, _capped_op(x, lower, upper, dim, total, n_iter))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[3]
-        ctx.save_for_backward(output, inputs[1], inputs[2])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        y, lower, upper = ctx.saved_tensors
-        d = ctx.dim
-        at_lo = (y <= lower) & (y > -math.inf)
-        at_up = y >= upper
-        free = ~(at_lo | at_up)
-        gd = torch.where(free, grad, 0.0)
-        q = gd.sum(d, keepdim=True) / free.sum(d, keepdim=True).clamp_min(1)
-        dx = gd.sub_(q).masked_fill_(~free, 0.0) if ctx.needs_input_grad[0] else None
-        glo, gup = _bound_grads(ctx, grad, free, at_lo, at_up, q)
-        return dx, glo, gup, None, None, None
+_CAPPED = register_map(
+    "project_capped", _capped_fwd, _capped_vjp, n_diff=3, dim_arg=3, saved=(1, 2), n_tensors=3
+)
 
 
 def capped_projection(
@@ -448,14 +410,13 @@ def capped_projection(
         present = z.detach() > -math.inf
         lo = torch.where(present, lo, 0.0)
         up = torch.where(present, up, 0.0)
-    return cast(Tensor, _Capped.apply(z, lo, up, d, total, CAPPED_BISECT_STEPS))  # type: ignore[no-untyped-call]
+    return cast(Tensor, _CAPPED.function.apply(z, lo, up, d, total, CAPPED_BISECT_STEPS))
 
 
 # ---------------------------------------------------------------- constrained softmax
 
 
-@torch.library.custom_op("convexmix::constrained_softmax", mutates_args=())
-def _csoftmax_op(x: Tensor, upper: Tensor, dim: int, total: float) -> Tensor:
+def _csoftmax_fwd(x: Tensor, upper: Tensor, dim: int, total: float) -> Tensor:
     z = x.movedim(dim, -1).to(torch.float64)
     u = upper.movedim(dim, -1).to(torch.float64).expand(z.shape)
     present = z > -math.inf
@@ -491,54 +452,31 @@ def _csoftmax_op(x: Tensor, upper: Tensor, dim: int, total: float) -> Tensor:
     return p.to(x.dtype).movedim(-1, dim).contiguous()
 
 
-@_csoftmax_op.register_fake
-def _(x: Tensor, upper: Tensor, dim: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
+def _csoftmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The constrained softmax: ``p (g - <p, g>_F / R)`` on the free entries (``R`` their
+    mass), zero on the capped ones; upper gets ``g - <p, g>_F / R`` where capped."""
+    y, upper = ctx.saved_tensors
+    d = ctx.dim
+    capped = y >= upper
+    pf = torch.where(capped, 0.0, y).to(grad.dtype)
+    mass = pf.sum(d, keepdim=True)
+    q = (pf * grad).sum(d, keepdim=True) / torch.where(mass > 0, mass, 1.0)
+    dx = pf * (grad - q) if ctx.needs_input_grad[0] else None
+    gup = None
+    if ctx.needs_input_grad[1]:
+        gup = torch.where(capped, grad - q, 0.0).sum_to_size(upper.shape).to(upper.dtype)
+    return dx, gup
 
 
-def _csoftmax_vmap(
-    info: Any, in_dims: tuple[Any, ...], x: Tensor, upper: Tensor, dim: int, total: float
-) -> Any:
-    xb = (
-        x.unsqueeze(0).expand(info.batch_size, *x.shape)
-        if in_dims[0] is None
-        else x.movedim(in_dims[0], 0)
-    )
-    ub = upper.unsqueeze(0) if in_dims[1] is None else upper.movedim(in_dims[1], 0)
-    return _csoftmax_op(xb, ub, dim + 1, total), 0
-
-
-torch.library.register_vmap(_csoftmax_op, _csoftmax_vmap)
-
-
-class _CSoftmax(torch.autograd.Function):
-    """Autograd for the constrained softmax: ``p (g - <p, g>_F / R)`` on the free entries
-    (``R`` their mass), zero on the capped ones; upper gets ``g - <p, g>_F / R`` where capped."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, upper: Tensor, dim: int, total: float) -> Tensor:
-        return cast(Tensor, _csoftmax_op(x, upper, dim, total))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[2]
-        ctx.save_for_backward(output, inputs[1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        y, upper = ctx.saved_tensors
-        d = ctx.dim
-        capped = y >= upper
-        pf = torch.where(capped, 0.0, y).to(grad.dtype)
-        mass = pf.sum(d, keepdim=True)
-        q = (pf * grad).sum(d, keepdim=True) / torch.where(mass > 0, mass, 1.0)
-        dx = pf * (grad - q) if ctx.needs_input_grad[0] else None
-        gup = None
-        if ctx.needs_input_grad[1]:
-            gup = torch.where(capped, grad - q, 0.0).sum_to_size(upper.shape).to(upper.dtype)
-        return dx, gup, None, None
+_CSOFTMAX = register_map(
+    "constrained_softmax",
+    _csoftmax_fwd,
+    _csoftmax_vjp,
+    n_diff=2,
+    dim_arg=2,
+    saved=(1,),
+    n_tensors=2,
+)
 
 
 def constrained_softmax(z: Tensor, d: int, total: float, upper: float | Tensor) -> Tensor:
@@ -547,40 +485,22 @@ def constrained_softmax(z: Tensor, d: int, total: float, upper: float | Tensor) 
     if any_true(up.detach() < 0):
         raise ConvexMixError("upper must be >= 0 for the softmax; got a negative entry.")
     _check_feasible(z.detach(), d, z.new_zeros((1,) * z.dim()), up.detach(), total)
-    return cast(Tensor, _CSoftmax.apply(z, up, d, total))  # type: ignore[no-untyped-call]
+    return cast(Tensor, _CSOFTMAX.function.apply(z, up, d, total))
 
 
 # ------------------------------------------------------------------ k-sparse simplex
 
 
-@torch.library.custom_op("convexmix::project_sparse_simplex", mutates_args=())
-def _ksparse_op(x: Tensor, dim: int, k: int, total: float) -> Tensor:
+def _ksparse_fwd(x: Tensor, dim: int, k: int, total: float) -> Tensor:
     z = x.movedim(dim, -1)
     vals, idx = torch.topk(z, k, dim=-1)
-    proj = _sparsemax_op(vals, vals.dim() - 1, total)
+    proj = SPARSEMAX.op(vals, vals.dim() - 1, total)
     out = torch.zeros_like(z).scatter_(-1, idx, proj)
     return out.movedim(-1, dim).contiguous()
 
 
-@_ksparse_op.register_fake
-def _(x: Tensor, dim: int, k: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-torch.library.register_vmap(_ksparse_op, _batch_rule_single(_ksparse_op))
-
-
-class _KSparse(_Sparsemax):
-    """The k-sparse projection; its Jacobian is sparsemax's on the support (inherited)."""
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, k: int, total: float) -> Tensor:  # type: ignore[override]
-        return cast(Tensor, _ksparse_op(x, dim, k, total))
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        dx, _, _ = _Sparsemax.backward(ctx, grad)
-        return dx, None, None, None
+# The k-sparse projection's Jacobian is sparsemax's on the support.
+_KSPARSE = register_map("project_sparse_simplex", _ksparse_fwd, sparsemax_vjp)
 
 
 def project_sparse_simplex(x: Tensor, k: int, dim: int = -1, *, total: float = 1.0) -> Tensor:
@@ -610,7 +530,7 @@ def project_sparse_simplex(x: Tensor, k: int, dim: int = -1, *, total: float = 1
     kk = min(k, z.shape[d])
     if kk == 0:
         return x.clone()
-    out = cast(Tensor, _KSparse.apply(z, d, kk, total))  # type: ignore[no-untyped-call]
+    out = cast(Tensor, _KSPARSE.function.apply(z, d, kk, total))
     return out.to(x.dtype)
 
 

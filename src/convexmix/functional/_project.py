@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -23,16 +22,8 @@ from torch import Tensor
 from convexmix.errors import ConvexMixError
 from convexmix.functional._bounded import capped_projection
 from convexmix.functional._checks import prepare
-from convexmix.functional._sparse import (
-    _batch_rule_single,
-    _finish,
-    _Sparsemax,
-    _sparsemax_fwd,
-    _SparsemaxEager,
-    clamp_inf,
-    eager_function,
-    run,
-)
+from convexmix.functional._ops import register_map
+from convexmix.functional._sparse import SPARSEMAX, clamp_inf, finish, sparsemax_vjp
 
 __all__ = ["project_simplex"]
 
@@ -135,7 +126,7 @@ def _michelot(
         support_sum = torch.where(support, z, zero, out=buf).to(torch.float64).sum(-1, keepdim=True)
         support_sum -= count64 * top64
     tau = (support_sum - total) / count64
-    return _finish(z, shift.to(torch.float64), tau, present, -1, square=False)
+    return finish(z, shift.to(torch.float64), tau, present, -1, square=False)
 
 
 def _condat_fwd(x: Tensor, dim: int, total: float) -> Tensor:
@@ -222,56 +213,9 @@ def _condat_rows(z: Tensor, total: float) -> Tensor:
     return _michelot(z, zs, shift, present, rho, total, torch.empty_like(zs))
 
 
-_condat_op = torch.library.custom_op("convexmix::project_condat", mutates_args=())(_condat_fwd)
-
-
-@_condat_op.register_fake
-def _(x: Tensor, dim: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-torch.library.register_vmap(_condat_op, _batch_rule_single(_condat_op))
-
-
-class _Condat(_Sparsemax):
-    """The projection by Condat's algorithm; context and backward are sparsemax's."""
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, total: float) -> Tensor:
-        return cast(Tensor, _condat_op(x, dim, total))
-
-
-_bisect_op = torch.library.custom_op("convexmix::project_bisect", mutates_args=())(_bisect_fwd)
-
-
-@_bisect_op.register_fake
-def _(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-torch.library.register_vmap(_bisect_op, _batch_rule_single(_bisect_op))
-
-
-class _Bisect(_Sparsemax):
-    """The projection by bisection; the backward is sparsemax's (inherited)."""
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, total: float, n_iter: int) -> Tensor:  # type: ignore[override]
-        return cast(Tensor, _bisect_op(x, dim, total, n_iter))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[1]
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        dx, _, _ = _Sparsemax.backward(ctx, grad)
-        return dx, None, None, None
-
-
-_CondatEager = eager_function(_Condat, _condat_fwd)
-_BisectEager = eager_function(_Bisect, _bisect_fwd)
+# The projections' backward is sparsemax's.
+_CONDAT = register_map("project_condat", _condat_fwd, sparsemax_vjp)
+_BISECT = register_map("project_bisect", _bisect_fwd, sparsemax_vjp)
 
 
 def project_simplex(
@@ -336,9 +280,9 @@ def project_simplex(
         big = z.shape[d] >= AUTO_BISECT_K and z.numel() >= AUTO_BISECT_NUMEL
         method = "bisect" if big or z.device.type != "cpu" else "sort"
     if method == "sort":
-        out = run(_Sparsemax, _SparsemaxEager, _sparsemax_fwd, 1, z, d, total)
+        out = SPARSEMAX(z, d, total)
     elif method == "condat":
-        out = run(_Condat, _CondatEager, _condat_fwd, 1, z, d, total)
+        out = _CONDAT(z, d, total)
     else:
-        out = run(_Bisect, _BisectEager, _bisect_fwd, 1, z, d, total, BISECT_STEPS)
+        out = _BISECT(z, d, total, BISECT_STEPS)
     return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -9,9 +9,9 @@ with :math:`H_\alpha` the Tsallis entropy and the threshold :math:`\tau` chosen 
 that the output sums to ``total`` ``t``. For alpha = 2 this is the Euclidean
 projection of x onto the simplex (sparsemax); alpha -> 1 recovers the softmax.
 
-Each map's forward is a ``torch.library`` custom op with a vmap rule (one opaque op for
-``torch.compile(fullgraph=True)``), wrapped in a staticmethod ``autograd.Function`` whose
-backward is O(K) from the saved output, with no Jacobian; torch.func transforms work.
+Each map's forward is a ``torch.library`` custom op registered by
+:func:`~convexmix.functional._ops.register_map` (fake, vmap rule, autograd); its backward is
+O(K) from the saved output, with no Jacobian; torch.func transforms work.
 Thresholds are computed in float64 so that the sums stay exact to the output dtype even
 at K = 1e5+.
 """
@@ -19,14 +19,14 @@ at K = 1e5+.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare, traced
+from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare
+from convexmix.functional._ops import register_map
 from convexmix.functional._softmax import softmax
 
 __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
@@ -58,7 +58,7 @@ def clamp_inf(z: Tensor) -> Tensor:
     return z.clamp_max(torch.finfo(z.dtype).max)
 
 
-def _finish(
+def finish(
     z: Tensor, shift: Tensor, tau: Tensor, present: Tensor, dim: int, square: bool
 ) -> Tensor:
     """``[z - shift - tau]_+`` (its square / 4 for 1.5-entmax, ``z`` unscaled) in float64,
@@ -99,52 +99,6 @@ def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) 
     return gd.sub_(g * q)  # gd is fresh; g may be unbatched under vmap, so no g.mul_
 
 
-def eager_function(slow: type[torch.autograd.Function], impl: Callable[..., Tensor]) -> Any:
-    """An old-style ``autograd.Function`` that runs ``impl`` (a custom op's Python body)
-    with ``slow``'s context and backward, for plain eager calls.
-
-    The custom op's dispatch and a ``setup_context`` Function's ``apply`` (which binds
-    default arguments with ``inspect.signature``) cost ~10-100 us a call; this costs ~3.
-    It works neither under torch.func transforms nor in compiled graphs: :func:`run`
-    sends those to ``slow``."""
-
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *args: Any) -> Tensor:
-            y = impl(*args)
-            slow.setup_context(ctx, args, y)
-            return y
-
-        @staticmethod
-        def backward(ctx: Any, *grads: Any) -> Any:
-            return slow.backward(ctx, *grads)
-
-    Eager.__name__ = Eager.__qualname__ = slow.__name__ + "Eager"
-    return Eager
-
-
-def run(slow: Any, fast: Any, impl: Callable[..., Tensor], n_diff: int, *args: Any) -> Tensor:
-    """``slow.apply(*args)`` when traced (compile, torch.func); else ``fast.apply`` when
-    one of the first ``n_diff`` arguments needs a gradient; else ``impl`` itself."""
-    if traced():
-        return cast(Tensor, slow.apply(*args))
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args[:n_diff]):
-        return cast(Tensor, fast.apply(*args))
-    return impl(*args)
-
-
-def _batch_rule_single(op: Any) -> Any:
-    """vmap rule for ops ``op(x, dim, *scalars)`` that act along one non-negative ``dim``."""
-
-    def rule(info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int, *rest: Any) -> Any:
-        bdim = in_dims[0]
-        if bdim is None:
-            return op(x, dim, *rest), None
-        return op(x.movedim(bdim, 0), dim + 1, *rest), 0
-
-    return rule
-
-
 # ------------------------------------------------------------------------- sparsemax
 
 
@@ -162,44 +116,16 @@ def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     # The prefix sums only locate the support; its sum is retaken pairwise (torch.sum),
     # which keeps the threshold exact to a few ulp at K = 1e5.
     tau = (zs.masked_fill_(ks > kstar, 0.0).sum(-1, keepdim=True) - total) / kstar
-    return _finish(z, shift, tau, present, dim, square=False)
+    return finish(z, shift, tau, present, dim, square=False)
 
 
-_sparsemax_op = torch.library.custom_op("convexmix::sparsemax", mutates_args=())(_sparsemax_fwd)
+def sparsemax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
+    """The sparsemax VJP (also the Euclidean projections'): the support's centred gradient."""
+    (y,) = ctx.saved_tensors
+    return (_support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None,)
 
 
-@_sparsemax_op.register_fake
-def _(x: Tensor, dim: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-torch.library.register_vmap(_sparsemax_op, _batch_rule_single(_sparsemax_op))
-
-
-class _Sparsemax(torch.autograd.Function):
-    """Autograd for the op; a staticmethod Function with ``setup_context`` so that both
-    Dynamo (fullgraph) and torch.func (grad, vmap, jacrev) handle it. ``register_autograd``
-    on the custom op itself is not usable with torch.func (pytorch/pytorch#179652)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, total: float) -> Tensor:
-        return cast(Tensor, _sparsemax_op(x, dim, total))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[1]
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        (y,) = ctx.saved_tensors
-        dx = _support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None
-        return dx, None, None
-
-
-_SparsemaxEager = eager_function(_Sparsemax, _sparsemax_fwd)
+SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp)
 
 
 def sparsemax(
@@ -245,7 +171,7 @@ def sparsemax(
         from convexmix.functional._bounded import capped_projection
 
         return capped_projection(z, d, total, lower, upper).to(x.dtype)
-    out = run(_Sparsemax, _SparsemaxEager, _sparsemax_fwd, 1, z, d, total)
+    out = SPARSEMAX(z, d, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -273,35 +199,16 @@ def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     m = zs.masked_fill(outside, 0.0).sum(-1, keepdim=True) / kstar
     dev = zs.sub_(m).masked_fill_(outside, 0.0)
     tau_star = m - ((total - (dev * dev).sum(-1, keepdim=True)) / kstar).clamp_min(0.0).sqrt()
-    return _finish(z, shift, 2 * tau_star, present, dim, square=True)
+    return finish(z, shift, 2 * tau_star, present, dim, square=True)
 
 
-_entmax15_op = torch.library.custom_op("convexmix::entmax15", mutates_args=())(_entmax15_fwd)
+def _entmax15_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
+    """The alpha-entmax VJP with ``g = sqrt(y)``."""
+    (y,) = ctx.saved_tensors
+    return (_support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None,)
 
 
-@_entmax15_op.register_fake
-def _(x: Tensor, dim: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-torch.library.register_vmap(_entmax15_op, _batch_rule_single(_entmax15_op))
-
-
-class _Entmax15(_Sparsemax):
-    """Autograd for 1.5-entmax: the alpha-entmax VJP with ``g = sqrt(y)``."""
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, total: float) -> Tensor:
-        return cast(Tensor, _entmax15_op(x, dim, total))
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        (y,) = ctx.saved_tensors
-        dx = _support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None
-        return dx, None, None
-
-
-_Entmax15Eager = eager_function(_Entmax15, _entmax15_fwd)
+_ENTMAX15 = register_map("entmax15", _entmax15_fwd, _entmax15_vjp)
 
 
 def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
@@ -325,7 +232,7 @@ def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: flo
         tensor([0.8307, 0.1693, 0.0000])
     """
     z, d, total = prepare(x, dim, mask, total)
-    out = run(_Entmax15, _Entmax15Eager, _entmax15_fwd, 1, z, d, total)
+    out = _ENTMAX15(z, d, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -364,53 +271,8 @@ def _entmax_fwd(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -
     return p.to(x.dtype).movedim(-1, dim).contiguous()
 
 
-_entmax_op = torch.library.custom_op("convexmix::entmax_bisect", mutates_args=())(_entmax_fwd)
-
-
-@_entmax_op.register_fake
-def _(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-def _entmax_vmap(
-    info: Any,
-    in_dims: tuple[Any, ...],
-    x: Tensor,
-    alpha: Tensor,
-    dim: int,
-    n_iter: int,
-    total: float,
-) -> tuple[Tensor, int]:
-    xb, ab = in_dims[0], in_dims[1]
-    size = info.batch_size
-    x = x.unsqueeze(0).expand(size, *x.shape) if xb is None else x.movedim(xb, 0)
-    alpha = alpha.unsqueeze(0) if ab is None else alpha.movedim(ab, 0)
-    return _entmax_op(x, alpha, dim + 1, n_iter, total), 0
-
-
-torch.library.register_vmap(_entmax_op, _entmax_vmap)
-
-
-class _Entmax(torch.autograd.Function):
-    """Autograd for bisection alpha-entmax, with the closed-form gradient in alpha."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, alpha: Tensor, dim: int, n_iter: int, total: float) -> Tensor:
-        return cast(Tensor, _entmax_op(x, alpha, dim, n_iter, total))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.dim = inputs[2]
-        ctx.save_for_backward(output, inputs[1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        return _entmax_vjp(ctx, grad)
-
-
-def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Bisection alpha-entmax: the support VJP in x, the closed-form gradient in alpha."""
     y, alpha = ctx.saved_tensors
     dim = ctx.dim
     a = alpha.to(y.dtype)
@@ -427,10 +289,12 @@ def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, N
         tot = y.sum(dim, keepdim=True)
         dp = (y - tot * ghat) / (a - 1) ** 2 - (s - ghat * ent) / (a - 1)
         dalpha = (grad * dp).sum(dim, keepdim=True).sum_to_size(alpha.shape).to(alpha.dtype)
-    return dx, dalpha, None, None, None
+    return dx, dalpha
 
 
-_EntmaxEager = eager_function(_Entmax, _entmax_fwd)
+_ENTMAX = register_map(
+    "entmax_bisect", _entmax_fwd, _entmax_vjp, n_diff=2, dim_arg=2, saved=(1,), n_tensors=2
+)
 
 
 def entmax(
@@ -500,7 +364,7 @@ def entmax(
         if alpha == 1:
             return softmax(x, d, mask=mask, total=total)
         a = torch.full((1,) * x.dim(), float(alpha), dtype=z.dtype, device=x.device)
-    out = run(_Entmax, _EntmaxEager, _entmax_fwd, 2, z, a, d, n_iter, total)
+    out = _ENTMAX(z, a, d, n_iter, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
