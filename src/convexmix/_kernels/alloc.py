@@ -168,9 +168,13 @@ def _from_cache(nbytes: int) -> torch.Tensor | None:
         return None
 
 
-def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU; large ones from the output cache,
-    else on huge pages."""
+def empty(
+    shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, contiguous; large CPU ones from
+    the output cache, else on huge pages."""
+    if device is not None and device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= MIN_BYTES:
         block = _from_cache(nbytes)

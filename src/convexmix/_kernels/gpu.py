@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from convexmix._kernels.backend import Grads
+
 __all__: list[str] = []
 
 try:
@@ -127,23 +129,25 @@ def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> bool:
 
 
 def backward(
-    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, need_x: bool
-) -> tuple[bool, Tensor | None, list[Tensor]]:
-    """(True, ``grad_w`` in float64 or None, the K input gradients or []), or (False, None,
-    []) when the Triton path does not apply."""
+    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, need_x: list[bool]
+) -> Grads | None:
+    """The gradients with Triton (:class:`~convexmix._kernels.backend.Grads`), or None when
+    the Triton path does not apply."""
     if not _applies(weights, [grad, *xs]) or grad.numel() == 0:
-        return False, None, []
+        return None
     offs = _offsets(xs)
     if offs is None:
-        return False, None, []
+        return None
     n, k = grad.numel(), len(xs)
     blocks = _grid(n)[0]
     dots = torch.empty(blocks, k, dtype=torch.float64, device=grad.device) if need_w else None
-    # K separate tensors (views of one buffer would alias the custom op's outputs)
-    gxs = [torch.empty_like(x) for x in xs] if need_x else []
+    # K separate tensors (views of one buffer would alias the custom op's outputs); the
+    # kernel writes all K when any is needed
+    any_x = any(need_x)
+    gxs = [torch.empty_like(x) for x in xs] if any_x else []
     goffs = _offsets(gxs) if gxs else offs
     if goffs is None:
-        return False, None, []
+        return None
     _bwd_kernel[(blocks,)](
         grad,
         xs[0],
@@ -155,8 +159,9 @@ def backward(
         n,
         k,
         need_w,
-        need_x,
+        any_x,
         _ACC[xs[0].dtype],
         BLOCK,
     )
-    return True, (dots.sum(0) if dots is not None else None), gxs
+    kept = [g for g, needed in zip(gxs, need_x, strict=False) if needed]
+    return Grads(dots.sum(0).to(weights.dtype) if dots is not None else None, kept)

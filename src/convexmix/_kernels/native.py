@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from convexmix._kernels.backend import Grads
 from convexmix.errors import ConvexMixWarning
 
 __all__: list[str] = []
@@ -352,21 +353,26 @@ def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | No
 
 
 def backward(
-    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, grads: list[Tensor | None]
-) -> tuple[bool, Tensor | None]:
-    """Fills ``grads[k] = weights[k] grad`` (where not None) and returns (True, ``grad_w``)
-    (float64; None when not ``need_w``), or (False, None), having done nothing, when the
-    native path does not apply."""
-    outs = [g for g in grads if g is not None]
-    fn = _kernel("bwd", grad.dtype, weights, [grad, *xs, *outs])
+    grad: Tensor, weights: Tensor, xs: list[Tensor], need_w: bool, need_x: list[bool]
+) -> Grads | None:
+    """The gradients natively (:class:`~convexmix._kernels.backend.Grads`; the input
+    gradients from the output cache), or None, having done nothing, when the native path
+    does not apply."""
+    # the input gradients are fresh contiguous tensors of the inputs' dtype: checking the
+    # inputs checks them
+    fn = _kernel("bwd", grad.dtype, weights, [grad, *xs])
     if fn is None:
-        return False, None
+        return None
+    from convexmix._kernels import alloc  # alloc loads this module's library
+
+    grads = [alloc.empty(x.shape, x.dtype) if n else None for x, n in zip(xs, need_x, strict=True)]
+    outs = [g for g in grads if g is not None]
     w = weights.contiguous()
     n, k = grad.numel(), len(xs)
     ranges = _ranges(n, k)
     dots = torch.zeros(len(ranges), k, dtype=torch.float64) if need_w else None
     ptrs = _pointers(list(xs))
-    gptrs = _pointers(list(grads)) if outs else None
+    gptrs = _pointers(grads) if outs else None
     nt = _nt(outs)
     calls = [
         (
@@ -384,4 +390,4 @@ def backward(
     ]
     if any(_run(fn, calls)):
         raise MemoryError("convexmix: out of memory for the backward's partial sums")
-    return True, (dots.sum(0) if dots is not None else None)
+    return Grads(dots.sum(0).to(weights.dtype) if dots is not None else None, outs)

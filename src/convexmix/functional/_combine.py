@@ -65,7 +65,7 @@ def _(weights: Tensor, inputs: list[Tensor], out: Tensor) -> None:
 
 @torch.library.custom_op("convexmix::combine_grad_w", mutates_args=())
 def _grad_w_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
-    grad_w, _ = combine.backward(grad, weights, inputs, True, [False] * len(inputs))
+    grad_w = combine.backward(grad, weights, inputs, True, [False] * len(inputs)).weights
     assert grad_w is not None
     return grad_w
 
@@ -77,7 +77,7 @@ def _(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> Tensor:
 
 @torch.library.custom_op("convexmix::combine_grad_x", mutates_args=())
 def _grad_x_op(grad: Tensor, weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    return combine.backward(grad, weights, inputs, False, [True] * len(inputs))[1]
+    return combine.backward(grad, weights, inputs, False, [True] * len(inputs)).inputs
 
 
 @_grad_x_op.register_fake
