@@ -43,6 +43,22 @@ LOG_LOSS_EPS = 1e-15
 Reduce = Callable[[Tensor], Tensor]
 #: Columns of the (K, N) matrices per block: a block of K rows in float64 stays in cache.
 BLOCK = 8192
+#: A blend ``w @ q`` with at most K / SPARSE_BLEND non-zero weights adds up their rows.
+SPARSE_BLEND = 4
+#: An approximate Hessian (``approx=True``) on m models sums over every step-th row with
+#: ``step`` such that about HESSIAN_WORK * N multiply-adds remain, and at least
+#: HESSIAN_MIN_ROWS_PER_MODEL * m rows.
+HESSIAN_WORK = 32 * 32
+HESSIAN_MIN_ROWS_PER_MODEL = 64
+#: The approximate Hessian samples runs of this many consecutive rows (whole cache lines).
+SAMPLE_RUN = 64
+
+
+def hessian_step(m: int, n: int) -> int:
+    """The stride (in runs of SAMPLE_RUN rows) of an approximate Hessian on m models and
+    n rows (1: every row)."""
+    step = max(1, (m * m) // HESSIAN_WORK)
+    return max(1, min(step, n // (HESSIAN_MIN_ROWS_PER_MODEL * m)))
 
 
 def local(x: Tensor) -> Tensor:
@@ -59,8 +75,9 @@ class Objective(Protocol):
         """f(w) and a function that returns the gradient at the same w."""
         ...
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
-        """The Hessian at w restricted to rows and columns ``idx``."""
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
+        """The Hessian at w restricted to rows and columns ``idx``; ``approx``: an
+        estimate is enough (a Newton step far from the optimum)."""
         ...
 
 
@@ -148,8 +165,18 @@ class LogLoss:
 
     def _blend(self, w: Tensor) -> Tensor:
         if self._last is None or self._last[0] is not w:
-            self._last = (w, matvec_t(w, self.q))
+            self._last = (w, self._compute_blend(w))
         return self._last[1]
+
+    def _compute_blend(self, w: Tensor) -> Tensor:
+        """``w @ q`` in float64; a sparse ``w`` reads only its models' rows of ``q``."""
+        nz = w.nonzero().squeeze(1)
+        if nz.numel() * SPARSE_BLEND > self.K:
+            return matvec_t(w, self.q)
+        u = torch.zeros(self.n_samples, dtype=torch.float64)
+        for k, wk in zip(nz.tolist(), w[nz].tolist(), strict=True):
+            u.add_(self.q[k], alpha=wk)
+        return u
 
     def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
         u = self._blend(w)
@@ -159,22 +186,42 @@ class LogLoss:
     def loss(self, w: Tensor) -> float:
         return self.value(w)[0]
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         # H = Q_idx diag(s / u^2) Q_idx', built in column blocks that stay in cache: a
         # (len(idx), N) scaled copy would cost more in page faults than the product.
         if self._sqrt_s is None:
             self._sqrt_s = self.s.sqrt()
-        scale = self._sqrt_s / self._blend(w)
+        u = self._blend(w)
         n, m = self.q.shape[1], idx.numel()
+        step = hessian_step(m, n) if approx and self.reduce is local else 1
+        if step > 1:
+            # every step-th run of SAMPLE_RUN rows: 1/step of the reads and the products
+            runs = n // SAMPLE_RUN
+            n_used = runs * SAMPLE_RUN
+            q = self.q[:, :n_used].unflatten(1, (runs, SAMPLE_RUN))[:, ::step]
+            scale = (self._sqrt_s[:n_used] / u[:n_used]).unflatten(0, (runs, SAMPLE_RUN))
+            scale = scale[::step]
+            share = float(self.s[:n_used].unflatten(0, (runs, SAMPLE_RUN))[::step].sum())
+        else:
+            q = self.q[:, :, None]
+            scale = (self._sqrt_s / u)[:, None]
+        n_runs, run = q.shape[1], q.shape[2]
+        per_block = max(1, BLOCK // run)
         h = torch.zeros(m, m, dtype=torch.float64)
-        rows = self.q if m == self.K else self.q.index_select(0, idx)
-        buf = torch.empty(m, min(BLOCK, n), dtype=torch.float64)
+        full = m == self.K
+        width = min(per_block, n_runs)
+        buf = torch.empty(m, width, run, dtype=torch.float64)
+        rows = None if full else torch.empty(m, width, run, dtype=q.dtype)
         # H is symmetric: from 48 rows on, the two diagonal blocks and one off-diagonal
         # block of the halves (3/4 of the multiply-adds of the full product).
         half = m // 2 if m >= 48 else m
-        for start in _columns(n):
-            stop = min(start + BLOCK, n)
-            a = torch.mul(rows[:, start:stop], scale[start:stop], out=buf[:, : stop - start])
+        for start in range(0, n_runs, per_block):
+            stop = min(start + per_block, n_runs)
+            part = q[:, start:stop]
+            if rows is not None:
+                # the models' rows of this block only, gathered while in cache
+                part = torch.index_select(part, 0, idx, out=rows[:, : stop - start])
+            a = torch.mul(part, scale[start:stop], out=buf[:, : stop - start]).view(m, -1)
             if half == m:
                 h.addmm_(a, a.T)
             else:
@@ -184,6 +231,8 @@ class LogLoss:
                 h[half:, half:].addmm_(bottom, bottom.T)
         if half != m:
             h[:half, half:] = h[half:, :half].T
+        if step > 1:
+            h /= share  # the sampled rows' share of the sample weight
         return self.reduce(h)
 
     def greedy(self) -> Greedy:
@@ -303,7 +352,7 @@ class Quadratic:
             total += self.s[a:b] @ (resid.double() ** 2).sum(-1)
         return float(self.reduce(total))
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         return 2 * self.M[idx][:, idx]
 
     def greedy(self) -> Greedy:
@@ -361,7 +410,7 @@ class CallableLoss:
     def loss(self, w: Tensor) -> float:
         return self.value(w)[0]
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         try:
             h: Tensor = torch.func.jacrev(torch.func.grad(self._f), chunk_size=8)(w.detach())
         except Exception:  # not torch.func-compatible: forward differences of the gradient
@@ -400,6 +449,6 @@ class Regularized:
         d = w - 1.0 / self.K
         return f + self.lam * float(d @ d), lambda: grad() + 2 * self.lam * d
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
-        h = self.base.hessian(w, idx)
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
+        h = self.base.hessian(w, idx, approx)
         return h + 2 * self.lam * torch.eye(idx.numel(), dtype=h.dtype)

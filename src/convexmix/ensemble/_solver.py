@@ -115,6 +115,11 @@ def simplex_qp(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     return v  # pragma: no cover - the active-set method ends long before this
 
 
+#: Newton steps at a Frank-Wolfe gap above this (relative to the loss) may use an
+#: approximate Hessian (see ``LogLoss.hessian``); below it, the exact one.
+APPROX_GAP = 1e-6
+
+
 def fw_gap(w: Tensor, g: Tensor) -> float:
     return max(float(w @ g - g.min()), 0.0)
 
@@ -145,7 +150,9 @@ def _newton(
         it += 1
         mu = float(w @ g)
         idx = ((w > 0) | (g < mu)).nonzero().squeeze(1)
-        H = obj.hessian(w, idx)
+        # Far from the optimum (the support still changing) a Hessian estimated from a
+        # subsample of the rows steers as well; the last steps use the exact one.
+        H = obj.hessian(w, idx, approx=gap > APPROX_GAP * max(1.0, abs(f)))
         v = simplex_qp(H, g[idx] - H @ w[idx], w[idx])
         target = torch.zeros_like(w)
         target[idx] = v
@@ -238,7 +245,7 @@ class _Lagged:
     def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
         return self.base.value(w)
 
-    def hessian(self, w: Tensor, idx: Tensor) -> Tensor:
+    def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         reuse, self.reuse = self.reuse, False
         if reuse and self.last is not None:
             old_idx, old_h = self.last
@@ -247,7 +254,7 @@ class _Lagged:
             at = pos[idx]
             if bool((at >= 0).all()):
                 return old_h[at][:, at]
-        h = self.base.hessian(w, idx)
+        h = self.base.hessian(w, idx, approx)
         self.last = (idx, h)
         return h
 
