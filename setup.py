@@ -34,7 +34,12 @@ except ImportError:  # setuptools < 70.1 (the build requires >= 77; for old dire
 
 HERE = Path(__file__).resolve().parent
 KERNELS = Path("src", "convexmix", "_kernels")
-SOURCES = [str(KERNELS / "combine.c"), str(KERNELS / "pool.c"), str(KERNELS / "capped.c")]
+SOURCES = [
+    str(KERNELS / "combine.c"),
+    str(KERNELS / "pool.c"),
+    str(KERNELS / "capped.c"),
+    str(KERNELS / "gather.c"),
+]
 PACKAGE = "convexmix._kernels"
 #: Flags of every build: plain C11, no Python, nothing tuned to the build machine.
 BASE_FLAGS = ["-std=gnu11", "-O3", "-ffp-contract=fast", "-fPIC", "-pthread", "-g0"]

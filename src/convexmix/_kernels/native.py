@@ -39,7 +39,7 @@ from convexmix.errors import ConvexMixWarning
 __all__: list[str] = []
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "combine.c", HERE / "pool.c", HERE / "capped.c"]
+SOURCES = [HERE / "combine.c", HERE / "pool.c", HERE / "capped.c", HERE / "gather.c"]
 #: The builds setup.py makes on this platform, baseline first (the same names as there).
 ISAS: list[str] = (
     ["x86-64", "avx2", "avx512"]
@@ -196,6 +196,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, f"cx_capped_{suffix}")
         fn.argtypes = [p, p, i64, p, i64, i64, p, i64, i64, ctypes.c_double, i64, i64]
         fn.restype = i32
+        fn = getattr(lib, f"cx_true_class_{suffix}")
+        fn.argtypes = [p, p, i64, i64, p, i64, i64, ctypes.c_double, i32, ctypes.c_double]
+        fn.restype = i64
     return lib
 
 
@@ -350,6 +353,44 @@ def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | No
     if any(rc == 3 for rc in rcs):
         raise InfeasibleError
     return None if any(rcs) else out
+
+
+#: Below this many elements read (K * N * C) one thread reads every model.
+GATHER_PARALLEL_MIN = 1 << 22
+
+
+def true_class(
+    p: Tensor, t: Tensor, q: Tensor, floor: float, check: bool, atol: float
+) -> int | None:
+    """``q[k, i] = max(p[k, i, t[i]], floor)`` for the contiguous (K, N, C) CPU ``p``
+    (float32/64), the int64 (N,) ``t`` and the (K, N) ``q`` of p's dtype, in one read of p;
+    with ``check``, also whether every value is >= 0 and every row sums to 1 within
+    ``atol``. Returns -1 (done, all checks hold), the first model that fails a check, or
+    None (nothing done) where the native path does not apply."""
+    suffix = _SUFFIX.get(p.dtype)
+    if (
+        suffix not in ("f32", "f64")
+        or p.dim() != 3
+        or p.device.type != "cpu"
+        or not p.is_contiguous()
+        or not q.is_contiguous()
+        or q.dtype != p.dtype
+        or t.dtype != torch.int64
+        or not t.is_contiguous()
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    K, n, c = p.shape
+    threads = torch.get_num_threads() if p.numel() >= GATHER_PARALLEL_MIN else 1
+    step = -(-K // max(1, min(threads, K)))
+    fn = getattr(lib, f"cx_true_class_{suffix}")
+    args = (p.data_ptr(), t.data_ptr(), n, c, q.data_ptr())
+    rest = (float(floor), int(check), float(atol))
+    rcs = _run(fn, [(*args, a, min(a + step, K), *rest) for a in range(0, K, step)])
+    bad = [rc for rc in rcs if rc >= 0]
+    return min(bad) if bad else -1
 
 
 def backward(

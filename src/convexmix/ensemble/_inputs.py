@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import alloc
+from convexmix._kernels import alloc, native
 from convexmix.ensemble._objectives import (
     LOG_LOSS_EPS,
     CallableLoss,
@@ -148,12 +148,33 @@ def _probability_error(k: int, lo: float, sums: Tensor) -> None:
     )
 
 
-def true_class_probabilities(p: Tensor, t: Tensor, validate: bool) -> Tensor:
-    """(K, N) probabilities of the true class from (K, N, C) class probabilities.
+def true_class_probabilities(
+    p: Tensor, t: Tensor, validate: bool, floor: float = LOG_LOSS_EPS
+) -> Tensor:
+    """(K, N) probabilities of the true class, floored at ``floor``, from (K, N, C) class
+    probabilities, with (``validate``) the checks that they are >= 0 and that each row sums
+    to 1 within :data:`PROB_ATOL` (NaN and inf fail them).
 
-    Reads the predictions once from memory: each model's rows go by in chunks of about
-    1 MB, and the checks and the gather run on a chunk while it is in cache.
+    Reads the predictions once from memory: natively (``_kernels/gather.c``), each row's
+    C values once; otherwise each model's rows go by in chunks of about 1 MB, and the
+    checks and the gather run on a chunk while it is in cache.
     """
+    K, N = p.shape[:2]
+    # A fresh 40 MB q costs more in page faults than the gather itself: alloc reuses
+    # memory the process already has (or huge pages).
+    q = alloc.empty((K, N), p.dtype)
+    bad = native.true_class(p, t, q, floor, validate, PROB_ATOL)
+    if bad is None:
+        return _true_class_aten(p, t, validate, q).clamp_min_(floor)
+    if bad >= 0:  # find and report the offending value
+        _true_class_aten(p[bad : bad + 1], t, True, torch.empty((1, N), dtype=p.dtype), bad)
+        raise AssertionError(f"model {bad} failed the native check only")  # pragma: no cover
+    return q
+
+
+def _true_class_aten(p: Tensor, t: Tensor, validate: bool, q: Tensor, first: int = 0) -> Tensor:
+    """The gather and the checks in torch ops, into ``q``; model k is reported as
+    ``first + k``."""
     K, N, C = p.shape
     rows = max(256, (1 << 20) // (C * p.element_size()))
     chunks = [
@@ -164,9 +185,6 @@ def true_class_probabilities(p: Tensor, t: Tensor, validate: bool) -> Tensor:
         )
         for start in range(0, N, rows)
     ]
-    # A fresh 40 MB q costs more in page faults than the gather itself: alloc reuses
-    # memory the process already has (or huge pages).
-    q = alloc.empty((K, N), p.dtype)
     ones = torch.ones(C, dtype=p.dtype)
     sums = torch.empty(N, dtype=p.dtype)
     for k in range(K):
@@ -186,7 +204,7 @@ def true_class_probabilities(p: Tensor, t: Tensor, validate: bool) -> Tensor:
             lo = float(torch.stack(mins).min())
             s_lo, s_hi = (float(v) for v in torch.aminmax(sums))
             if not (lo >= 0 and s_lo >= 1 - PROB_ATOL and s_hi <= 1 + PROB_ATOL):
-                _probability_error(k, lo, sums)
+                _probability_error(first + k, lo, sums)
     return q
 
 
@@ -240,7 +258,7 @@ def make_objective(
         if p.dim() == 3:
             t = class_targets(t, p.shape[2], N)
             q = true_class_probabilities(p, t, validate)
-            return LogLoss(q.clamp_min_(LOG_LOSS_EPS), s, reduce)
+            return LogLoss(q, s, reduce)
         t = class_targets(t, 2, N)  # (K, N): probabilities of class 1
         if validate:
             lo = check_finite_min(p, "predictions")

@@ -48,7 +48,7 @@ SPARSE_BLEND = 4
 #: An approximate Hessian (``approx=True``) on m models sums over every step-th row with
 #: ``step`` such that about HESSIAN_WORK * N multiply-adds remain, and at least
 #: HESSIAN_MIN_ROWS_PER_MODEL * m rows.
-HESSIAN_WORK = 32 * 32
+HESSIAN_WORK = 16 * 16
 HESSIAN_MIN_ROWS_PER_MODEL = 64
 #: The approximate Hessian samples runs of this many consecutive rows (whole cache lines).
 SAMPLE_RUN = 64
