@@ -198,10 +198,9 @@ class LogLoss:
             # every step-th run of SAMPLE_RUN rows: 1/step of the reads and the products
             runs = n // SAMPLE_RUN
             n_used = runs * SAMPLE_RUN
-            q = self.q[:, :n_used].unflatten(1, (runs, SAMPLE_RUN))[:, ::step]
-            scale = (self._sqrt_s[:n_used] / u[:n_used]).unflatten(0, (runs, SAMPLE_RUN))
-            scale = scale[::step]
-            share = float(self.s[:n_used].unflatten(0, (runs, SAMPLE_RUN))[::step].sum())
+            q = self.q[:, :n_used].view(self.K, runs, SAMPLE_RUN)[:, ::step]
+            scale = (self._sqrt_s[:n_used] / u[:n_used]).view(runs, SAMPLE_RUN)[::step]
+            share = float(self.s[:n_used].view(runs, SAMPLE_RUN)[::step].sum())
         else:
             q = self.q[:, :, None]
             scale = (self._sqrt_s / u)[:, None]
