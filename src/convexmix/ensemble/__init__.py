@@ -331,7 +331,9 @@ def _fit(
     w0: Tensor | None = None,
 ) -> EnsembleResult:
     if isinstance(regularization, str):
-        lam = cv_lambda(obj, cv_folds, tol, max_iter, seed)
+        lam, start = cv_lambda(obj, cv_folds, tol, max_iter, seed)
+        if w0 is None:
+            w0 = start
     else:
         lam = float(regularization)
     solved = Regularized(obj, lam) if lam > 0 else obj

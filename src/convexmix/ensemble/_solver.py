@@ -27,18 +27,29 @@ def _initial_support(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     return g <= float(v @ g)
 
 
-def _eqp(A: Tensor, c: Tensor, F: Tensor) -> tuple[Tensor, float]:
-    """Minimiser x of 1/2 x'A_FF x + c_F'x with sum(x) = 1, and its multiplier mu."""
+def _bordered(A: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The KKT matrix [[A, 1], [1', 0]] and right-hand side [-c, 1] of the simplex's
+    equality-constrained problems, from which :func:`_eqp` takes rows and columns."""
+    K = c.numel()
+    kkt = torch.ones(K + 1, K + 1, dtype=A.dtype)
+    kkt[:K, :K] = A
+    kkt[K, K] = 0
+    return kkt, torch.cat([-c, torch.ones(1, dtype=c.dtype)])
+
+
+def _eqp(kkt: Tensor, rhs: Tensor, F: Tensor) -> tuple[Tensor, float]:
+    """Minimiser x of 1/2 x'A_FF x + c_F'x with sum(x) = 1, and its multiplier mu, from
+    :func:`_bordered`'s (kkt, rhs). index_select, not advanced indexing: these problems
+    are small, and indexing's fixed cost was most of their time."""
     n = F.numel()
-    kkt = torch.zeros(n + 1, n + 1, dtype=A.dtype)
-    kkt[:n, :n] = A[F][:, F]
-    kkt[:n, n] = 1
-    kkt[n, :n] = 1
-    sol = torch.linalg.solve(kkt, torch.cat([-c[F], torch.ones(1, dtype=A.dtype)]))
+    rows = torch.cat([F, F.new_full((1,), rhs.numel() - 1)])
+    sol = torch.linalg.solve(
+        kkt.index_select(0, rows).index_select(1, rows), rhs.index_select(0, rows)
+    )
     return sol[:n], -float(sol[n])
 
 
-def _pdas(A: Tensor, c: Tensor, free: Tensor) -> Tensor | None:
+def _pdas(A: Tensor, c: Tensor, free: Tensor, kkt: Tensor, rhs: Tensor) -> Tensor | None:
     """Primal-dual active-set iterations (Hintermueller, Ito & Kunisch 2002).
 
     Each iteration re-guesses the whole support from the signs of the solution and of
@@ -47,17 +58,19 @@ def _pdas(A: Tensor, c: Tensor, free: Tensor) -> Tensor | None:
     returns None when it does not settle (it can cycle), for the primal method to take over.
     """
     K = c.numel()
+    A_abs, c_abs = A.abs(), c.abs()
     for _ in range(25):
-        F = free.nonzero().squeeze(1)
+        F = free.nonzero().view(-1)
         if F.numel() == 0:
             return None
-        x, mu = _eqp(A, c, F)
-        full = torch.zeros(K, dtype=A.dtype)
-        full[F] = x
-        lam = A[:, F] @ x + c - mu
-        err = 1e-13 * (A[:, F].abs() @ x.abs() + c.abs() + abs(mu))
-        new_free = (free & (full > 0)) | (~free & (lam + err < 0))
-        if bool((x >= 0).all()) and bool((lam[~free] + err[~free] >= 0).all()):
+        x, mu = _eqp(kkt, rhs, F)
+        full = torch.zeros(K, dtype=A.dtype).index_copy_(0, F, x)
+        lam = torch.addmv(c, A.index_select(1, F), x).sub_(mu)
+        # the rounding error of each multiplier: ~1e-13 of the terms it sums
+        err = torch.addmv(c_abs, A_abs.index_select(1, F), x.abs()).add_(abs(mu)).mul_(1e-13)
+        slack = lam.add_(err)
+        new_free = (free & (full > 0)) | (~free & (slack < 0))
+        if bool((x >= 0).all()) and bool(((slack >= 0) | free).all()):
             return full
         if bool((new_free == free).all()):
             return None
@@ -79,14 +92,15 @@ def simplex_qp(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     v = v.clone()
     # A relative ridge on each diagonal entry: identical models make A singular.
     A = A + torch.diag(1e-12 * A.diagonal().abs() + 1e-300)
-    guess = _pdas(A, c, _initial_support(A, c, v))
+    kkt, rhs = _bordered(A, c)
+    guess = _pdas(A, c, _initial_support(A, c, v), kkt, rhs)
     if guess is not None:
         return guess
     free = v > 0
     for _ in range(20 * K + 20):
         F = free.nonzero().squeeze(1)
         n = F.numel()
-        x, mu = _eqp(A, c, F)
+        x, mu = _eqp(kkt, rhs, F)
         if bool((x >= 0).all()):
             v.zero_()
             v[F] = x
@@ -153,9 +167,9 @@ def _newton(
         # Far from the optimum (the support still changing) a Hessian estimated from a
         # subsample of the rows steers as well; the last steps use the exact one.
         H = obj.hessian(w, idx, approx=gap > APPROX_GAP * max(1.0, abs(f)))
-        v = simplex_qp(H, g[idx] - H @ w[idx], w[idx])
-        target = torch.zeros_like(w)
-        target[idx] = v
+        w_idx = w.index_select(0, idx)
+        v = simplex_qp(H, torch.addmv(g.index_select(0, idx), H, w_idx, alpha=-1), w_idx)
+        target = torch.zeros_like(w).index_copy_(0, idx, v)
         d = target - w
         slope = float((g - mu) @ d)  # sum(d) = 0 up to rounding, which (g @ d) would amplify
         if not slope < 0:
@@ -250,17 +264,20 @@ class _Lagged:
         if reuse and self.last is not None:
             old_idx, old_h = self.last
             pos = torch.full((self.K,), -1, dtype=torch.long)
-            pos[old_idx] = torch.arange(old_idx.numel())
-            at = pos[idx]
+            pos.index_copy_(0, old_idx, torch.arange(old_idx.numel()))
+            at = pos.index_select(0, idx)
             if bool((at >= 0).all()):
-                return old_h[at][:, at]
+                return old_h.index_select(0, at).index_select(1, at)
         h = self.base.hessian(w, idx, approx)
         self.last = (idx, h)
         return h
 
 
-def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: int) -> float:
-    """The regularisation strength with the lowest cross-validated loss.
+def cv_lambda(
+    obj: DataObjective, folds: int, tol: float, max_iter: int, seed: int
+) -> tuple[float, Tensor]:
+    """The regularisation strength with the lowest cross-validated loss, and the mean of
+    the folds' optima at it (the final fit's start: close to the optimum on all rows).
 
     The first fold's fits go along the grid from the strongest pull (whose optimum is
     near equal weights, the cold start) to none, each warm-started from the previous
@@ -279,6 +296,7 @@ def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: i
     parts = order.chunk(folds)
     grid = [0.0, *(float(x) for x in torch.logspace(-4, 1, 11, dtype=torch.float64))]
     scores = torch.zeros(len(grid), dtype=torch.float64)
+    optima = torch.zeros(len(grid), obj.K, dtype=torch.float64)
     before: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []
     for i in range(folds):
         # Rows in order: the subsets' gathers then read q forward.
@@ -311,5 +329,7 @@ def cv_lambda(obj: DataObjective, folds: int, tol: float, max_iter: int, seed: i
             w = solve(inner, max(tol, CV_TOL), max_iter, None, start)[0]
             here.append((w, train.last))
             scores[j] += test.value(w)[0] * held.numel() / n
+            optima[j] += w
         before = here
-    return grid[int(scores.argmin())]
+    best = int(scores.argmin())
+    return grid[best], optima[best] / optima[best].sum()
