@@ -10,6 +10,7 @@ from convexmix import ensemble, functional, merge, optim
 from convexmix._runtime import CacheInfo, cache_info, empty_cache, set_cache_limit
 from convexmix.errors import (
     ConvexMixError,
+    ConvexMixTypeError,
     ConvexMixWarning,
     InvalidProbabilitiesError,
     ShapeError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheInfo",
     "ConvexMixError",
+    "ConvexMixTypeError",
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
     "LazyWeightedSum",

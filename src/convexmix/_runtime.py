@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from convexmix.errors import ConvexMixError
+from convexmix._validation import is_int
+from convexmix.errors import ConvexMixError, ConvexMixTypeError
 
 __all__ = ["CacheInfo", "cache_info", "empty_cache", "info", "set_cache_limit"]
 
@@ -103,8 +104,8 @@ class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_gr
 
         if limit is None:
             limit = alloc.default_limit()
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConvexMixError(
+        if not is_int(limit) or limit < 0:
+            raise (ConvexMixError if is_int(limit) else ConvexMixTypeError)(
                 f"set_cache_limit expects a number of bytes >= 0 (an int) or None, got {limit!r}"
             )
         #: The limit before this call, put back when a ``with`` block ends.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConvexMixError",
+    "ConvexMixTypeError",
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
     "ShapeError",
@@ -25,6 +26,12 @@ __all__ = [
 
 class ConvexMixError(ValueError):
     """Base class of every error raised by convexmix."""
+
+
+class ConvexMixTypeError(ConvexMixError, TypeError):
+    """An argument of the wrong type (a float where an int is expected, a list where a
+    tensor is): ``except ConvexMixError``, ``except ValueError`` and ``except TypeError``
+    all catch it."""
 
 
 class ShapeError(ConvexMixError):

@@ -45,10 +45,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from convexmix._maps import get_map
 from convexmix._subclass import register_kind, subclass
-from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
+from convexmix._validation import check_positive, check_probabilities, is_number
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional import convex_combination
-from convexmix.functional._registry import get_map
 
 __all__ = ["LearnedMerge", "entropy_loss"]
 
@@ -126,13 +127,10 @@ def _check_scale(scale: object, scale_init: float, has_base: bool) -> str | None
             raise ConvexMixError(
                 f"scale={scale!r} needs base=, the model the task vectors start from."
             )
-        if not (isinstance(scale_init, (int, float)) and math.isfinite(scale_init)) or (
-            scale_init <= 0
-        ):
-            raise ConvexMixError(f"scale_init must be a finite float > 0; got {scale_init!r}.")
+        check_positive(scale_init, "scale_init")
         return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ConvexMixError(
+    if not is_number(scale):
+        raise ConvexMixTypeError(
             f"scale must be a float, 'learn' or 'learn_per_group'; got {type(scale).__name__}."
         )
     if not math.isfinite(scale):
@@ -323,10 +321,8 @@ class LearnedMerge(nn.Module):
                     f"init must be (K,) = ({K},) or {shape} probabilities; "
                     f"got shape {tuple(p.shape)}."
                 )
-            if bool((p < 0).any()) or bool(((p.sum(-1) - 1).abs() > 1e-6).any()):
-                raise InvalidProbabilitiesError(
-                    "init takes probabilities (>= 0, each row summing to 1), not logits."
-                )
+            dtype = init.dtype if isinstance(init, Tensor) and init.is_floating_point() else None
+            check_probabilities(p, 1.0, "init", dtype)
         free = get_map(self.map).inverse(p, -1, 1.0)
         return free.to(torch.get_default_dtype())
 

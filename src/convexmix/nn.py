@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
-from convexmix.functional._checks import compute_dtype
-from convexmix.functional._combine import convex_combination
-from convexmix.functional._project import project_simplex
+from convexmix._validation import check_int, check_probabilities, compute_dtype
+from convexmix.errors import ConvexMixError, ShapeError
+from convexmix.functional import convex_combination, project_simplex
 from convexmix.parametrize import Simplex, check_capacity
 
 __all__ = ["LazyWeightedSum", "ScalarMix", "SimplexWeights", "WeightedSum"]
@@ -44,19 +43,8 @@ def initial_weights(n: int, init: Init, total: float) -> Tensor | None:
         ) from err
     if p.shape != (n,):
         raise ShapeError(f"init must hold {n} probabilities; got shape {tuple(p.shape)}.")
-    if not bool(p.isfinite().all()):
-        raise InvalidProbabilitiesError(f"init must be finite probabilities; got {p.tolist()}.")
-    if bool((p < 0).any()):
-        raise InvalidProbabilitiesError(
-            f"init takes probabilities (>= 0, summing to {total}), not logits; got {p.tolist()}."
-        )
-    tol = 1e-6 * max(total, 1.0) * max(n, 1) ** 0.5
-    if abs(float(p.sum()) - total) > tol:
-        raise InvalidProbabilitiesError(
-            f"init probabilities must sum to {total}; "
-            f"got sum {float(p.sum()):.9g} for {p.tolist()}."
-        )
-    return p.to(torch.get_default_dtype())
+    dtype = init.dtype if isinstance(init, Tensor) and init.is_floating_point() else None
+    return check_probabilities(p, total, "init", dtype).to(torch.get_default_dtype())
 
 
 class SimplexWeights(nn.Module):
@@ -99,9 +87,7 @@ class SimplexWeights(nn.Module):
         upper: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
-        self.n = n
+        self.n = check_int(n, "n")
         # A plain attribute, not a child module: it holds no tensors, and the repr of this
         # layer already says everything about it.
         self.simplex: Simplex
@@ -256,10 +242,8 @@ class WeightedSum(nn.Module):
         upper: float | None = None,
     ) -> None:
         super().__init__()
-        if channels is not None and (
-            isinstance(channels, bool) or not isinstance(channels, int) or channels < 1
-        ):
-            raise ConvexMixError(f"channels must be None or an int >= 1; got {channels!r}.")
+        if channels is not None:
+            check_int(channels, "channels", optional=True)
         self.channels = channels
         self.sources = self._check_sources(sources)
         self.init = init
@@ -275,8 +259,7 @@ class WeightedSum(nn.Module):
             self.n = 0
             self.free = nn.parameter.UninitializedParameter()  # type: ignore[assignment]
             return
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
+        check_int(n, "n")
         if self.sources is not None and len(self.sources) != n:
             raise ShapeError(f"sources must name the n={n} inputs; got {len(self.sources)} names.")
         self.n = n

@@ -21,11 +21,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from convexmix._validation import (
+    PROJECTION_METHODS,
+    any_true,
+    check_choice,
+    check_int,
+    check_total,
+    compute_dtype,
+    is_on_simplex,
+    normalize_dim,
+)
 from convexmix.errors import ConvexMixError, ConvexMixWarning
-from convexmix.functional._bounded import project_sparse_simplex
-from convexmix.functional._checks import any_true, check_total, compute_dtype, normalize_dim
-from convexmix.functional._project import METHODS, project_simplex
-from convexmix.functional._softmax import safe_softmax, softmax
+from convexmix.functional import project_simplex, project_sparse_simplex, softmax
+from convexmix.functional._softmax import safe_softmax
 
 #: Optimizers that scale each coordinate of the step: projected, they can stall.
 _ADAPTIVE = (
@@ -65,14 +73,8 @@ def _show(bound: float | Tensor) -> str:
 
 
 def _check_on_simplex(p: Tensor, dim: int, total: float, who: str) -> None:
-    d = normalize_dim(p, dim, "parameter")
-    v = p.detach().to(compute_dtype(p.dtype))
-    # The parameter's own precision: K entries each rounded to float16/bfloat16 sum to
-    # within K * eps / 2 of the total, far above a float32 tolerance.
-    k = max(v.shape[d], 1)
-    eps = max(64 * math.sqrt(k) * torch.finfo(v.dtype).eps, 2 * k * torch.finfo(p.dtype).eps)
-    tol = eps * max(total, 1.0)
-    if not (bool((v >= -tol).all()) and bool(((v.sum(d) - total).abs() <= tol).all())):
+    normalize_dim(p, dim, "parameter")
+    if not is_on_simplex(p, dim, total):
         raise ConvexMixError(
             f"{who} needs parameters on the simplex (entries >= 0 summing to {total} along "
             f"dim={dim}); got one of shape {tuple(p.shape)} that is not. Start from "
@@ -233,8 +235,7 @@ class Projected(Optimizer):
             raise ConvexMixError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}."
             )
-        if method not in METHODS:
-            raise ConvexMixError(f"method must be one of {list(METHODS)}; got {method!r}.")
+        check_choice(method, PROJECTION_METHODS, "method")
         self.optimizer = optimizer
         self.projected = list(params)
         known = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -247,8 +248,7 @@ class Projected(Optimizer):
             normalize_dim(p, dim, f"params[{i}]")
         self.dim, self.total, self.method = dim, check_total(total), method
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ConvexMixError(f"k must be None or an int >= 1; got {k!r}.")
+            check_int(k, "k", optional=True)
             if lower is not None or upper is not None:
                 raise ConvexMixError(
                     "k cannot be combined with lower/upper: the projection onto the k-sparse "

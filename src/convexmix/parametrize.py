@@ -9,8 +9,9 @@ Two ways, same maps:
   ``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` handle; :func:`remove_simplex_`
   undoes it and leaves a plain parameter holding the current weights.
 
-Starting points. A value already on the simplex (entries >= 0 summing to ``total``,
-to a tolerance of ``64 * eps * sqrt(K)``) is kept exactly. Any other value, such as a
+Starting points. A value already on the simplex (entries >= 0 summing to ``total``, to
+the rounding of its dtype: ``64 sqrt(K)`` ulps, or ``2 K`` ulps of half precision) is kept
+exactly. Any other value, such as a
 freshly initialised ``nn.Linear`` weight, is replaced by its Euclidean projection onto
 the simplex (``sparsemax(value, total=total)``) and a :class:`~convexmix.errors.ConvexMixWarning`
 says so. With the softmax map, zeros of that point start at the logit
@@ -20,25 +21,27 @@ centre instead.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from convexmix._maps import get_map
 from convexmix._subclass import base_class, register_kind, subclass
-from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
-from convexmix.functional._checks import (
+from convexmix._validation import (
+    check_dim,
+    check_positive,
     check_temperature,
     check_tensor,
     check_total,
     compute_dtype,
+    is_on_simplex,
     normalize_dim,
+    simplex_tolerance,
 )
-from convexmix.functional._project import project_simplex
-from convexmix.functional._registry import get_map
-from convexmix.functional._sparse import sparsemax
+from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
+from convexmix.functional import project_simplex, sparsemax
 
 __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 
@@ -46,20 +49,13 @@ __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 FREE_SUFFIX = "_free"
 
 
-def _on_simplex_tolerance(p: Tensor, k: int, total: float) -> float:
-    return 64 * torch.finfo(p.dtype).eps * math.sqrt(max(k, 1)) * max(total, 1.0)
-
-
 def to_simplex(value: Tensor, dim: int, total: float, *, what: str = "value") -> Tensor:
     """``value`` if it lies on the simplex (to rounding), else its projection, with a warning."""
     d = normalize_dim(value, dim, what)
     p = value.detach().to(compute_dtype(value.dtype))
-    tol = _on_simplex_tolerance(p, p.shape[d], total)
-    finite = bool(p.isfinite().all())
-    if not finite:
+    if not bool(p.isfinite().all()):
         raise ConvexMixError(f"{what} must be finite to start on the simplex; it has NaN or inf.")
-    on = bool((p >= -tol).all()) and bool(((p.sum(d) - total).abs() <= tol).all())
-    if on:
+    if is_on_simplex(value, d, total):
         return p.clamp_min(0).to(value.dtype)
     warnings.warn(
         f"{what} of shape {tuple(value.shape)} is not on the simplex along dim={dim} "
@@ -78,16 +74,13 @@ def check_upper(upper: float | None, map: str) -> float | None:
     """A cap on every weight: None or a finite float > 0, for the maps that support it."""
     if upper is None:
         return None
-    if isinstance(upper, bool) or not isinstance(upper, (int, float)):
-        raise ConvexMixError(f"upper must be None or a float > 0; got {type(upper).__name__}.")
-    if not (math.isfinite(upper) and upper > 0):
-        raise ConvexMixError(f"upper must be finite and > 0; got {upper}.")
+    value = check_positive(upper, "upper", optional=True)
     if map not in CAPPED_MAPS:
         raise ConvexMixError(
             f"upper= needs map='softmax' (constrained softmax) or map='sparsemax' "
             f"(capped projection); got map={map!r}."
         )
-    return float(upper)
+    return value
 
 
 def check_capacity(k: int, total: float, upper: float | None) -> None:
@@ -103,7 +96,7 @@ def to_capped(p: Tensor, dim: int, total: float, upper: float) -> Tensor:
     """``p`` (on the simplex) if every entry is <= ``upper``, else its projection onto the
     capped simplex, with a warning."""
     check_capacity(p.shape[dim], total, upper)
-    tol = _on_simplex_tolerance(p, p.shape[dim], total)
+    tol = simplex_tolerance(p.dtype, p.shape[dim], total)
     if bool((p <= upper + tol).all()):
         return p.clamp_max(upper)
     warnings.warn(
@@ -166,9 +159,7 @@ class Simplex(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = get_map(map)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ConvexMixError(f"dim must be an int; got {type(dim).__name__}.")
-        self.dim = dim
+        self.dim = check_dim(dim)
         self.total = check_total(total)
         t = check_temperature(temperature)
         if isinstance(t, Tensor):
@@ -224,7 +215,8 @@ class Simplex(nn.Module):
 # ----------------------------------------------------------------------------- simplex_
 
 
-def _constraints(module: nn.Module) -> dict[str, Simplex]:
+def simplex_constraints(module: nn.Module) -> dict[str, Simplex]:
+    """The :class:`Simplex` constraints that :func:`simplex_` put on ``module``, by name."""
     found: dict[str, Simplex] = module.__dict__.get("_convexmix_simplex", {})
     return found
 
@@ -233,11 +225,11 @@ def _make_property(name: str) -> property:
     free_name = name + FREE_SUFFIX
 
     def fget(self: nn.Module) -> Tensor:
-        out: Tensor = _constraints(self)[name](getattr(self, free_name))
+        out: Tensor = simplex_constraints(self)[name](getattr(self, free_name))
         return out
 
     def fset(self: nn.Module, value: Tensor) -> None:
-        simplex = _constraints(self)[name]
+        simplex = simplex_constraints(self)[name]
         free: Tensor = getattr(self, free_name)
         check_tensor(value, name)
         new = simplex.right_inverse(value.to(device=free.device, dtype=free.dtype))
@@ -253,7 +245,7 @@ def _make_property(name: str) -> property:
 
 
 def _setattr(self: nn.Module, key: str, value: Any) -> None:
-    if key in _constraints(self):
+    if key in simplex_constraints(self):
         object.__setattr__(self, key, value)  # the property's setter
     else:
         base_class(self).__setattr__(self, key, value)
@@ -262,7 +254,7 @@ def _setattr(self: nn.Module, key: str, value: Any) -> None:
 def _extra_repr(self: nn.Module) -> str:
     base = base_class(self).extra_repr(self)
     parts = [base] if base else []
-    parts += [f"{n}: Simplex({s.extra_repr()})" for n, s in _constraints(self).items()]
+    parts += [f"{n}: Simplex({s.extra_repr()})" for n, s in simplex_constraints(self).items()]
     return ", ".join(parts)
 
 
@@ -270,7 +262,7 @@ def _load_from_state_dict(
     self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
     # Accept the plain key ``prefix + name`` (e.g. a checkpoint of the unconstrained model).
-    for name, simplex in _constraints(self).items():
+    for name, simplex in simplex_constraints(self).items():
         plain, free = prefix + name, prefix + name + FREE_SUFFIX
         if plain in state_dict and free not in state_dict:
             value = state_dict.pop(plain)
@@ -342,7 +334,7 @@ def simplex_(
         raise ConvexMixError(f"module must be a torch.nn.Module; got {type(module).__name__}.")
     if not isinstance(name, str):
         raise ConvexMixError(f"name must be a str; got {type(name).__name__}.")
-    if name in _constraints(module):
+    if name in simplex_constraints(module):
         raise ConvexMixError(
             f"{type(module).__name__}.{name} is already constrained to the simplex."
         )
@@ -360,8 +352,8 @@ def simplex_(
     with torch.no_grad():
         free = simplex.right_inverse(param.detach())
     # Only now that everything is checked do we touch the module.
-    names = (*_constraints(module), name)
-    constraints = {**_constraints(module), name: simplex}
+    names = (*simplex_constraints(module), name)
+    constraints = {**simplex_constraints(module), name: simplex}
     del module._parameters[name]
     module.register_parameter(free_name, nn.Parameter(free, requires_grad=param.requires_grad))
     object.__setattr__(module, "_convexmix_simplex", constraints)
@@ -383,7 +375,7 @@ def remove_simplex_(module: nn.Module, name: str) -> nn.Module:
         Parameter containing:
         tensor([[0.2500, 0.7500]], requires_grad=True)
     """
-    constraints = dict(_constraints(module))
+    constraints = dict(simplex_constraints(module))
     if name not in constraints:
         raise ConvexMixError(
             f"{type(module).__name__}.{name} is not constrained by convexmix.simplex_; "

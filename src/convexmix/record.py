@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from convexmix.errors import ConvexMixError
 from convexmix.nn import ScalarMix, SimplexWeights, WeightedSum
-from convexmix.parametrize import _constraints
+from convexmix.parametrize import simplex_constraints
 
 __all__ = ["WeightRecorder"]
 
@@ -123,7 +123,7 @@ class WeightRecorder:
                 if isinstance(module, _LAYERS):
                     self._add(name or type(module).__name__, module)
                     taken.append(name)
-                for param in _constraints(module):
+                for param in simplex_constraints(module):
                     self._add(f"{name}.{param}" if name else param, module, param)
         else:
             raise ConvexMixError(

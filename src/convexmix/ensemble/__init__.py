@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from convexmix._maps import get_map
+from convexmix._validation import check_int, check_positive, is_number
 from convexmix.ensemble import _capped
 from convexmix.ensemble._distributed import reducer
 from convexmix.ensemble._files import read_weights_file
@@ -43,8 +45,7 @@ from convexmix.ensemble._inputs import as_predictions, make_objective
 from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, local
 from convexmix.ensemble._selection import select
 from convexmix.ensemble._solver import cv_lambda, fw_gap, solve
-from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._registry import get_map
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 
 __all__ = [
     "BootstrapResult",
@@ -235,15 +236,10 @@ def _fit_constrained(
     """``fit_weights`` under ``max_weight`` and/or ``max_models`` (see ``_capped``)."""
     K = obj.K
     if max_weight is not None:
-        if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)):
-            raise ConvexMixError(f"max_weight must be a number; got {type(max_weight).__name__}.")
-        if not (math.isfinite(max_weight) and max_weight > 0):
-            raise ConvexMixError(f"max_weight must be finite and > 0; got {max_weight}.")
+        check_positive(max_weight, "max_weight", optional=True)
     cap = 1.0 if max_weight is None else min(float(max_weight), 1.0)
-    if max_models is not None and (
-        isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1
-    ):
-        raise ConvexMixError(f"max_models must be an int >= 1; got {max_models!r}.")
+    if max_models is not None:
+        check_int(max_models, "max_models")
     k = K if max_models is None else min(max_models, K)
     if k * cap < 1.0 - 1e-12:
         raise ConvexMixError(
@@ -295,24 +291,24 @@ def _result(
 
 
 def _non_negative_number(x: object) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+    return is_number(x) and math.isfinite(x) and x >= 0
 
 
 def _check_fit_args(
     map: str, tol: float, max_iter: int, regularization: float | str, cv_folds: int
 ) -> None:
     get_map(map)
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ConvexMixError(f"tol must be a number > 0; got {tol!r}.")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ConvexMixError(f"max_iter must be an int >= 1; got {max_iter!r}.")
+    if not (is_number(tol) and tol > 0):
+        raise (ConvexMixError if is_number(tol) else ConvexMixTypeError)(
+            f"tol must be a number > 0; got {tol!r}."
+        )
+    check_int(max_iter, "max_iter")
     if isinstance(regularization, str):
         if regularization != "cv":
             raise ConvexMixError(
                 f"regularization must be a number >= 0 or 'cv'; got {regularization!r}."
             )
-        if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 2:
-            raise ConvexMixError(f"cv_folds must be an int >= 2; got {cv_folds!r}.")
+        check_int(cv_folds, "cv_folds", 2)
     elif not _non_negative_number(regularization):
         raise ConvexMixError(
             f"regularization must be a number >= 0 or 'cv'; got {regularization!r}."
@@ -392,8 +388,7 @@ def _free(weights: Tensor, map: str) -> Tensor:
 
 
 def _check_size(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConvexMixError(f"size must be an int >= 1; got {size!r}.")
+    check_int(size, "size")
 
 
 def _select(
@@ -525,8 +520,10 @@ class BootstrapResult:
             ``(lo, hi)``, each (K,) float64: the ``(1 - level) / 2`` and
             ``(1 + level) / 2`` quantiles of the draws (linear interpolation).
         """
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-            raise ConvexMixError(f"level must be a number in (0, 1); got {level!r}.")
+        if not (is_number(level) and 0 < level < 1):
+            raise (ConvexMixError if is_number(level) else ConvexMixTypeError)(
+                f"level must be a number in (0, 1); got {level!r}."
+            )
         qs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
         lo, hi = torch.quantile(self.weights, qs, dim=0)
         return lo, hi
@@ -588,12 +585,10 @@ def bootstrap(
     >>> [round(v, 3) for v in hi.tolist()]
     [1.0, 0.0, 0.0]
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConvexMixError(f"n must be an int >= 1; got {n!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConvexMixError(f"seed must be an int; got {seed!r}.")
+    check_int(n, "n")
+    check_int(seed, "seed", None)
     if not isinstance(warm_start, bool):
-        raise ConvexMixError(f"warm_start must be a bool; got {warm_start!r}.")
+        raise ConvexMixTypeError(f"warm_start must be a bool; got {warm_start!r}.")
     unknown = set(fit_kwargs) - _BOOTSTRAP_FIT_ARGS - {"cv_seed"}
     if unknown:
         raise ConvexMixError(

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix.errors import ConvexMixError
+from convexmix._validation import is_number
+from convexmix.errors import ConvexMixError, ConvexMixTypeError
 
 __all__ = ["WeightsFile", "read_weights_file"]
 
@@ -37,8 +38,8 @@ class WeightsFile:
 
 
 def _number(value: Any, what: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConvexMixError(f"{path}: {what} must be a number; got {value!r}.")
+    if not is_number(value):
+        raise ConvexMixTypeError(f"{path}: {what} must be a number; got {value!r}.")
     return float(value)
 
 

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import native
-from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import any_true, broadcasts_to, prepare
+from convexmix._validation import any_true, broadcasts_to, check_int, is_number, prepare
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._ops import register_map
 from convexmix.functional._sparse import SPARSEMAX, sparsemax_vjp
 
@@ -72,8 +72,10 @@ def _as_bound(value: float | Tensor | None, z: Tensor, d: int, name: str, defaul
                 f"{tuple(z.shape)}."
             )
         return b.reshape((1,) * (z.dim() - b.dim()) + tuple(b.shape))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConvexMixError(f"{name} must be a number or a tensor; got {type(value).__name__}.")
+    if not is_number(value):
+        raise ConvexMixTypeError(
+            f"{name} must be a number or a tensor; got {type(value).__name__}."
+        )
     if math.isnan(value):
         raise ConvexMixError(f"{name} must not be NaN.")
     return torch.full((1,) * z.dim(), float(value), dtype=z.dtype, device=z.device)
@@ -524,8 +526,7 @@ def project_sparse_simplex(x: Tensor, k: int, dim: int = -1, *, total: float = 1
         >>> cx.functional.project_sparse_simplex(torch.tensor([0.5, 0.4, 0.3, -1.0]), k=2)
         tensor([0.5500, 0.4500, 0.0000, 0.0000])
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConvexMixError(f"k must be an int >= 1 (the most non-zeros); got {k!r}.")
+    check_int(k, "k", note=" (the most non-zeros)")
     z, d, total = prepare(x, dim, None, total)
     kk = min(k, z.shape[d])
     if kk == 0:

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import combine
+from convexmix._validation import broadcasts_to, compute_dtype, normalize_dim
 from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import broadcasts_to, compute_dtype, normalize_dim
 
 __all__ = ["convex_combination"]
 

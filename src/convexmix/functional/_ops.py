@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from convexmix.functional._checks import traced
+from convexmix._validation import traced
 
 __all__: list[str] = []
 

@@ -19,15 +19,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix.errors import ConvexMixError
+from convexmix._validation import PROJECTION_METHODS, check_choice, prepare
 from convexmix.functional._bounded import capped_projection
-from convexmix.functional._checks import prepare
 from convexmix.functional._ops import register_map
 from convexmix.functional._sparse import SPARSEMAX, clamp_inf, finish, sparsemax_vjp
 
 __all__ = ["project_simplex"]
 
-METHODS = ("auto", "sort", "bisect", "condat")
 #: Halvings of the bracket before the exact Michelot steps of ``"bisect"``.
 BISECT_STEPS = 8
 #: ``"auto"`` on CPU bisects rows of at least this length when the whole input has at
@@ -271,8 +269,7 @@ def project_simplex(
         >>> cx.functional.project_simplex(torch.tensor([2.0, 1.0, 0.0]), upper=0.5)
         tensor([0.5000, 0.5000, 0.0000])
     """
-    if method not in METHODS:
-        raise ConvexMixError(f"method must be one of {list(METHODS)}; got {method!r}.")
+    check_choice(method, PROJECTION_METHODS, "method")
     z, d, total = prepare(x, dim, None, total)
     if lower is not None or upper is not None:
         return capped_projection(z, d, total, lower, upper).to(x.dtype)

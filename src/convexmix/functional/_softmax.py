@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from convexmix.functional._checks import check_temperature, compute_dtype, prepare, traced
+from convexmix._validation import check_temperature, compute_dtype, prepare, traced
 
 __all__ = ["softmax", "softmax_inverse"]
 

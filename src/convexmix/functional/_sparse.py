@@ -24,8 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional._checks import any_true, broadcasts_to, compute_dtype, prepare
+from convexmix._validation import (
+    any_true,
+    broadcasts_to,
+    check_int,
+    compute_dtype,
+    is_number,
+    prepare,
+)
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._ops import register_map
 from convexmix.functional._softmax import softmax
 
@@ -337,8 +344,7 @@ def entmax(
         True
     """
     z, d, total = prepare(x, dim, mask, total)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ConvexMixError(f"n_iter must be an int >= 1; got {n_iter!r}.")
+    check_int(n_iter, "n_iter")
 
     if isinstance(alpha, Tensor):
         a = alpha
@@ -357,8 +363,10 @@ def entmax(
             )
         a = a.reshape((1,) * (x.dim() - a.dim()) + tuple(a.shape))
     else:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ConvexMixError(f"alpha must be a number or a tensor; got {type(alpha).__name__}.")
+        if not is_number(alpha):
+            raise ConvexMixTypeError(
+                f"alpha must be a number or a tensor; got {type(alpha).__name__}."
+            )
         if not (math.isfinite(alpha) and alpha >= 1):
             raise ConvexMixError(f"alpha must be finite and >= 1; got {alpha}.")
         if alpha == 1:

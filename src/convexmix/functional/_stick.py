@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convexmix.errors import ShapeError
-from convexmix.functional._checks import (
+from convexmix._validation import (
     apply_mask,
     check_tensor,
     check_total,
@@ -18,6 +17,7 @@ from convexmix.functional._checks import (
     normalize_dim,
     traced,
 )
+from convexmix.errors import ShapeError
 from convexmix.functional._softmax import safe_softmax
 
 __all__ = ["stick_breaking", "stick_breaking_inverse"]

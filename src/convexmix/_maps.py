@@ -1,4 +1,5 @@
-"""Map names -> (map, right inverse), for the parametrizations and layers (private).
+"""The registry of simplex maps: name -> (map, right inverse), for the parametrizations,
+layers, optimizers, jobs and CLI (private).
 
 Every map has a right inverse ``inv`` with ``map(inv(p)) == p`` for ``p`` on the simplex:
 
@@ -17,9 +18,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from convexmix.errors import UnknownMapError
-from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax, softmax_inverse
-from convexmix.functional._sparse import entmax15, entmax_inverse, sparsemax
-from convexmix.functional._stick import stick_breaking, stick_breaking_inverse
+from convexmix.functional import (
+    entmax15,
+    softmax,
+    sparsemax,
+    stick_breaking,
+    stick_breaking_inverse,
+)
+from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax_inverse
+from convexmix.functional._sparse import entmax_inverse
 
 __all__: list[str] = []
 
