@@ -244,16 +244,13 @@ PROBABILITY_RTOL = 1e-6
 
 def simplex_tolerance(dtype: torch.dtype, k: int, total: float) -> float:
     """How far from the simplex a tensor of ``dtype`` with ``k`` entries along the summed
-    dim may be and still count as on it: ``64 sqrt(K)`` ulps of the compute dtype (the
-    rounding of a sum of K terms), or ``2 K`` ulps of ``dtype`` itself where that is more
-    (K half-precision entries, each rounded, sum to within ``K eps / 2`` of the total);
-    relative to ``max(total, 1)``."""
-    k = max(k, 1)
-    eps = max(
-        64 * math.sqrt(k) * torch.finfo(compute_dtype(dtype)).eps,
-        2 * k * torch.finfo(dtype).eps,
-    )
-    return eps * max(total, 1.0)
+    dim may be and still count as on it, relative to ``max(total, 1)``: ``64 sqrt(K)``
+    ulps of the compute dtype (the rounding of a sum of K terms) plus ``4`` ulps of
+    ``dtype`` itself (each entry rounded to it moves by at most half an ulp of itself, so
+    the sum moves by at most half an ulp of the total: the term that matters for half
+    precision)."""
+    eps = 64 * math.sqrt(max(k, 1)) * torch.finfo(compute_dtype(dtype)).eps
+    return (eps + 4 * torch.finfo(dtype).eps) * max(total, 1.0)
 
 
 def is_on_simplex(p: Tensor, dim: int, total: float) -> bool:
