@@ -123,6 +123,14 @@ def run_ensemble(args: argparse.Namespace) -> int:
     targets = _io.load_targets(args.targets)
     predictions, names = _io.load_predictions(args.predictions, n_samples=len(targets))
     show = not args.quiet and sys.stderr.isatty()
+    # the fit's settings, shared by the comparison and the bootstrap
+    fit_args: dict[str, Any] = {
+        "loss": args.loss,
+        "map": args.map,
+        "regularization": args.regularization,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+    }
     with (
         _progress(show, "fitting", None) as fit_bar,  # a few iterations: no fixed total
         _progress(show, "Caruana", args.size) as sel_bar,
@@ -130,12 +138,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
         result = compare(
             predictions,
             targets,
-            loss=args.loss,
-            map=args.map,
-            regularization=args.regularization,
             size=args.size,
-            tol=args.tol,
-            max_iter=args.max_iter,
+            **fit_args,
             fit_callback=lambda it, f, gap: fit_bar(info=f"gap {gap:.1e}", completed=it),
             selection_callback=lambda m, f: sel_bar(info=f"loss {f:.5f}"),
             max_weight=args.max_weight,
@@ -153,11 +157,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
                 targets,
                 n=args.bootstrap,
                 seed=args.seed,
-                loss=args.loss,
-                map=args.map,
-                regularization=args.regularization,
-                tol=args.tol,
-                max_iter=args.max_iter,
+                **fit_args,
                 callback=lambda i, n: boot_bar(completed=i),
             )
         lo, hi = boot.interval(args.level)
