@@ -46,9 +46,11 @@ int64_t CX_SUF(cx_true_class)(const T *p, const int64_t *t, int64_t n, int64_t c
         int bad = 0;
         for (int64_t i = 0; i < n; i++) {
             const T *row = pk + i * c;
-            /* four independent sums: a row's additions do not wait on each other */
+            /* Four independent sums and minima: a row's operations do not wait on each
+             * other. A NaN may slip past the minimum (minsd keeps the other operand) but
+             * never past the sum, which it makes NaN; an inf makes the sum inf or NaN. */
             double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-            int neg = 0;
+            T m0 = 1, m1 = 1, m2 = 1, m3 = 1;
             int64_t j = 0;
             for (; j + 4 <= c; j += 4) {
                 T a = row[j], b = row[j + 1], d = row[j + 2], e = row[j + 3];
@@ -56,15 +58,21 @@ int64_t CX_SUF(cx_true_class)(const T *p, const int64_t *t, int64_t n, int64_t c
                 s1 += (double)b;
                 s2 += (double)d;
                 s3 += (double)e;
-                neg |= !(a >= 0) | !(b >= 0) | !(d >= 0) | !(e >= 0);
+                m0 = a < m0 ? a : m0;
+                m1 = b < m1 ? b : m1;
+                m2 = d < m2 ? d : m2;
+                m3 = e < m3 ? e : m3;
             }
             for (; j < c; j++) {
                 T a = row[j];
                 s0 += (double)a;
-                neg |= !(a >= 0);
+                m0 = a < m0 ? a : m0;
             }
             double s = (s0 + s1) + (s2 + s3);
-            bad |= neg | !(fabs(s - 1.0) <= atol);
+            T mn = m0 < m1 ? m0 : m1;
+            mn = m2 < mn ? m2 : mn;
+            mn = m3 < mn ? m3 : mn;
+            bad |= !(mn >= 0) | !(fabs(s - 1.0) <= atol);
             T v = row[t[i]];
             qk[i] = v < lo ? lo : v;
         }
