@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
-from convexmix._maps import get_map
+from convexmix.functional._registry import get_map
 
 __all__ = ["Comparison", "EnsembleResult", "compare", "ensemble_selection", "fit_weights"]
 

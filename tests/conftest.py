@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
 
-from convexmix._maps import MAPS
+from convexmix.functional._registry import MAPS
 
 #: every map name a layer or parametrization takes, in the registry's order.
 MAP_NAMES: list[str] = list(MAPS)

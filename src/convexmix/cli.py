@@ -29,8 +29,8 @@ from typing import Any, NoReturn
 import torch
 
 from convexmix import __version__
-from convexmix._maps import MAPS
 from convexmix.errors import ConvexMixError, ShapeError
+from convexmix.functional._registry import MAPS
 
 __all__ = ["main"]
 

@@ -45,11 +45,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from convexmix._maps import get_map
 from convexmix._subclass import register_kind, subclass
 from convexmix._validation import check_positive, check_probabilities, is_number
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional import convex_combination
+from convexmix.functional._registry import get_map
 
 __all__ = ["LearnedMerge", "entropy_loss"]
 

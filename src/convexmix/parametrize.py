@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convexmix._maps import get_map
 from convexmix._subclass import base_class, register_kind, subclass
 from convexmix._validation import (
     check_dim,
@@ -42,6 +41,7 @@ from convexmix._validation import (
 )
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import project_simplex, sparsemax
+from convexmix.functional._registry import get_map
 
 __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 

@@ -36,7 +36,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from convexmix._maps import get_map
 from convexmix._validation import check_int, check_positive, is_number
 from convexmix.ensemble import _capped
 from convexmix.ensemble._distributed import reducer
@@ -46,6 +45,7 @@ from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, loc
 from convexmix.ensemble._selection import select
 from convexmix.ensemble._solver import cv_lambda, fw_gap, solve
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+from convexmix.functional._registry import get_map
 
 __all__ = [
     "BootstrapResult",

@@ -1,5 +1,6 @@
 """The registry of simplex maps: name -> (map, right inverse), for the parametrizations,
-layers, optimizers, jobs and CLI (private).
+layers, optimizers, jobs and CLI (private). Modules saved with ``torch.save``/pickle name
+:class:`MapSpec` and the inverses by this module's path: it stays here.
 
 Every map has a right inverse ``inv`` with ``map(inv(p)) == p`` for ``p`` on the simplex:
 
@@ -18,15 +19,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from convexmix.errors import UnknownMapError
-from convexmix.functional import (
-    entmax15,
-    softmax,
-    sparsemax,
-    stick_breaking,
-    stick_breaking_inverse,
-)
-from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax_inverse
-from convexmix.functional._sparse import entmax_inverse
+from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax, softmax_inverse
+from convexmix.functional._sparse import entmax15, entmax_inverse, sparsemax
+from convexmix.functional._stick import stick_breaking, stick_breaking_inverse
 
 __all__: list[str] = []
 
