@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import Objective
+from convexmix.ensemble._solver import line_search
 
 __all__: list[str] = []
 
@@ -160,23 +161,11 @@ def newton_capped(
         slope = float((g - mu) @ d)
         if not slope < 0:
             break
-        t, accepted = 1.0, False
-        while t > 1e-10:
-            cand = target if t == 1.0 else w + t * d
-            f_new, grad_new = obj.value(cand)
-            if f_new <= f + 1e-4 * t * slope:
-                accepted = True
-                break
-            if t == 1.0 and f_new <= f + 1e-13 * max(1.0, abs(f)):
-                g_new = grad_new()
-                if capped_gap(cand, g_new, u) < gap:
-                    accepted = True
-                    break
-            t *= 0.5
-        if not accepted:
+        step = line_search(obj, w, f, target, slope, gap, lambda w, g: capped_gap(w, g, u))
+        if step is None:
             break
-        w, f = cand, f_new
-        g = grad_new()
+        w, f, grad = step
+        g = grad()
         history.append(f)
         gap = capped_gap(w, g, u)
         if callback is not None:

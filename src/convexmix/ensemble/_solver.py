@@ -141,6 +141,40 @@ def fw_gap(w: Tensor, g: Tensor) -> float:
     return max(float(w @ g - g.min()), 0.0)
 
 
+def line_search(
+    obj: Objective,
+    w: Tensor,
+    f: float,
+    target: Tensor,
+    slope: float,
+    gap: float,
+    gap_of: Callable[[Tensor, Tensor], float],
+) -> tuple[Tensor, float, Callable[[], Tensor]] | None:
+    """Backtracking from ``w`` towards the Newton target: the first step ``t = 1, 1/2,
+    ...`` with sufficient decrease (Armijo, ``slope`` the directional derivative), as
+    ``(weights, loss, gradient thunk)``; None when none is found down to ``t = 1e-10``.
+    ``gap_of(w, g)`` is the feasible set's optimality gap."""
+    d = target - w
+    t = 1.0
+    while t > 1e-10:
+        cand = target if t == 1.0 else w + t * d
+        f_new, grad_new = obj.value(cand)
+        if math.isnan(f_new):
+            raise ConvexMixError(
+                f"the loss is NaN at weights {[round(float(v), 6) for v in cand]} (on the "
+                "simplex): a callable loss must return a finite number for every blend."
+            )
+        if f_new <= f + 1e-4 * t * slope:
+            return cand, f_new, grad_new
+        # Near the optimum the decrease is below the rounding of f (a sum of N terms);
+        # the gradient still resolves it: keep a full step that shrinks the gap.
+        rounding = t == 1.0 and f_new <= f + 1e-13 * max(1.0, abs(f))
+        if rounding and gap_of(cand, grad_new()) < gap:
+            return cand, f_new, grad_new
+        t *= 0.5
+    return None
+
+
 def _newton(
     obj: Objective,
     tol: float,
@@ -177,31 +211,11 @@ def _newton(
         slope = float((g - mu) @ d)  # sum(d) = 0 up to rounding, which (g @ d) would amplify
         if not slope < 0:
             break  # the model predicts no decrease: rounding level
-        t, accepted = 1.0, False
-        while t > 1e-10:
-            cand = target if t == 1.0 else w + t * d
-            f_new, grad_new = obj.value(cand)
-            if math.isnan(f_new):
-                raise ConvexMixError(
-                    f"the loss is NaN at weights {[round(float(v), 6) for v in cand]} (on the "
-                    "simplex): a callable loss must return a finite number for every blend."
-                )
-            if f_new <= f + 1e-4 * t * slope:
-                accepted = True
-                break
-            if t == 1.0 and f_new <= f + 1e-13 * max(1.0, abs(f)):
-                # Near the optimum the decrease is below the rounding of f (a sum of N
-                # terms); the gradient still resolves it: keep a full step that
-                # shrinks the gap.
-                g_new = grad_new()
-                if fw_gap(cand, g_new) < gap:
-                    accepted = True
-                    break
-            t *= 0.5
-        if not accepted:
+        step = line_search(obj, w, f, target, slope, gap, fw_gap)
+        if step is None:
             break
-        w, f = cand, f_new
-        g = grad_new()
+        w, f, grad = step
+        g = grad()
         history.append(f)
         gap = fw_gap(w, g)
         if callback is not None:
