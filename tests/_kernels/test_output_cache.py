@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     native.library() is None, reason="installed without native kernels: no output cache"
 )
 
-N = 2_000_000  # 8 MiB of float32, above alloc.MIN_BYTES
+N = 1 << 21  # 8 MiB of float32: above alloc.MIN_BYTES, and convex_combination runs fused
 
 
 @pytest.fixture

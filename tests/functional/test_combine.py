@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import convexmix as cx
-from convexmix.functional import convex_combination
+from convexmix.functional import _combine, convex_combination
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -92,15 +92,22 @@ def test_errors() -> None:
 BIG = 3 * (1 << 18) + 17  # more than three blocks, with a ragged end
 
 
+@pytest.fixture
+def fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused kernels whatever the size (BIG is below the composite path's limit)."""
+    monkeypatch.setattr(_combine, "_force", "fused")
+
+
 @pytest.mark.parametrize("layout", ["list", "stacked", "strided"])
 @pytest.mark.parametrize("wkind", ["scalar", "per-channel", "per-sample"])
+@pytest.mark.usefixtures("fused")
 def test_blocked_kernels_match_float64(layout: str, wkind: str) -> None:
     k, rows, cols = 5, BIG // 7 + 1, 7
     base = rand(k, rows, cols, seed=20).float()
     if layout == "list":
         xs = [t.clone() for t in base]
     elif layout == "stacked":
-        xs = base  # K along dim 0, contiguous: the GEMV path for scalar weights
+        xs = base  # K along dim 0, contiguous
     else:
         xs = [t.T.contiguous().T for t in base]  # non-contiguous views
     shapes = {"scalar": (k,), "per-channel": (k, cols), "per-sample": (k, rows, 1)}
@@ -149,6 +156,7 @@ def test_out_reuses_a_buffer() -> None:
         convex_combination(w.requires_grad_(), xs, out=buf)
 
 
+@pytest.mark.usefixtures("fused")
 def test_half_inputs_over_many_blocks() -> None:
     xs = [torch.randn(BIG).to(torch.bfloat16) for _ in range(4)]
     w = torch.softmax(torch.randn(4), 0)

@@ -134,10 +134,11 @@ _combine_op.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------- eager paths
 
 #: Inputs of fewer elements than this run composite ATen code in eager calls (``mul``
-#: then ``addcmul``): there the fused kernels' fixed costs (the Function, the ctypes
+#: then ``addcmul``): up to a few MiB an input, the composite code's passes mostly hit
+#: the last-level cache, and the fused kernels' fixed costs (the Function, the ctypes
 #: calls, fresh gradient buffers) outweigh the memory traffic they save, whatever K;
-#: above it the fused kernels win (figures in docs/benchmarks.md).
-COMPOSITE_MAX = 1 << 19
+#: from 2^21 elements on the fused kernels win (figures in docs/benchmarks.md).
+COMPOSITE_MAX = 1 << 21
 
 #: Forces one path for every eager call (tests and benchmarks): ``"composite"``,
 #: ``"fused"`` (the ``autograd.Function``) or ``"op"`` (the custom op that
@@ -268,8 +269,8 @@ def convex_combination(
     are usually on the simplex (the output of a map), but any weights work (a ScalarMix
     gamma is folded in this way); they are not checked, so nothing synchronises.
 
-    Small calls (inputs of fewer than 2^19 elements) run K ATen kernels
-    (``mul``, then ``addcmul``), which cost less than any fused call's fixed overhead;
+    Small calls (inputs of fewer than 2^21 elements) run K ATen kernels
+    (``mul``, then ``addcmul``), which at these sizes cost less than a fused call;
     larger ones the fused kernels. Under ``torch.compile`` the call is one opaque custom
     op (no graph break); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
     ``jacfwd``) it is composite ATen code, and double backward works everywhere but
