@@ -97,6 +97,25 @@ def test_forward_and_backward_against_float64(
         assert torch.equal(grads[1 + j], (w[j].to(acc) * g.to(acc)).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (2, 65), (3, 70_001), (9, 300_007)])
+def test_weights_gradient_alone_against_float64(
+    path: str, dtype: torch.dtype, k: int, n: int
+) -> None:
+    """No input needs a gradient: the native backward takes its blocked dot products
+    (blocks of g kept in cache; several blocks and a ragged end here)."""
+    w, xs = data(k, n, dtype, seed=n + 1)
+    wg = w.clone().requires_grad_()
+    out = convex_combination(wg, xs)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (grad,) = torch.autograd.grad(out, [wg], g)
+    g64, x64 = g.double(), [x.double() for x in xs]
+    dots = torch.stack([(g64 * x).sum() for x in x64])
+    acc_eps = EPS[torch.float64 if dtype == torch.float64 else torch.float32]
+    bound = 20 * acc_eps * torch.stack([(g64 * x).abs().sum() for x in x64]) + 1e-300
+    assert ((grad.double() - dots).abs() <= bound + EPS[wg.dtype] * dots.abs()).all()
+
+
 def test_native_and_aten_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     if native.library() is None:
         pytest.skip("no C compiler")

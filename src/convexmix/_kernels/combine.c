@@ -70,6 +70,8 @@ int cx_isa_supported(const char *name) {
 
 #define CH 64    /* elements per chunk: 4 AVX-512 float registers */
 #define FLUSH 16 /* chunks of products per float partial sum */
+#define DOT_BLOCK 131072 /* bytes of g kept in (L2) cache while the inputs stream past it */
+#define DOT_AHEAD 1024 /* bytes ahead that the one input stream is prefetched */
 /* How far ahead (bytes) each of `streams` inputs is prefetched. The hardware prefetchers
  * stop at 4 KiB pages and lose track of many streams, so software prefetch helps, but
  * the lines in flight must fit the core's buffers: about 16 KiB over all streams
@@ -164,8 +166,44 @@ static inline void fence(int nt) {
         fence(nt);                                                                         \
     }                                                                                      \
                                                                                            \
+    /* The weights' gradient alone: blocks of DOT_BLOCK bytes of g, each kept in cache    \
+     * while the K inputs stream past one at a time (one memory stream per inner loop:     \
+     * the hardware prefetchers follow it, where K + 1 interleaved streams lose them).     \
+     * The same float partial sums of FLUSH chunks, added in double. */                    \
+    static int dots_##NAME(const T *g, const T *const *xs, int64_t K, double *dots,        \
+                           int64_t lo, int64_t hi) {                                       \
+        const int64_t bl = DOT_BLOCK / (int64_t)sizeof(T);                                 \
+        for (int64_t b = lo; b < hi; b += bl) {                                            \
+            const int64_t e = b + bl < hi ? b + bl : hi;                                   \
+            const int64_t full = b + (e - b) / CH * CH;                                    \
+            for (int64_t k = 0; k < K; ++k) {                                              \
+                const T *xk = xs[k];                                                       \
+                ACC p[CH];                                                                 \
+                double t = 0.0;                                                            \
+                int64_t c = 0;                                                             \
+                memset(p, 0, sizeof p);                                                    \
+                for (int64_t i = b; i < full; i += CH) {                                   \
+                    PREFETCH(xk + i, T, DOT_AHEAD);                                        \
+                    for (int j = 0; j < CH; ++j) p[j] += LOAD(g[i + j]) * LOAD(xk[i + j]); \
+                    if (++c % FLUSH == 0) {                                                \
+                        for (int j = 0; j < CH; ++j) t += (double)p[j];                    \
+                        memset(p, 0, sizeof p);                                            \
+                    }                                                                      \
+                }                                                                          \
+                for (int j = 0; j < CH; ++j) t += (double)p[j];                            \
+                for (int64_t r = full; r < e; ++r)                                         \
+                    t += (double)LOAD(g[r]) * (double)LOAD(xk[r]);                         \
+                dots[k] += t;                                                              \
+            }                                                                              \
+        }                                                                                  \
+        return 0;                                                                          \
+    }                                                                                      \
+                                                                                           \
     int cx_bwd_##NAME(const T *g, const T *const *xs, const ACC *w, int64_t K,             \
                       double *dots, T *const *gxs, int64_t lo, int64_t hi, int nt) {       \
+        int any_gx = 0;                                                                    \
+        for (int64_t k = 0; gxs && k < K; ++k) any_gx |= gxs[k] != NULL;                   \
+        if (dots && !any_gx) return dots_##NAME(g, xs, K, dots, lo, hi);                   \
         ACC *part = NULL;                                                                  \
         if (dots) {                                                                        \
             part = (ACC *)calloc((size_t)K * CH, sizeof(ACC));                             \
