@@ -218,7 +218,10 @@ def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:
             f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape "
             f"{tuple(z.shape)}."
         )
-    return torch.where(mask, z, -math.inf)  # one op (masked_fill(~mask) is two)
+    if z.numel() >= 1 << 20:
+        return torch.where(mask, z, -math.inf)  # one op, a little faster when large
+    # below, torch.where with a scalar runs 2x slower than masked_fill (CPU, fwd+bwd)
+    return z.masked_fill(~mask, -math.inf)
 
 
 def prepare(x: Tensor, dim: int, mask: Tensor | None, total: float) -> tuple[Tensor, int, float]:
