@@ -322,17 +322,16 @@ _LOG = os.environ.get("ADVERSARIAL_LOG")
 _counts: dict[str, list[int]] = {}
 
 
-@pytest.mark.parametrize("name", list(MAPS))
-@given(case=st.data())
-def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
-    problem = case.draw(CASES[MAPS[name][2]])
+def logged(name: str, check: Callable[[], None], problem: dict[str, Any]) -> None:
+    """Runs ``check``; with ``ADVERSARIAL_LOG`` set, counts the cases of ``name`` and logs
+    each failing one as it happens and the counts every 1000 cases."""
     if not _LOG:
-        check_map(name, problem)
+        check()
         return
     count = _counts.setdefault(name, [0, 0])
     count[0] += 1
     try:
-        check_map(name, problem)
+        check()
     except BaseException as e:
         count[1] += 1
         with open(_LOG, "a") as f:
@@ -341,6 +340,13 @@ def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
     if count[0] % 1000 == 0:
         with open(_LOG, "a") as f:
             f.write(f"{name} {count[0]} cases {count[1]} failures\n")
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+@given(case=st.data())
+def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
+    problem = case.draw(CASES[MAPS[name][2]])
+    logged(name, lambda: check_map(name, problem), problem)
 
 
 # ----------------------------------------------------------------- convex_combination
@@ -458,22 +464,7 @@ def test_convex_combination_on_hostile_inputs(path: str, case: st.DataObject) ->
     problem = case.draw(COMBINE_CASES)
     _combine._force = path
     try:
-        if not _LOG:
-            check_combine(problem)
-            return
-        name = f"combine_{path}"
-        count = _counts.setdefault(name, [0, 0])
-        count[0] += 1
-        try:
-            check_combine(problem)
-        except BaseException as e:
-            count[1] += 1
-            with open(_LOG, "a") as f:
-                f.write(f"FAIL {name} {problem!r}: {e!r}\n")
-            raise
-        if count[0] % 1000 == 0:
-            with open(_LOG, "a") as f:
-                f.write(f"{name} {count[0]} cases {count[1]} failures\n")
+        logged(f"combine_{path}", lambda: check_combine(problem), problem)
     finally:
         _combine._force = None
 
