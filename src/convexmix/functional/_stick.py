@@ -42,9 +42,8 @@ def _log_weights(u: Tensor) -> Tensor:
     Both logs are ``logsigmoid`` (of ``u`` and of ``-u``): exact in the tails, where
     ``log(1 - s)`` from ``log s`` would cancel."""
     log_rest = F.logsigmoid(-u).cumsum(-1)
-    log_p = F.pad(log_rest, (1, 0))  # [0, rest_0, ..., rest_{K-2}]
-    log_p[..., :-1] += F.logsigmoid(u)
-    return log_p
+    # out of place, so that every transform differentiates it: [0, rest] + [log s, 0]
+    return F.pad(log_rest, (1, 0)) + F.pad(F.logsigmoid(u), (0, 1))
 
 
 class _StickBreaking(torch.autograd.Function):
@@ -58,11 +57,10 @@ class _StickBreaking(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, d: int, mask: Tensor | None, total: float) -> Tensor:
-        p, u = _forward(z, d, mask)
+        out, p, u = _forward(z, d, mask, total)
         ctx.d, ctx.total = d, total
         ctx.save_for_backward(p, u)
-        out = p * total if total != 1.0 else p
-        return out if out.dtype == z.dtype else out.to(z.dtype)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
@@ -78,13 +76,16 @@ class _StickBreaking(torch.autograd.Function):
         return du.movedim(-1, d).to(grad.dtype), None, None, None
 
 
-def _forward(z: Tensor, d: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The weights (in the compute dtype, summing to one) and the shifted free values."""
+def _forward(z: Tensor, d: int, mask: Tensor | None, total: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The output; the weights in the compute dtype, summing to one; the shifted free
+    values. Differentiable ATen code: traced calls differentiate through it."""
     u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
     u = u - _offsets(u.shape[-1], u)
     log_p = apply_mask(_log_weights(u).movedim(-1, d), mask, "the stick-breaking output")
     # A softmax over exact log-weights renormalises them: sums are exact to rounding.
-    return safe_softmax(log_p, d), u
+    p = safe_softmax(log_p, d)
+    out = p * total if total != 1.0 else p
+    return (out if out.dtype == z.dtype else out.to(z.dtype)), p, u
 
 
 def stick_breaking(
@@ -121,28 +122,10 @@ def stick_breaking(
     check_tensor(z, "z")
     d = normalize_dim(z, dim, "z")
     total = check_total(total, z.dtype)
-    if not traced():
-        if torch.is_grad_enabled() and z.requires_grad:
-            return cast(Tensor, _StickBreaking.apply(z, d, mask, total))  # type: ignore[no-untyped-call]
-        with torch.no_grad():
-            return _StickBreaking.forward(_NoContext(), z, d, mask, total)
-    u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
-    u = u - _offsets(u.shape[-1], u)
-    log_rest = F.logsigmoid(-u).cumsum(-1)
-    # out of place (differentiable under every transform): [0, rest] + [log s, 0]
-    log_p = F.pad(log_rest, (1, 0)) + F.pad(F.logsigmoid(u), (0, 1))
-    log_p = apply_mask(log_p.movedim(-1, d), mask, "the stick-breaking output")
-    p = safe_softmax(log_p, d)
-    if total != 1.0:
-        p = p * total
-    return p.to(z.dtype)
-
-
-class _NoContext:
-    """Stands in for the autograd context when no gradient is wanted."""
-
-    def save_for_backward(self, *tensors: Tensor) -> None:
-        pass
+    if torch.is_grad_enabled() and z.requires_grad and not traced():
+        return cast(Tensor, _StickBreaking.apply(z, d, mask, total))  # type: ignore[no-untyped-call]
+    # no gradient wanted, or traced (compile, torch.func): autograd through the ATen code
+    return _forward(z, d, mask, total)[0]
 
 
 def stick_breaking_inverse(p: Tensor, dim: int = -1, *, total: float = 1.0) -> Tensor:
