@@ -39,6 +39,7 @@ SOURCES = [
     str(KERNELS / "pool.c"),
     str(KERNELS / "capped.c"),
     str(KERNELS / "gather.c"),
+    str(KERNELS / "checks.c"),
 ]
 PACKAGE = "convexmix._kernels"
 #: Flags of every build: plain C11, no Python, nothing tuned to the build machine.

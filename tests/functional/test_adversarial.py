@@ -351,10 +351,11 @@ def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
 
 # ----------------------------------------------------------------- convex_combination
 
-#: convex_combination's three eager paths: composite ATen (small inputs), the fused
-#: kernels behind an autograd.Function (large inputs) and the custom op (torch.compile).
-#: Hypothesis draws small inputs, so each path is forced in turn.
-COMBINE_PATHS = ["composite", "fused", "op"]
+#: convex_combination's four eager paths: stack + matrix-vector product (tiny inputs),
+#: composite ATen (small inputs), the fused kernels behind an autograd.Function (large
+#: inputs) and the custom op (torch.compile). Hypothesis draws small inputs, so each
+#: path is forced in turn; None lets the call choose (the everyday call's short checks).
+COMBINE_PATHS = ["stack", "composite", "fused", "op", None]
 
 
 COMBINE_K = st.one_of(st.integers(1, 5), st.just(0))
@@ -458,13 +459,13 @@ def check_combine(case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("path", COMBINE_PATHS)
 @given(case=st.data())
-def test_convex_combination_on_hostile_inputs(path: str, case: st.DataObject) -> None:
+def test_convex_combination_on_hostile_inputs(path: str | None, case: st.DataObject) -> None:
     from convexmix.functional import _combine
 
     problem = case.draw(COMBINE_CASES)
     _combine._force = path
     try:
-        logged(f"combine_{path}", lambda: check_combine(problem), problem)
+        logged(f"combine_{path or 'auto'}", lambda: check_combine(problem), problem)
     finally:
         _combine._force = None
 

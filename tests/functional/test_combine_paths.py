@@ -1,5 +1,6 @@
-"""convex_combination's eager paths (composite ATen, the fused autograd.Function, the custom
-op), torch.func transforms and double backward, against naive float64 autograd."""
+"""convex_combination's eager paths (stack + matrix-vector product, composite ATen, the
+fused autograd.Function, the custom op, and the call's own choice), torch.func transforms
+and double backward, against naive float64 autograd."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state
 import convexmix as cx
 from convexmix.functional import _combine, convex_combination
 
-PATHS = ["composite", "fused", "op"]
+PATHS = ["stack", "composite", "fused", "op", None]
 
 
 @pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
+def path(request: pytest.FixtureRequest) -> Iterator[str | None]:
     _combine._force = request.param
     try:
         yield request.param
@@ -34,7 +35,7 @@ def naive(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("wshape", [(3,), (3, 5), (3, 4, 1)])
 @pytest.mark.parametrize("layout", ["list", "stacked"])
-def test_every_path_matches_naive(path: str, wshape: tuple[int, ...], layout: str) -> None:
+def test_every_path_matches_naive(path: str | None, wshape: tuple[int, ...], layout: str) -> None:
     w = rand(*wshape, seed=1).requires_grad_()
     x = rand(3, 4, 5, seed=2).requires_grad_()
     xs = list(x.unbind(0))
@@ -49,7 +50,7 @@ def test_every_path_matches_naive(path: str, wshape: tuple[int, ...], layout: st
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_path_keeps_dtype(path: str, dtype: torch.dtype) -> None:
+def test_every_path_keeps_dtype(path: str | None, dtype: torch.dtype) -> None:
     xs = [torch.randn(6, 7).to(dtype) for _ in range(4)]
     w = torch.softmax(torch.randn(4), 0)
     out = convex_combination(w, xs)
@@ -61,20 +62,34 @@ def test_every_path_keeps_dtype(path: str, dtype: torch.dtype) -> None:
 
 def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real = _combine._Fused.apply
-    monkeypatch.setattr(_combine._Fused, "apply", lambda *a: calls.append("fused") or real(*a))
+    for name in ("_contract", "_composite"):
+        real = getattr(_combine, name)
+        monkeypatch.setattr(
+            _combine, name, lambda *a, name=name, real=real: calls.append(name) or real(*a)
+        )
+    real_apply = _combine._Fused.apply
+    monkeypatch.setattr(
+        _combine._Fused, "apply", lambda *a: calls.append("fused") or real_apply(*a)
+    )
     w = torch.rand(2, requires_grad=True)
-    convex_combination(w, [torch.randn(8), torch.randn(8)])
-    assert calls == []  # small: composite ATen
-    n = _combine.COMPOSITE_MAX
-    convex_combination(w, [torch.randn(n), torch.randn(n)])
-    assert calls == ["fused"]
+    for n in (1, _combine.STACK_MAX, _combine.STACK_MAX + 1, _combine.COMPOSITE_MAX):
+        for inputs in ([torch.randn(n), torch.randn(n)], (torch.randn(n), torch.randn(n))):
+            convex_combination(w, inputs)
+    assert calls == ["_contract"] * 4 + ["_composite"] * 2 + ["fused"] * 2
+    # per-channel weights and mixed dtypes take the checked path, which still picks by size
+    calls.clear()
+    convex_combination(torch.rand(2, 3), [torch.randn(2, 3), torch.randn(2, 3)])
+    convex_combination(torch.rand(2, dtype=torch.float64), [torch.randn(4), torch.randn(4)])
+    assert calls == ["_composite", "_composite"]
 
 
-@pytest.mark.parametrize("path", ["composite", "fused"])
-def test_double_backward(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("wshape", [(3,), (3, 2)])
+@pytest.mark.parametrize("path", ["stack", "composite", "fused"])
+def test_double_backward(
+    path: str, wshape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(_combine, "_force", path)
-    w = rand(3, 2, seed=4).requires_grad_()
+    w = rand(*wshape, seed=4).requires_grad_()
     xs = [rand(4, 2, seed=5 + k).requires_grad_() for k in range(3)]
     f = lambda w, *xs: convex_combination(w, list(xs)).square()  # noqa: E731
     assert torch.autograd.gradgradcheck(f, (w, *xs))

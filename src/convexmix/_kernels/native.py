@@ -39,7 +39,13 @@ from convexmix.errors import ConvexMixWarning
 __all__: list[str] = []
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "combine.c", HERE / "pool.c", HERE / "capped.c", HERE / "gather.c"]
+SOURCES = [
+    HERE / "combine.c",
+    HERE / "pool.c",
+    HERE / "capped.c",
+    HERE / "gather.c",
+    HERE / "checks.c",
+]
 #: The builds setup.py makes on this platform, baseline first (the same names as there).
 ISAS: list[str] = (
     ["x86-64", "avx2", "avx512"]
@@ -199,6 +205,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, f"cx_true_class_{suffix}")
         fn.argtypes = [p, p, i64, i64, p, i64, i64, ctypes.c_double, i32, ctypes.c_double]
         fn.restype = i64
+        fn = getattr(lib, f"cx_first_nan_{suffix}")
+        fn.argtypes, fn.restype = [p, i64, i64, i64], i32
     return lib
 
 
@@ -353,6 +361,15 @@ def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | No
     if any(rc == 3 for rc in rcs):
         raise InfeasibleError
     return None if any(rcs) else out
+
+
+def first_nan(dtype: torch.dtype) -> Kernel | None:
+    """``cx_first_nan_<t>(ptr, outer, block, inner)`` (``checks.c``) for contiguous CPU
+    values of ``dtype`` (float32/64): whether the first entry of any slice is NaN. None
+    where it does not apply (another dtype, no native kernels)."""
+    suffix = _SUFFIX.get(dtype)
+    lib = library() if suffix in ("f32", "f64") else None
+    return getattr(lib, f"cx_first_nan_{suffix}") if lib is not None else None
 
 
 #: Below this many elements read (K * N * C) one thread reads every model.

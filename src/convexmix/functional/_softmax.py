@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from convexmix._kernels import native
 from convexmix._validation import check_temperature, compute_dtype, prepare, traced
 
 __all__ = ["softmax", "softmax_inverse"]
@@ -29,13 +31,14 @@ def safe_softmax(z: Tensor, dim: int) -> Tensor:
     shares the mass among the ``+inf`` entries of a slice that has any.
 
     ``z`` is already masked (-inf = absent) and in its compute dtype. In plain eager calls
-    on the CPU this is ``torch.softmax`` and one sum of its output: only a NaN there (an
+    on the CPU this is ``torch.softmax`` and one look at its output: only a NaN there (an
     all--inf slice, or a NaN or +inf input) sends the call to the safe form, so the usual
-    call costs one reduction more than ``torch.softmax``, and its backward is the same.
+    call costs a read of one entry per slice more than ``torch.softmax``, and its backward
+    is the same.
     """
-    if z.device.type == "cpu" and not traced():
+    if z.is_cpu and not traced():
         p = torch.softmax(z, dim)
-        if not math.isnan(p.sum().item()):
+        if not _any_nan(p, dim):
             return p
     # +inf -> the largest finite value: the +inf entries then share all the mass (ties
     # equally) instead of giving NaN. NaN stays NaN and fills its slice, as in torch.softmax.
@@ -48,6 +51,28 @@ def safe_softmax(z: Tensor, dim: int) -> Tensor:
     # finite softmax (and finite gradients) that the masked_fill zeroes.
     p = torch.softmax(torch.nan_to_num(z, nan=math.nan, posinf=big, neginf=-big), dim)
     return p.masked_fill(~present, 0.0)
+
+
+#: The native scan of :func:`_any_nan`, per dtype (None: not available), found once.
+_SCANS: dict[torch.dtype, Any] = {}
+
+
+def _any_nan(p: Tensor, dim: int) -> bool:
+    """Whether the softmax output ``p`` holds a NaN. A softmax slice is NaN everywhere or
+    nowhere (each entry is divided by the slice's sum, which a NaN entry, a +inf entry or
+    an all--inf slice makes NaN), so the native scan reads the first entry of each slice:
+    one ctypes call, no reduction kernel, no read-back. Elsewhere, one sum."""
+    dtype = p.dtype
+    scan = _SCANS.get(dtype, False)
+    if scan is False:
+        scan = _SCANS[dtype] = native.first_nan(dtype)
+    n = p.numel()
+    if scan is None or n == 0 or not p.is_contiguous():
+        return n > 0 and math.isnan(p.sum().item())
+    shape = p.shape
+    inner = 1 if dim == len(shape) - 1 else math.prod(shape[dim + 1 :])
+    block = shape[dim] * inner
+    return bool(scan(p.data_ptr(), n // block, block, inner))
 
 
 def softmax(
