@@ -1,6 +1,6 @@
 """Per-call cost at everyday sizes: convexmix against the code it replaces, fwd + bwd.
 
-    python benchmarks/bench_overhead.py [--rounds 7] [--quick]
+    python benchmarks/bench_overhead.py [--rounds 7] [--quick] [--only TEXT ...]
 
 One run prints, for each case, the time of convexmix and of the naive code or peer
 (forward and backward, ``out.backward(g)``) and the ratio convexmix / naive. Each pair
@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.nn.utils import parametrize
 
 import convexmix as cx
 
@@ -72,7 +73,13 @@ def pair(
 ROWS: list[tuple[str, float, float]] = []
 
 
+#: Substrings of the case names to run (``--only``); empty: every case.
+ONLY: list[str] = []
+
+
 def report(name: str, a: Fn, b: Fn, rounds: int) -> None:
+    if ONLY and not any(s in name for s in ONLY):
+        return
     ta, tb = pair(a, b, rounds)
     ROWS.append((name, ta, tb))
     print(f"| {name} | {ta * 1e6:9.1f} | {tb * 1e6:9.1f} | {ta / tb:5.2f} |", flush=True)
@@ -203,6 +210,7 @@ def layer_cases(rounds: int) -> None:
     )
     sw = cx.SimplexWeights(10)
     free = torch.zeros(10, requires_grad=True)
+    plain = PlainWeights(10)
     g10 = torch.randn(10)
     report(
         "SimplexWeights(10) vs torch.softmax",
@@ -210,8 +218,16 @@ def layer_cases(rounds: int) -> None:
         fwd_bwd(lambda: torch.softmax(free, 0), g10),
         rounds,
     )
+    report(
+        "SimplexWeights(10) vs a module: Parameter + softmax",
+        fwd_bwd(lambda: sw(), g10),
+        fwd_bwd(lambda: plain(), g10),
+        rounds,
+    )
     lin = cx.simplex_(torch.nn.Linear(10, 4, bias=False), "weight")
     raw = torch.zeros(4, 10, requires_grad=True)
+    tlin = torch.nn.Linear(10, 4, bias=False)
+    parametrize.register_parametrization(tlin, "weight", SoftmaxRows())
     g4 = torch.randn(4, 10)
     report(
         "simplex_(Linear(10, 4)).weight vs torch.softmax",
@@ -219,13 +235,41 @@ def layer_cases(rounds: int) -> None:
         fwd_bwd(lambda: torch.softmax(raw, -1), g4),
         rounds,
     )
+    report(
+        "simplex_(Linear(10, 4)).weight vs torch's parametrize + softmax",
+        fwd_bwd(lambda: lin.weight, g4),
+        fwd_bwd(lambda: tlin.weight, g4),
+        rounds,
+    )
+
+
+class PlainWeights(torch.nn.Module):
+    """What SimplexWeights replaces: a module with free values and a softmax."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 0)
+
+
+class SoftmaxRows(torch.nn.Module):
+    """What simplex_ replaces: torch's parametrization with a softmax (rows sum to 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, -1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a few sizes of each case")
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="TEXT", help="run the cases whose name has TEXT"
+    )
     args = parser.parse_args()
+    ONLY[:] = args.only
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, convexmix {cx.__version__}; fwd+bwd unless marked fwd; "

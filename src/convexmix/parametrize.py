@@ -225,7 +225,8 @@ def _make_property(name: str) -> property:
     free_name = name + FREE_SUFFIX
 
     def fget(self: nn.Module) -> Tensor:
-        out: Tensor = simplex_constraints(self)[name](getattr(self, free_name))
+        # forward, not __call__: the constraint is no submodule, so it has no hooks to run
+        out: Tensor = simplex_constraints(self)[name].forward(getattr(self, free_name))
         return out
 
     def fset(self: nn.Module, value: Tensor) -> None:
