@@ -77,6 +77,33 @@ def test_native_read_splits_models_over_threads() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [1, 3, 4, 8, 10, 17])
+def test_native_check_finds_every_bad_value(dtype: torch.dtype, C: int) -> None:
+    """The vector check (rows folded into vectors of 4 or 8, a masked load of the rest,
+    sums of 4 or 8 rows at once) and the rows after the last full group find a bad value
+    in any row and column: NaN, inf, a negative value, a sum off by 2e-3."""
+    K, N = 3, 1003  # 1003 = 125 * 8 + 3: full groups of 4 and 8 rows, then single rows
+    P, y = mixed_problem(K, N, C, seed=C, dtype=dtype)
+    q = torch.empty(K, N, dtype=dtype)
+    assert native.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
+    torch.testing.assert_close(q, _reference(P, y), rtol=0, atol=0)
+    for row in (0, 5, 999, 1000, 1002):
+        for col in sorted({0, C // 2, C - 1}):
+            for value in (float("nan"), float("inf"), -float("inf"), -1e-6, 2e-3):
+                bad = P.clone()
+                bad[1, row, col] = value if value != 2e-3 else bad[1, row, col] + value
+                assert native.true_class(bad, y, q, LOG_LOSS_EPS, True, 1e-3) == 1, (
+                    row,
+                    col,
+                    value,
+                )
+            fine = P.clone()
+            fine[1, row, col] += 5e-4  # within the tolerance
+            assert native.true_class(fine, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
+
+
+@needs_native
 def test_native_read_declines_what_it_does_not_handle() -> None:
     P, y = mixed_problem(3, 100, 4)
     q = torch.empty(3, 100, dtype=P.dtype)
