@@ -351,11 +351,12 @@ def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
 
 # ----------------------------------------------------------------- convex_combination
 
-#: convex_combination's four eager paths: stack + matrix-vector product (tiny inputs),
-#: composite ATen (small inputs), the fused kernels behind an autograd.Function (large
-#: inputs) and the custom op (torch.compile). Hypothesis draws small inputs, so each
-#: path is forced in turn; None lets the call choose (the everyday call's short checks).
-COMBINE_PATHS = ["stack", "composite", "fused", "op", None]
+#: convex_combination's four eager paths: stack + matrix-vector product (tiny inputs, or
+#: small ones with K >= 3, in two layouts), composite ATen (small inputs), the fused
+#: kernels behind an autograd.Function (large inputs) and the custom op (torch.compile).
+#: Hypothesis draws small inputs, so each path is forced in turn; None lets the call
+#: choose (the everyday call's short checks).
+COMBINE_PATHS = ["stack", "stack_mid", "composite", "fused", "op", None]
 
 
 COMBINE_K = st.one_of(st.integers(1, 5), st.just(0))
@@ -463,11 +464,16 @@ def test_convex_combination_on_hostile_inputs(path: str | None, case: st.DataObj
     from convexmix.functional import _combine
 
     problem = case.draw(COMBINE_CASES)
-    _combine._force = path
+    # "stack_mid": the (K, N) form of the stacked contraction, which the call itself
+    # takes for K >= 3 inputs larger than these
+    stack_max = _combine.STACK_MAX
+    _combine._force = "stack" if path == "stack_mid" else path
+    _combine.STACK_MAX = -1 if path == "stack_mid" else stack_max
     try:
         logged(f"combine_{path or 'auto'}", lambda: check_combine(problem), problem)
     finally:
         _combine._force = None
+        _combine.STACK_MAX = stack_max
 
 
 # ------------------------------------------------------------------ the regressions

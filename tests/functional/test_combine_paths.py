@@ -13,12 +13,15 @@ from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state
 import convexmix as cx
 from convexmix.functional import _combine, convex_combination
 
-PATHS = ["stack", "composite", "fused", "op", None]
+#: "stack_mid" is the (K, N) layout of the stacked contraction (K >= 3, larger inputs).
+PATHS = ["stack", "stack_mid", "composite", "fused", "op", None]
 
 
 @pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    _combine._force = request.param
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+    if request.param == "stack_mid":
+        monkeypatch.setattr(_combine, "STACK_MAX", -1)
+    _combine._force = "stack" if request.param == "stack_mid" else request.param
     try:
         yield request.param
     finally:
@@ -76,6 +79,12 @@ def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
         for inputs in ([torch.randn(n), torch.randn(n)], (torch.randn(n), torch.randn(n))):
             convex_combination(w, inputs)
     assert calls == ["_contract"] * 4 + ["_composite"] * 2 + ["fused"] * 2
+    # from three inputs on, the stacked contraction reaches further
+    calls.clear()
+    w3 = torch.rand(3, requires_grad=True)
+    for n in (_combine.STACK_MID_MAX, _combine.STACK_MID_MAX + 1):
+        convex_combination(w3, [torch.randn(n) for _ in range(3)])
+    assert calls == ["_contract", "_composite"]
     # per-channel weights and mixed dtypes take the checked path, which still picks by size
     calls.clear()
     convex_combination(torch.rand(2, 3), [torch.randn(2, 3), torch.randn(2, 3)])
@@ -84,10 +93,13 @@ def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("wshape", [(3,), (3, 2)])
-@pytest.mark.parametrize("path", ["stack", "composite", "fused"])
+@pytest.mark.parametrize("path", ["stack", "stack_mid", "composite", "fused"])
 def test_double_backward(
     path: str, wshape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if path == "stack_mid":  # the (K, N) layout of the stacked contraction
+        monkeypatch.setattr(_combine, "STACK_MAX", -1)
+        path = "stack"
     monkeypatch.setattr(_combine, "_force", path)
     w = rand(*wshape, seed=4).requires_grad_()
     xs = [rand(4, 2, seed=5 + k).requires_grad_() for k in range(3)]
