@@ -155,9 +155,10 @@ _force: str | None = None
 STACK_MAX = 64
 #: From 3 inputs on, inputs of at most this many elements are stacked too, as (K, N): a
 #: copy of the inputs buys one matrix-vector product forward and two backward, against
-#: 2K - 1 kernels each way (K = 8 on (64, 256) inputs: 0.6x the time of the seed loop,
-#: where ``mul`` + ``addcmul`` are 1.0x). Larger inputs spill the copy out of the caches.
-STACK_MID_MAX = 1 << 15
+#: 2K - 1 kernels each way (forward + backward against the seed loop, 2 threads: K = 8 on
+#: (64, 256) 0.6x and on (64, 1024) 0.5x, where ``mul`` + ``addcmul`` are 1.0x). Larger
+#: inputs spill the copy out of the caches (K = 8 on (256, 1024): 1.2x).
+STACK_MID_MAX = 1 << 17
 
 
 def _stacks(n: int, k: int) -> bool:
