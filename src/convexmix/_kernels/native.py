@@ -1,5 +1,7 @@
-"""The native CPU code of ``convex_combination``: load and call ``combine.c`` (the kernels)
-and ``pool.c`` (the cache of large outputs, used by :mod:`.alloc`).
+"""The native CPU code: load and call ``combine.c`` (``convex_combination``'s kernels),
+``pool.c`` (the cache of large outputs, used by :mod:`.alloc`), ``capped.c`` (the capped
+projection), ``gather.c`` (the ensemble's true-class gather) and ``rows.c`` (sparsemax
+and 1.5-entmax, row by row).
 
 Both are compiled at install time by ``setup.py``, once per instruction set, into
 ``libconvexmix-<isa>.so`` next to this file; nothing is compiled, and nothing written, at
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import sys
@@ -45,6 +48,7 @@ SOURCES = [
     HERE / "capped.c",
     HERE / "gather.c",
     HERE / "checks.c",
+    HERE / "rows.c",
 ]
 #: The builds setup.py makes on this platform, baseline first (the same names as there).
 ISAS: list[str] = (
@@ -207,6 +211,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.restype = i64
         fn = getattr(lib, f"cx_first_nan_{suffix}")
         fn.argtypes, fn.restype = [p, i64, i64, i64], i32
+    rows: dict[torch.dtype, tuple[Kernel, Kernel]] = {}
+    for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+        fwd = getattr(lib, f"cx_rows_fwd_{suffix}")
+        fwd.argtypes, fwd.restype = [p, p, i64, i64, ctypes.c_double, i32, i64, i64], i32
+        bwd = getattr(lib, f"cx_rows_bwd_{suffix}")
+        bwd.argtypes, bwd.restype = [p, p, p, i64, i64, i32, i64, i64], None
+        rows[dtype] = (fwd, bwd)
+    lib._cx_rows = rows  # type: ignore[attr-defined]
     return lib
 
 
@@ -221,8 +233,8 @@ def library() -> ctypes.CDLL | None:
                     lib, why = _load()
                     if lib is None:
                         warnings.warn(
-                            f"{why}; convex_combination runs a slower ATen loop. Set "
-                            "CONVEXMIX_NATIVE=0 to silence this.",
+                            f"{why}; convex_combination and the sparse maps run slower "
+                            "ATen code. Set CONVEXMIX_NATIVE=0 to silence this.",
                             ConvexMixWarning,
                             stacklevel=4,
                         )
@@ -449,3 +461,90 @@ def backward(
     if any(_run(fn, calls)):
         raise MemoryError("convexmix: out of memory for the backward's partial sums")
     return Grads(dots.sum(0).to(weights.dtype) if dots is not None else None, outs)
+
+
+# ------------------------------------------------------------------- maps, row by row
+
+#: Below this many elements one thread does a whole map call (``rows.c``).
+ROWS_PARALLEL_MIN = 1 << 15
+#: Rows of the maps' native kernels: sparsemax (0) and 1.5-entmax (1).
+SPARSEMAX, ENTMAX15 = 0, 1
+#: False turns the maps' native path off (tests force the ATen path with it).
+rows_enabled = True
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _rows_kernels(x: Tensor) -> tuple[Kernel, Kernel] | None:
+    """The (forward, backward) row kernels for ``x``, or None where they do not apply:
+    a plain contiguous CPU float32/float64 tensor, the kernels loaded and enabled."""
+    lib = _state["lib"] if "lib" in _state else library()
+    if lib is None or not rows_enabled or x.__class__ not in _PLAIN:
+        return None
+    if not x.is_cpu or not x.is_contiguous():
+        return None
+    return lib._cx_rows.get(x.dtype)  # type: ignore[no-any-return]
+
+
+def rows_apply(x: Tensor) -> bool:
+    """Whether :func:`rows_forward` runs for ``x``."""
+    return _rows_kernels(x) is not None
+
+
+def _row_split(n: int, rows: int) -> list[tuple[int, int]]:
+    threads = torch.get_num_threads() if n >= ROWS_PARALLEL_MIN and rows > 1 else 1
+    step = -(-rows // max(min(threads, rows), 1))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def rows_forward(x: Tensor, dim: int, total: float, kind: int) -> Tensor | None:
+    """Sparsemax (``kind`` 0) or 1.5-entmax (1) of ``x`` along ``dim`` (non-negative)
+    natively, summing to ``total``; None (nothing done) where the kernel does not apply."""
+    kernels = _rows_kernels(x)
+    if kernels is None:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    n = x.numel()
+    if n == 0:
+        return out
+    shape = x.shape
+    if dim < 0:
+        dim += len(shape)
+    k = shape[dim]
+    inner = math.prod(shape[dim + 1 :])
+    rows = n // k
+    fn, xp, op = kernels[0], x.data_ptr(), out.data_ptr()
+    if n < ROWS_PARALLEL_MIN:
+        rc = fn(xp, op, k, inner, total, kind, 0, rows)
+    else:
+        rc = max(_run(fn, [(xp, op, k, inner, total, kind, a, b) for a, b in _row_split(n, rows)]))
+    if rc:
+        raise MemoryError("convexmix: out of memory for the map's scratch")
+    return out
+
+
+def rows_backward(y: Tensor, grad: Tensor, dim: int, kind: int) -> Tensor | None:
+    """The vector-Jacobian product of sparsemax (``kind`` 0) or 1.5-entmax (1) from its
+    output ``y`` natively; None (nothing done) where the kernel does not apply."""
+    kernels = _rows_kernels(y)
+    if kernels is None or grad.dtype != y.dtype or grad.shape != y.shape:
+        return None
+    if not grad.is_contiguous() or grad.__class__ not in _PLAIN or not grad.is_cpu:
+        if grad.__class__ not in _PLAIN or not grad.is_cpu:
+            return None
+        grad = grad.contiguous()  # an expanded gradient: one copy beats the ATen path
+    out = torch.empty(y.shape, dtype=y.dtype)
+    n = y.numel()
+    if n == 0:
+        return out
+    shape = y.shape
+    if dim < 0:
+        dim += len(shape)
+    k = shape[dim]
+    inner = math.prod(shape[dim + 1 :])
+    rows = n // k
+    fn, yp, gp, op = kernels[1], y.data_ptr(), grad.data_ptr(), out.data_ptr()
+    if n < ROWS_PARALLEL_MIN:
+        fn(yp, gp, op, k, inner, kind, 0, rows)
+    else:
+        _run(fn, [(yp, gp, op, k, inner, kind, a, b) for a, b in _row_split(n, rows)])
+    return out

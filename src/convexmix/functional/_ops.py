@@ -91,6 +91,7 @@ def register_map(
     dim_arg: int = 1,
     saved: Sequence[int] = (),
     n_tensors: int = 1,
+    eager_vjp: Vjp | None = None,
 ) -> MapOp:
     """Register ``impl(x, *tensors, dim, *scalars)`` as the custom op ``convexmix::<name>``
     with its fake and vmap rule, and build its two autograd Functions.
@@ -104,6 +105,8 @@ def register_map(
         dim_arg: the position of ``dim`` among the arguments.
         saved: positions of the inputs saved for the backward, after the output.
         n_tensors: how many leading tensor arguments the vmap rule batches.
+        eager_vjp: the backward of the plain eager Function only (a native kernel that
+            traced or transformed gradients cannot run), ``vjp`` by default.
     """
     op = torch.library.custom_op(f"convexmix::{name}", mutates_args=())(impl)
     op.register_fake(_like_first)
@@ -143,13 +146,21 @@ def register_map(
         setup_context(ctx, args, y)
         return y
 
+    if eager_vjp is not None:
+        eager_only = eager_vjp
+
+        def eager_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+            return (*eager_only(ctx, grad), *nones)
+    else:
+        eager_backward = backward
+
     eager = type(
         title + "Eager",
         (torch.autograd.Function,),
         {
             "__doc__": f"Autograd for ``convexmix::{name}`` in plain eager calls.",
             "forward": staticmethod(eager_forward),
-            "backward": staticmethod(backward),
+            "backward": staticmethod(eager_backward),
         },
     )
     return MapOp(op, function, eager, impl, n_diff)

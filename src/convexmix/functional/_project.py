@@ -2,13 +2,17 @@
 
 Three methods, one backward (the sparsemax Jacobian, O(K) from the output):
 
-* ``"sort"``: sort, prefix sums, threshold (the sparsemax op), O(K log K);
+* ``"sort"``: sort, prefix sums, threshold (sparsemax's ATen code), O(K log K);
 * ``"bisect"``: a few halvings of the bracket [max - t, max - t/K] on the threshold tau,
   then Michelot steps tau <- (sum_{x > tau} x - t) / #{x > tau} (Newton's method on the
   piecewise-linear mass) until tau stops changing, when it is exact. O(K) per step, no
   sort, and the same code on CPU and GPU;
 * ``"condat"``: the filter pass of Condat's algorithm (Math. Programming 158, 2016) gives
   a lower bound of tau with every support entry above it, then the same Michelot steps.
+
+``"auto"`` runs the sparsemax op, whose native row kernel (``_kernels/rows.c``) serves
+contiguous float32/float64 CPU inputs in O(K) expected per row; elsewhere it picks one of
+the three.
 """
 
 from __future__ import annotations
@@ -19,18 +23,27 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from convexmix._kernels import native
 from convexmix._validation import PROJECTION_METHODS, check_choice, prepare
 from convexmix.functional._bounded import capped_projection
 from convexmix.functional._ops import register_map
-from convexmix.functional._sparse import SPARSEMAX, clamp_inf, finish, sparsemax_vjp
+from convexmix.functional._sparse import (
+    SPARSEMAX,
+    clamp_inf,
+    finish,
+    sparsemax_eager_vjp,
+    sparsemax_sort,
+    sparsemax_vjp,
+)
 
 __all__ = ["project_simplex"]
 
 #: Halvings of the bracket before the exact Michelot steps of ``"bisect"``.
 BISECT_STEPS = 8
-#: ``"auto"`` on CPU bisects rows of at least this length when the whole input has at
-#: least ``AUTO_BISECT_NUMEL`` entries, where bisection overtakes the sort (the figures
-#: are in docs/benchmarks.md), and any row on GPU; it sorts otherwise.
+#: ``"auto"`` on CPU, where the native row kernel does not apply, bisects rows of at
+#: least this length when the whole input has at least ``AUTO_BISECT_NUMEL`` entries,
+#: where bisection overtakes the sort (the figures are in docs/benchmarks.md), and any
+#: row on GPU; it sorts otherwise.
 AUTO_BISECT_K = 512
 AUTO_BISECT_NUMEL = 1 << 16
 
@@ -211,9 +224,18 @@ def _condat_rows(z: Tensor, total: float) -> Tensor:
     return _michelot(z, zs, shift, present, rho, total, torch.empty_like(zs))
 
 
+def _sort_fwd(x: Tensor, dim: int, total: float) -> Tensor:
+    return sparsemax_sort(x, dim, total)
+
+
 # The projections' backward is sparsemax's.
-_CONDAT = register_map("project_condat", _condat_fwd, sparsemax_vjp)
-_BISECT = register_map("project_bisect", _bisect_fwd, sparsemax_vjp)
+_SORT = register_map("project_sort", _sort_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
+_CONDAT = register_map(
+    "project_condat", _condat_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
+)
+_BISECT = register_map(
+    "project_bisect", _bisect_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
+)
 
 
 def project_simplex(
@@ -250,10 +272,12 @@ def project_simplex(
             halvings of a bracket, then exact Michelot steps), ``"condat"`` (Condat's
             filter pass, O(K) expected, then exact Michelot steps; sequential along a
             row: on Python floats for up to 128 rows, else one tensor step per position
-            for all rows at once) or ``"auto"``: bisect on GPU, and on CPU for rows of
-            512+ entries in inputs of 65536+; sort otherwise. All agree to an ulp or
-            two (each takes the threshold in float64 from the support, summed in its
-            own order).
+            for all rows at once) or ``"auto"``: on CPU, contiguous float32/float64
+            inputs run the native row kernel of :func:`sparsemax` (O(K) expected: the
+            entries within ``total`` of the maximum, then Michelot's steps among them);
+            otherwise bisect on GPU, and on CPU for rows of 512+ entries in inputs of
+            65536+; sort otherwise. All agree to an ulp or two (each takes the threshold
+            in float64 from the support, summed in its own order).
 
     Returns:
         Tensor of the shape and dtype of ``x``.
@@ -274,10 +298,13 @@ def project_simplex(
     if lower is not None or upper is not None:
         return capped_projection(z, d, total, lower, upper).to(x.dtype)
     if method == "auto":
+        if native.rows_apply(z):
+            out = SPARSEMAX(z, d, total)
+            return out if out.dtype == x.dtype else out.to(x.dtype)
         big = z.shape[d] >= AUTO_BISECT_K and z.numel() >= AUTO_BISECT_NUMEL
         method = "bisect" if big or z.device.type != "cpu" else "sort"
     if method == "sort":
-        out = SPARSEMAX(z, d, total)
+        out = _SORT(z, d, total)
     elif method == "condat":
         out = _CONDAT(z, d, total)
     else:

@@ -14,6 +14,14 @@ Each map's forward is a ``torch.library`` custom op registered by
 O(K) from the saved output, with no Jacobian; torch.func transforms work.
 Thresholds are computed in float64 so that the sums stay exact to the output dtype even
 at K = 1e5+.
+
+sparsemax and 1.5-entmax run in two ways, with the same values up to the rounding of the
+threshold's float64 sums: the native row kernel (``_kernels/rows.c``: no sort, the
+threshold in closed form on the support with compensated sums; forward and eager
+backward) for contiguous float32/float64 CPU inputs when the native kernels are built,
+and the sort-based ATen code below for everything else (other devices, strided inputs,
+no compiler, ``CONVEXMIX_NATIVE=0``) and for the backward under torch.compile and
+torch.func.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from convexmix._validation import (
     is_number,
     prepare,
 )
+from convexmix._kernels import native
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._ops import register_map
 from convexmix.functional._softmax import softmax
@@ -110,6 +119,13 @@ def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) 
 
 
 def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
+    out = native.rows_forward(x, dim, total, native.SPARSEMAX)
+    return out if out is not None else sparsemax_sort(x, dim, total)
+
+
+def sparsemax_sort(x: Tensor, dim: int, total: float) -> Tensor:
+    """Sparsemax by sorting (ATen): the support from the sorted prefix sums, then the
+    threshold from a pairwise sum over it."""
     z = clamp_inf(x.movedim(dim, -1))
     k = z.shape[-1]
     if k == 0:
@@ -132,7 +148,20 @@ def sparsemax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return (_support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None,)
 
 
-SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp)
+def sparsemax_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
+    """:func:`sparsemax_vjp` natively where the row kernel applies (not while a graph of
+    the backward is recorded: ``create_graph=True`` needs differentiable ATen ops)."""
+    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+        (y,) = ctx.saved_tensors
+        dx = native.rows_backward(y, grad, ctx.dim, native.SPARSEMAX)
+        if dx is not None:
+            return (dx,)
+    return sparsemax_vjp(ctx, grad)
+
+
+SPARSEMAX = register_map(
+    "sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
+)
 
 
 def sparsemax(
@@ -186,6 +215,9 @@ def sparsemax(
 
 
 def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
+    out = native.rows_forward(x, dim, total, native.ENTMAX15)
+    if out is not None:
+        return out
     z = clamp_inf(x.movedim(dim, -1))
     k = z.shape[-1]
     if k == 0:
@@ -215,7 +247,19 @@ def _entmax15_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return (_support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None,)
 
 
-_ENTMAX15 = register_map("entmax15", _entmax15_fwd, _entmax15_vjp)
+def _entmax15_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
+    """:func:`_entmax15_vjp` natively where the row kernel applies (as for sparsemax)."""
+    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+        (y,) = ctx.saved_tensors
+        dx = native.rows_backward(y, grad, ctx.dim, native.ENTMAX15)
+        if dx is not None:
+            return (dx,)
+    return _entmax15_vjp(ctx, grad)
+
+
+_ENTMAX15 = register_map(
+    "entmax15", _entmax15_fwd, _entmax15_vjp, eager_vjp=_entmax15_eager_vjp
+)
 
 
 def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
