@@ -14,6 +14,10 @@ values mixing ordinary floats with 0, ties, +-1e4, +-1e30, +-inf and NaN. Then:
   NumPy float64 reference within ``entry_bound``;
 * on finite inputs, the gradient is finite.
 
+sparsemax and 1.5-entmax run natively (``_kernels/rows.c``) where the kernels are built
+and are also checked on their ATen path (``sparsemax_aten``, ``entmax15_aten``);
+``project_auto`` is ``project_simplex``'s default (the native kernel on CPU).
+
 ``test_convex_combination_on_hostile_inputs`` does the same for the fused weighted sum, on
 each of its three eager paths: inputs and weights (simplex, or free with +-inf and NaN;
 ``(K,)`` or per-channel) against ``sum_k w_k x_k`` in float64, NaN exactly where the
@@ -78,11 +82,17 @@ MAPS: dict[str, tuple[Call, float | None, bool]] = {
     "entmax15": (lambda x, d, m, t: F.entmax15(x, d, mask=m, total=t), 1.5, True),
     "entmax_1.25": (_entmax(1.25), 1.25, True),
     "entmax_3": (_entmax(3.0), 3.0, True),
+    "project_auto": (_project("auto"), 2.0, False),
     "project_sort": (_project("sort"), 2.0, False),
     "project_bisect": (_project("bisect"), 2.0, False),
     "project_condat": (_project("condat"), 2.0, False),
     "stick_breaking": (lambda x, d, m, t: F.stick_breaking(x, d, mask=m, total=t), None, True),
 }
+#: sparsemax and 1.5-entmax have two eager paths: the native row kernel (the default,
+#: where the kernels are built) and the sort-based ATen code; "<map>_aten" forces the
+#: second for the whole check (forward and backward).
+MAPS["sparsemax_aten"] = MAPS["sparsemax"]
+MAPS["entmax15_aten"] = MAPS["entmax15"]
 
 
 # ------------------------------------------------------------------------- strategy
@@ -345,8 +355,14 @@ def logged(name: str, check: Callable[[], None], problem: dict[str, Any]) -> Non
 @pytest.mark.parametrize("name", list(MAPS))
 @given(case=st.data())
 def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
+    from convexmix._kernels import native
+
     problem = case.draw(CASES[MAPS[name][2]])
-    logged(name, lambda: check_map(name, problem), problem)
+    native.rows_enabled = not name.endswith("_aten")
+    try:
+        logged(name, lambda: check_map(name, problem), problem)
+    finally:
+        native.rows_enabled = True
 
 
 # ----------------------------------------------------------------- convex_combination

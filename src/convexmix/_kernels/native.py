@@ -477,7 +477,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _rows_kernels(x: Tensor) -> tuple[Kernel, Kernel] | None:
     """The (forward, backward) row kernels for ``x``, or None where they do not apply:
     a plain contiguous CPU float32/float64 tensor, the kernels loaded and enabled."""
-    lib = _state["lib"] if "lib" in _state else library()
+    lib: Any = _state["lib"] if "lib" in _state else library()
     if lib is None or not rows_enabled or x.__class__ not in _PLAIN:
         return None
     if not x.is_cpu or not x.is_contiguous():

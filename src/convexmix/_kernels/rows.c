@@ -45,8 +45,12 @@
 #include <stdlib.h>
 
 #define CX_ROWS_STACK 512 /* candidates kept on the stack up to this row length */
+#ifndef CX_ROWS_STEPS
 #define CX_ROWS_STEPS 48  /* Newton steps before the candidates are sorted */
+#endif
+#ifndef CX_ROWS_SMALL
 #define CX_ROWS_SMALL 16  /* at most this many candidates: the O(m^2) support test */
+#endif
 
 static int cx_rows_desc(const void *a, const void *b)
 {

@@ -230,12 +230,8 @@ def _sort_fwd(x: Tensor, dim: int, total: float) -> Tensor:
 
 # The projections' backward is sparsemax's.
 _SORT = register_map("project_sort", _sort_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
-_CONDAT = register_map(
-    "project_condat", _condat_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
-)
-_BISECT = register_map(
-    "project_bisect", _bisect_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
-)
+_CONDAT = register_map("project_condat", _condat_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
+_BISECT = register_map("project_bisect", _bisect_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 
 
 def project_simplex(

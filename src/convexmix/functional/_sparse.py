@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from convexmix._kernels import native
 from convexmix._validation import (
     any_true,
     broadcasts_to,
@@ -40,7 +41,6 @@ from convexmix._validation import (
     is_number,
     prepare,
 )
-from convexmix._kernels import native
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._ops import register_map
 from convexmix.functional._softmax import softmax
@@ -159,9 +159,7 @@ def sparsemax_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return sparsemax_vjp(ctx, grad)
 
 
-SPARSEMAX = register_map(
-    "sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp
-)
+SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 
 
 def sparsemax(
@@ -257,9 +255,7 @@ def _entmax15_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return _entmax15_vjp(ctx, grad)
 
 
-_ENTMAX15 = register_map(
-    "entmax15", _entmax15_fwd, _entmax15_vjp, eager_vjp=_entmax15_eager_vjp
-)
+_ENTMAX15 = register_map("entmax15", _entmax15_fwd, _entmax15_vjp, eager_vjp=_entmax15_eager_vjp)
 
 
 def entmax15(x: Tensor, dim: int = -1, *, mask: Tensor | None = None, total: float = 1.0) -> Tensor:
