@@ -2,10 +2,10 @@
 ``pip install -e .`` and ``python -m build`` all come here; the metadata is in
 pyproject.toml).
 
-``src/convexmix/_kernels/*.c`` (combine, pool, capped, gather, rows) are plain C: no
-Python or torch headers, so the shared libraries are loaded with ctypes and one wheel per
-platform works with every Python 3 and every torch. They are built once per instruction
-set, never with ``-march=native``:
+``src/convexmix/_kernels/*.c`` (combine, pool, capped, gather, checks, rows) are plain C:
+no Python or torch headers, so the shared libraries are loaded with ctypes and one wheel
+per platform works with every Python 3 and every torch. They are built once per
+instruction set, never with ``-march=native``:
 
 * x86-64: ``x86-64`` (the baseline: SSE2), ``avx2`` (AVX2 + FMA + F16C) and ``avx512``
   (AVX-512 F/BW/VL/DQ on top of those);

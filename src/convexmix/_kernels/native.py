@@ -1,9 +1,9 @@
 """The native CPU code: load and call ``combine.c`` (``convex_combination``'s kernels),
 ``pool.c`` (the cache of large outputs, used by :mod:`.alloc`), ``capped.c`` (the capped
-projection), ``gather.c`` (the ensemble's true-class gather) and ``rows.c`` (sparsemax
-and 1.5-entmax, row by row).
+projection), ``gather.c`` (the ensemble's true-class gather), ``checks.c`` (softmax's
+NaN check) and ``rows.c`` (sparsemax and 1.5-entmax, row by row).
 
-Both are compiled at install time by ``setup.py``, once per instruction set, into
+All are compiled at install time by ``setup.py``, once per instruction set, into
 ``libconvexmix-<isa>.so`` next to this file; nothing is compiled, and nothing written, at
 run time. :func:`library` loads the baseline build, asks it which builds this CPU (and its
 OS) can run, and loads the widest of those; ``CONVEXMIX_ISA`` (``baseline``, ``widest``
