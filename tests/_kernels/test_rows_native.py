@@ -241,14 +241,15 @@ def test_project_simplex_auto_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_threads_give_the_single_thread_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(37, 3000, dtype=torch.float64)
-    g = torch.randn(37, 3000, dtype=torch.float64)
+    x = torch.randn(37, 4000, dtype=torch.float64)  # above both thresholds
+    g = torch.randn(37, 4000, dtype=torch.float64)
     for name, fn in MAPS.items():
         xr = x.clone().requires_grad_()
         out = fn(xr)
         out.backward(g)
         with monkeypatch.context() as m:
             m.setattr(native, "ROWS_PARALLEL_MIN", 1 << 62)
+            m.setattr(native, "ROWS_BWD_PARALLEL_MIN", 1 << 62)
             xs = x.clone().requires_grad_()
             one = fn(xs)
             one.backward(g)
