@@ -43,7 +43,7 @@ from convexmix.ensemble._files import read_weights_file
 from convexmix.ensemble._inputs import as_predictions, make_objective
 from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, local
 from convexmix.ensemble._selection import select
-from convexmix.ensemble._solver import cv_lambda, fw_gap, solve
+from convexmix.ensemble._solver import cv_lambda, fw_gap, sample_start, solve
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._registry import get_map
 
@@ -332,6 +332,8 @@ def _fit(
             w0 = start
     else:
         lam = float(regularization)
+    if w0 is None:
+        w0 = sample_start(obj, lam, max_iter)
     solved = Regularized(obj, lam) if lam > 0 else obj
     return _result(obj, solve(solved, float(tol), max_iter, callback, w0), map, lam, "newton")
 

@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from convexmix._kernels import alloc
 from convexmix.errors import ConvexMixError, ShapeError
 
 __all__ = [
@@ -52,6 +53,10 @@ HESSIAN_WORK = 16 * 16
 HESSIAN_MIN_ROWS_PER_MODEL = 64
 #: The approximate Hessian samples runs of this many consecutive rows (whole cache lines).
 SAMPLE_RUN = 64
+#: A log-loss fit on at least SAMPLE_MIN_ROWS rows starts from the optimum on every
+#: SAMPLE_STEP-th run of SAMPLE_RUN rows (:meth:`LogLoss.sample`; docs/ensemble.md).
+SAMPLE_STEP = 16
+SAMPLE_MIN_ROWS = 1 << 15
 
 
 def hessian_step(m: int, n: int) -> int:
@@ -116,6 +121,11 @@ class DataObjective(Objective, Protocol):
 
     def with_weights(self, s: Tensor) -> DataObjective:
         """The same objective with normalised sample weights ``s`` (N,)."""
+        ...
+
+    def sample(self) -> DataObjective | None:
+        """The same objective on a fixed subsample of the rows, whose optimum is a cheap
+        start for the fit on all of them; None where that does not pay."""
         ...
 
 
@@ -249,6 +259,25 @@ class LogLoss:
     def with_weights(self, s: Tensor) -> LogLoss:
         return LogLoss(self.q, s, self.reduce)
 
+    def sample(self) -> LogLoss | None:
+        """The loss on every SAMPLE_STEP-th run of SAMPLE_RUN rows (a copy of 1/16 of
+        ``q``), for fits on at least SAMPLE_MIN_ROWS rows; None on fewer, and for sharded
+        fits (each rank would sample its own rows, and whether a rank samples must not
+        depend on its own row count: the ranks would run different collectives)."""
+        n = self.n_samples
+        if self.reduce is not local or n < SAMPLE_MIN_ROWS:
+            return None
+        runs = n // SAMPLE_RUN
+        n_used = runs * SAMPLE_RUN
+        rows = self.q[:, :n_used].view(self.K, runs, SAMPLE_RUN)[:, ::SAMPLE_STEP]
+        s = self.s[:n_used].view(runs, SAMPLE_RUN)[::SAMPLE_STEP].reshape(-1)
+        total = float(s.sum())
+        if not total > 0:
+            return None  # the sample weights leave every sampled row out
+        q = alloc.empty((self.K, s.numel()), self.q.dtype)  # no page faults: reused memory
+        q.view(rows.shape).copy_(rows)
+        return LogLoss(q, s / total)
+
 
 class _LogLossGreedy:
     """Caruana's step on the log-loss with the running sum ``r`` of the picks' rows.
@@ -370,6 +399,9 @@ class Quadratic:
     def with_weights(self, s: Tensor) -> Quadratic:
         return Quadratic(self.p, self.y, s, self.reduce)
 
+    def sample(self) -> None:
+        return None  # each Newton step costs O(K^2) already
+
 
 class CallableLoss:
     """A user loss ``fn(blend, targets)``: gradients by autograd, Hessians by torch.func."""
@@ -436,6 +468,9 @@ class CallableLoss:
 
     def with_weights(self, s: Tensor) -> CallableLoss:
         return CallableLoss(self.fn, self.p, self.t, s)
+
+    def sample(self) -> None:
+        return None
 
     def subset(self, rows: Tensor) -> CallableLoss:
         s = None if self.s is None else self.s[rows] / self.s[rows].sum()

@@ -260,6 +260,30 @@ def solve(
     return w, history, n_iter, gap, converged
 
 
+#: The fit on the row sample (:func:`sample_start`) stops at this Frank-Wolfe gap: the
+#: sample's optimum differs from the full one by far more (at 6k rows, a gap of ~1e-2 on
+#: all rows), so a finer fit would not bring the start closer.
+SAMPLE_TOL = 1e-6
+
+
+def sample_start(obj: DataObjective, lam: float, max_iter: int) -> Tensor | None:
+    """A start for the fit on all rows: the optimum on a fixed sample of them
+    (``obj.sample()``), or None where the objective has no sample.
+
+    Its Newton steps cost a fraction of those on all rows, and from its optimum, near the
+    full one and usually on its support, the fit on all rows takes fewer steps than from
+    equal weights (3 instead of 5 at K=50, N=100k). The sample is fixed (no random draw)
+    and its fit starts from equal weights: the same inputs give the same start, and
+    tied models stay tied. The fit on all rows decides convergence, so the answer is
+    the optimum to the same ``tol`` from any start.
+    """
+    sub = obj.sample()
+    if sub is None:
+        return None
+    inner = Regularized(sub, lam) if lam > 0 else sub
+    return _newton(inner, SAMPLE_TOL, max_iter, None)[0]
+
+
 class _Lagged:
     """A cross-validation fold's training loss whose last Hessian can stand in once.
 
