@@ -53,10 +53,13 @@ HESSIAN_WORK = 16 * 16
 HESSIAN_MIN_ROWS_PER_MODEL = 64
 #: The approximate Hessian samples runs of this many consecutive rows (whole cache lines).
 SAMPLE_RUN = 64
-#: A log-loss fit on at least SAMPLE_MIN_ROWS rows starts from the optimum on every
-#: SAMPLE_STEP-th run of SAMPLE_RUN rows (:meth:`LogLoss.sample`; docs/ensemble.md).
+#: A log-loss fit on at least SAMPLE_MIN_ROWS rows and SAMPLE_MIN_VALUES values of ``q``
+#: (K * N) starts from the optimum on every SAMPLE_STEP-th run of SAMPLE_RUN rows
+#: (:meth:`LogLoss.sample`). On fewer values the ~4 extra steps' fixed cost (~0.4 ms
+#: each) outweighs the steps on all rows they save (docs/ensemble.md).
 SAMPLE_STEP = 16
 SAMPLE_MIN_ROWS = 1 << 15
+SAMPLE_MIN_VALUES = 1 << 21
 
 
 def hessian_step(m: int, n: int) -> int:
@@ -261,11 +264,12 @@ class LogLoss:
 
     def sample(self) -> LogLoss | None:
         """The loss on every SAMPLE_STEP-th run of SAMPLE_RUN rows (a copy of 1/16 of
-        ``q``), for fits on at least SAMPLE_MIN_ROWS rows; None on fewer, and for sharded
-        fits (each rank would sample its own rows, and whether a rank samples must not
-        depend on its own row count: the ranks would run different collectives)."""
+        ``q``), for fits on at least SAMPLE_MIN_ROWS rows and SAMPLE_MIN_VALUES values;
+        None on fewer, and for sharded fits (each rank would sample its own rows, and
+        whether a rank samples must not depend on its own row count: the ranks would run
+        different collectives)."""
         n = self.n_samples
-        if self.reduce is not local or n < SAMPLE_MIN_ROWS:
+        if self.reduce is not local or n < SAMPLE_MIN_ROWS or self.K * n < SAMPLE_MIN_VALUES:
             return None
         runs = n // SAMPLE_RUN
         n_used = runs * SAMPLE_RUN
