@@ -23,6 +23,10 @@ It prints each method's time and CPU time (of the whole process, best of the run
 each divided by convexmix's, its log-loss and its loss above the optimum (convexmix's
 loss, certified by its Frank-Wolfe gap). On a shared machine the CPU-time ratio is the
 steadier one: the wall time also counts the time other processes hold the cores.
+Without ``--threads`` it then times convexmix and the analytic-gradient SLSQP again at
+the default threads and at one thread each (BLAS threads through threadpoolctl), in
+interleaved rounds, and prints the ratio with both at the default, both at one thread,
+and each at its faster setting.
 
 Then, against the code they replaced (kept here as references, measured in the same run):
 
@@ -191,7 +195,7 @@ def streamed(path: str, y: np.ndarray) -> tuple[float, int]:
     return t, max(peak, anon_rss()) - base
 
 
-def interleaved(pairs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def interleaved(pairs: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
     """Best time of each function over ``repeats`` rounds that run them back to back."""
     best = dict.fromkeys(pairs, float("inf"))
     for _ in range(repeats):
@@ -214,6 +218,59 @@ def timed(f: Callable[[], np.ndarray], repeats: int) -> tuple[float, float, np.n
         best = min(best, time.perf_counter() - t0)
         cpu = min(cpu, time.process_time() - c0)
     return best, cpu, out
+
+
+def thread_settings(P: np.ndarray, y: np.ndarray, repeats: int) -> None:
+    """convexmix and SLSQP (analytic gradient) at the default threads and at one thread
+    each (torch's threads, and numpy/scipy's BLAS threads through threadpoolctl), in
+    interleaved rounds: SLSQP's small matrix-vector products get slower with a second
+    BLAS thread, convexmix's passes faster, so each method's faster setting is compared
+    too."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("  (threadpoolctl is not installed: no per-thread comparison)")
+        return
+    Pt, yt = torch.from_numpy(P), torch.from_numpy(y)
+    default = torch.get_num_threads()
+
+    def cx(threads: int) -> Callable[[], Any]:
+        def run() -> Any:
+            torch.set_num_threads(threads)
+            try:
+                return fit_weights(Pt, yt)
+            finally:
+                torch.set_num_threads(default)
+
+        return run
+
+    def sl(threads: int | None) -> Callable[[], Any]:
+        def run() -> Any:
+            with threadpool_limits(threads):
+                return slsqp_analytic(P, y)
+
+        return run
+
+    best = interleaved(
+        {
+            ("convexmix", default): cx(default),
+            ("convexmix", 1): cx(1),
+            ("SLSQP", default): sl(None),
+            ("SLSQP", 1): sl(1),
+        },
+        repeats,
+    )
+    print(f"  SLSQP (analytic gradient) / convexmix by threads (interleaved, best of {repeats}):")
+    rows = [
+        (f"both at {default} threads (the default)", default, default),
+        ("both at 1 thread", 1, 1),
+    ]
+    cx_fast = min((default, 1), key=lambda n: best[("convexmix", n)])
+    sl_fast = min((default, 1), key=lambda n: best[("SLSQP", n)])
+    rows.append((f"each at its faster (convexmix {cx_fast}, SLSQP {sl_fast})", cx_fast, sl_fast))
+    for label, a, b in rows:
+        t_cx, t_sl = best[("convexmix", a)], best[("SLSQP", b)]
+        print(f"    {label:42s} {t_cx:7.3f}s {t_sl:7.3f}s {t_sl / t_cx:5.1f}x")
 
 
 def main() -> None:
@@ -275,6 +332,8 @@ def main() -> None:
             f"  SLSQP (analytic gradient) / convexmix: {t_sl / t_ref:.1f}x in time, "
             f"{c_sl / c_ref:.1f}x in CPU time (target >= 5x)"
         )
+        if not args.threads:
+            thread_settings(P, y, args.repeats)
         obj = make_objective(P, y, "log_loss", None, True)
         assert isinstance(obj, LogLoss)
         before = interleaved(

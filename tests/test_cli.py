@@ -252,3 +252,34 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert (tmp_path / f"{name}_weights.png").stat().st_size > 5_000
     for method in ("convexmix", "SLSQP", "Caruana", "equal weights", "best single"):
         assert method in out
+
+
+def test_progress_display_shows_the_read_the_fit_and_caruana(
+    problem: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal, one display with a bar for the pass over the predictions, then the
+    fit's iterations and Caruana's picks (and the bootstrap's own read and draws)."""
+    import convexmix.cli as cli
+
+    console = cli._console
+
+    def terminal(stderr: bool = False) -> object:
+        c = console(stderr)
+        c.force_terminal = True  # type: ignore[attr-defined]
+        return c
+
+    monkeypatch.setattr(cli, "_console", terminal)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    P, y = problem
+    np.save(tmp_path / "p.npy", P)
+    np.save(tmp_path / "y.npy", y)
+    args = ["ensemble", "--predictions", str(tmp_path / "p.npy"), "--targets"]
+    code, out, err = run_cli([*args, str(tmp_path / "y.npy"), "--bootstrap", "3"], capsys)
+    assert code == 0
+    assert "Blend weights" in out
+    for bar in ("reading", "fitting", "Caruana", "bootstrap"):
+        assert bar in err, bar
+    assert err.index("reading") < err.index("fitting") < err.index("Caruana")

@@ -70,10 +70,11 @@ def _console(stderr: bool = False) -> Any:
 
 
 @contextmanager
-def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr while the block runs; ``advance(**fields)`` moves it."""
+def _progress_group(enabled: bool) -> Iterator[Callable[[str, int | None], Callable[..., None]]]:
+    """One rich progress display on stderr while the block runs, whose bars are added
+    with ``add(description, total)``; each returns its ``advance(**fields)``."""
     if not enabled:
-        yield lambda **kw: None
+        yield lambda description, total: lambda **kw: None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -81,16 +82,41 @@ def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Ca
     with Progress(
         *columns, TimeElapsedColumn(), console=_console(stderr=True), transient=True
     ) as bar:
-        task = bar.add_task(description, total=total, info="")
 
-        def advance(info: str = "", completed: int | None = None) -> None:
-            if completed is None:
-                bar.advance(task)
-            else:
-                bar.update(task, completed=completed)
-            bar.update(task, info=info)
+        def add(description: str, total: int | None) -> Callable[..., None]:
+            task = bar.add_task(description, total=total, info="")
 
-        yield advance
+            def advance(
+                info: str = "", completed: int | None = None, total: int | None = None
+            ) -> None:
+                if total is not None:
+                    bar.update(task, total=total)
+                if completed is None:
+                    bar.advance(task)
+                else:
+                    bar.update(task, completed=completed)
+                bar.update(task, info=info)
+
+            return advance
+
+        yield add
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr while the block runs; ``advance(**fields)`` moves it."""
+    with _progress_group(enabled) as add:
+        yield add(description, total)
+
+
+@contextmanager
+def _reading(add: Callable[[str, int | None], Callable[..., None]]) -> Iterator[None]:
+    """A "reading" bar for the objectives' pass over the predictions (models or rows)."""
+    from convexmix.ensemble._inputs import read_progress
+
+    advance = add("reading", None)
+    with read_progress(lambda done, total: advance(completed=done, total=total)):
+        yield
 
 
 def _regularization(text: str) -> float | str:
@@ -131,10 +157,11 @@ def run_ensemble(args: argparse.Namespace) -> int:
         "tol": args.tol,
         "max_iter": args.max_iter,
     }
-    with (
-        _progress(show, "fitting", None) as fit_bar,  # a few iterations: no fixed total
-        _progress(show, "Caruana", args.size) as sel_bar,
-    ):
+    # one display: the pass over the predictions, then the fit's iterations (a few: no
+    # fixed total), then Caruana's picks
+    with _progress_group(show) as add, _reading(add):
+        fit_bar = add("fitting", None)
+        sel_bar = add("Caruana", args.size)
         result = compare(
             predictions,
             targets,
@@ -151,7 +178,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
     if args.bootstrap:
         from convexmix.ensemble import bootstrap
 
-        with _progress(show, "bootstrap", args.bootstrap) as boot_bar:
+        with _progress_group(show) as add, _reading(add):
+            boot_bar = add("bootstrap", args.bootstrap)
             boot = bootstrap(
                 predictions,
                 targets,

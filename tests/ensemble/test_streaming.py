@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from convexmix.ensemble import fit_weights
+from convexmix.errors import ConvexMixError
 
 from .problems import mixed_problem
 
@@ -109,3 +111,55 @@ def test_fitting_a_240_mb_file_keeps_it_out_of_anonymous_memory(tmp_path: Path) 
     assert grown < size / 2, (
         f"anonymous RSS grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
     )
+
+
+@pytest.mark.parametrize("native_read", [True, False])
+def test_read_progress_reports_the_pass_over_a_file(
+    tmp_path: Path, native_read: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command line's "reading" bar: the (K, N, C) read reports each group of models
+    (one per thread), the mse pass each chunk of rows, both up to their total; the fit
+    and the errors are those of an uninterrupted read."""
+    from convexmix._kernels import native
+    from convexmix.ensemble._inputs import read_progress
+
+    if not native_read:
+        monkeypatch.setattr(native, "true_class", lambda *args: None)
+    P, y = mixed_problem(7, 3001, 4, seed=8)
+    path = tmp_path / "p.npy"
+    np.save(path, P.numpy().astype(np.float32))
+    plain = fit_weights(path, y)
+    seen: list[tuple[int, int]] = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with read_progress(lambda done, total: seen.append((done, total))):
+            fit = fit_weights(path, y)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(fit.weights, plain.weights, rtol=0, atol=0)
+    assert seen == (
+        [(2, 7), (4, 7), (6, 7), (7, 7)] if native_read else [(k, 7) for k in range(1, 8)]
+    )
+    # mse: rows, in chunks, up to N
+    seen.clear()
+    big = P.repeat(1, 40, 1)  # 120040 rows: several chunks
+    yy = y.repeat(40)
+    with read_progress(lambda done, total: seen.append((done, total))):
+        fit_weights(big, yy, loss="mse")
+    assert len(seen) > 1
+    assert seen[-1] == (120040, 120040)
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(seen))
+    # no report outside the block
+    seen.clear()
+    fit_weights(path, y)
+    assert seen == []
+    # a bad value in a later group is still found, and reported as that model
+    bad = P.clone()
+    bad[5, 17, 1] = float("nan")
+    with (
+        read_progress(lambda done, total: seen.append((done, total))),
+        pytest.raises(ConvexMixError, match="model 5 must be finite"),
+    ):
+        fit_weights(bad, y)
+    assert seen == ([(2, 7), (4, 7)] if native_read else [(k, 7) for k in range(1, 6)])

@@ -6,6 +6,9 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,33 @@ __all__ = [
     "check_finite_min",
     "class_targets",
     "make_objective",
+    "read_progress",
     "sample_weights",
     "true_class_probabilities",
 ]
 
 #: Rows of class probabilities must sum to 1 within this tolerance.
 PROB_ATOL = 1e-3
+
+#: ``progress(done, total)`` after each part of the pass that reads the predictions
+#: (:func:`read_progress`); None: one uninterrupted pass.
+_READ_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar(
+    "convexmix_read_progress", default=None
+)
+
+
+@contextmanager
+def read_progress(progress: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, the objectives' reads of the predictions call
+    ``progress(done, total)`` as they go: the (K, N, C) read of log-loss after each
+    group of models (``total`` = K; a group is a model per thread), the Gram pass of mse
+    after each chunk of rows (``total`` = N). The command line's progress bar; a read
+    from a slow disk or a large memory map is most of a fit's time."""
+    token = _READ_PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _READ_PROGRESS.reset(token)
 
 
 def _load_npy(path: str | os.PathLike[str], name: str) -> Any:
@@ -163,18 +187,37 @@ def true_class_probabilities(
     # A fresh 40 MB q costs more in page faults than the gather itself: alloc reuses
     # memory the process already has (or huge pages).
     q = alloc.empty((K, N), p.dtype)
-    bad = native.true_class(p, t, q, floor, validate, PROB_ATOL)
+    progress = _READ_PROGRESS.get()
+    if progress is None:
+        bad = native.true_class(p, t, q, floor, validate, PROB_ATOL)
+    else:  # a group of models at a time (one per thread), then a progress report
+        group = max(1, torch.get_num_threads())
+        bad = -1
+        for a in range(0, K, group):
+            b = min(a + group, K)
+            part = native.true_class(p[a:b], t, q[a:b], floor, validate, PROB_ATOL)
+            if part is None or part >= 0:
+                bad = part if part is None else a + part
+                break
+            progress(b, K)
     if bad is None:
-        return _true_class_aten(p, t, validate, q).clamp_min_(floor)
+        return _true_class_aten(p, t, validate, q, progress=progress).clamp_min_(floor)
     if bad >= 0:  # find and report the offending value
         _true_class_aten(p[bad : bad + 1], t, True, torch.empty((1, N), dtype=p.dtype), bad)
         raise AssertionError(f"model {bad} failed the native check only")  # pragma: no cover
     return q
 
 
-def _true_class_aten(p: Tensor, t: Tensor, validate: bool, q: Tensor, first: int = 0) -> Tensor:
+def _true_class_aten(
+    p: Tensor,
+    t: Tensor,
+    validate: bool,
+    q: Tensor,
+    first: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
     """The gather and the checks in torch ops, into ``q``; model k is reported as
-    ``first + k``."""
+    ``first + k``; ``progress(k + 1, K)`` after each model."""
     K, N, C = p.shape
     rows = max(256, (1 << 20) // (C * p.element_size()))
     chunks = [
@@ -205,6 +248,8 @@ def _true_class_aten(p: Tensor, t: Tensor, validate: bool, q: Tensor, first: int
             s_lo, s_hi = (float(v) for v in torch.aminmax(sums))
             if not (lo >= 0 and s_lo >= 1 - PROB_ATOL and s_hi <= 1 + PROB_ATOL):
                 _probability_error(first + k, lo, sums)
+        if progress is not None:
+            progress(k + 1, K)
     return q
 
 
@@ -282,7 +327,7 @@ def make_objective(
         if p.dim() == 3:  # Brier score on class probabilities
             t = class_targets(t, p.shape[2], N)
             y = torch.nn.functional.one_hot(t, p.shape[2]).to(p.dtype)
-            return Quadratic(p, y, s, reduce)
+            return Quadratic(p, y, s, reduce, _READ_PROGRESS.get())
         if t.dim() != 1:
             raise ShapeError(
                 f"regression targets must be (N,) with N={N}; got shape {tuple(t.shape)}."
@@ -290,5 +335,5 @@ def make_objective(
         y = t.to(p.dtype)
         if validate and not bool(torch.isfinite(y).all()):
             raise ConvexMixError("targets must be finite; got NaN or infinite values.")
-        return Quadratic(p[..., None], y[:, None], s, reduce)
+        return Quadratic(p[..., None], y[:, None], s, reduce, _READ_PROGRESS.get())
     raise ConvexMixError(f"loss must be 'log_loss', 'mse' or a callable; got {loss!r}.")

@@ -350,7 +350,15 @@ class Quadratic:
     ``p`` (K, N, D) may be memory-mapped: (M, r, c) are sums over row chunks, in float64.
     """
 
-    def __init__(self, p: Tensor, y: Tensor, s: Tensor, reduce: Reduce = local) -> None:
+    def __init__(
+        self,
+        p: Tensor,
+        y: Tensor,
+        s: Tensor,
+        reduce: Reduce = local,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``progress(done, N)`` after each chunk of rows of the pass over ``p``."""
         self.p, self.y, self.s, self.reduce = p, y, s, reduce
         K, N, D = p.shape
         self.K = K
@@ -366,6 +374,8 @@ class Quadratic:
             M.addmm_(pa, pa.T)
             r.addmv_(pa, ya)
             c += ya @ ya
+            if progress is not None:
+                progress(b, N)
         self.M, self.r, self.c = reduce(M), reduce(r), float(reduce(c))
 
     @property
