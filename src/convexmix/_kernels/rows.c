@@ -44,12 +44,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define CX_ROWS_STACK 512 /* candidates kept on the stack up to this row length */
+#define CX_ROWS_STACK 512 /* candidates kept on the stack up to this row length (>= 16) */
 #ifndef CX_ROWS_STEPS
 #define CX_ROWS_STEPS 48  /* Newton steps before the candidates are sorted */
 #endif
 #ifndef CX_ROWS_SMALL
 #define CX_ROWS_SMALL 16  /* at most this many candidates: the O(m^2) support test */
+#endif
+#if CX_ROWS_SMALL < 8
+#error "CX_ROWS_SMALL: the support test pads to 4, 8 or CX_ROWS_SMALL entries"
 #endif
 
 static int cx_rows_desc(const void *a, const void *b)
@@ -74,34 +77,49 @@ long cx_steps = 0;
 #define CX_STEP() (void)0
 #endif
 
-/* The support among m <= CX_ROWS_SMALL candidates c (a superset of it), moved to the
- * front; returns its size. Entry i is in it iff the mass at tau = c_i is below the total,
- * sum_j (c_j - c_i)_+ (sparsemax) or sum_j (c_j - c_i)_+^2 (1.5-entmax) < t: O(m^2),
- * without sort, division or square root. */
+/* f[i] = the mass at tau = c_i over c[0..m), for the W (a constant: the loop over i
+ * becomes W / 4 vector registers) entries of c, the last W - m of them padding that adds
+ * nothing. (d + |d|) / 2 = max(d, 0), exactly, and without a branch. */
+#define CX_ROWS_MASS(W)                                                                    \
+    do {                                                                                   \
+        for (int i = 0; i < (W); i++)                                                      \
+            f[i] = 0.0;                                                                    \
+        if (kind) {                                                                        \
+            for (int64_t j = 0; j < m; j++) {                                              \
+                double cj = c[j];                                                          \
+                for (int i = 0; i < (W); i++) {                                            \
+                    double d = cj - c[i];                                                  \
+                    d = 0.5 * (d + fabs(d));                                               \
+                    f[i] += d * d;                                                         \
+                }                                                                          \
+            }                                                                              \
+        } else {                                                                           \
+            for (int64_t j = 0; j < m; j++) {                                              \
+                double cj = c[j];                                                          \
+                for (int i = 0; i < (W); i++) {                                            \
+                    double d = cj - c[i];                                                  \
+                    f[i] += 0.5 * (d + fabs(d));                                           \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+
+/* The support among m <= CX_ROWS_SMALL candidates c (a superset of it; c has room for
+ * CX_ROWS_SMALL), moved to the front; returns its size. Entry i is in it iff the mass at
+ * tau = c_i is below the total, sum_j (c_j - c_i)_+ (sparsemax) or sum_j (c_j - c_i)_+^2
+ * (1.5-entmax) < t: O(m^2), without sort, division or square root. */
 static int64_t cx_rows_small(double *c, int64_t m, double t, int kind)
 {
     double f[CX_ROWS_SMALL];
-    for (int64_t i = 0; i < m; i++)
-        f[i] = 0.0;
-    /* (d + |d|) / 2 = max(d, 0), exactly, and without a branch */
-    if (kind) {
-        for (int64_t j = 0; j < m; j++) {
-            double cj = c[j];
-            for (int64_t i = 0; i < m; i++) {
-                double d = cj - c[i];
-                d = 0.5 * (d + fabs(d));
-                f[i] += d * d;
-            }
-        }
-    } else {
-        for (int64_t j = 0; j < m; j++) {
-            double cj = c[j];
-            for (int64_t i = 0; i < m; i++) {
-                double d = cj - c[i];
-                f[i] += 0.5 * (d + fabs(d));
-            }
-        }
-    }
+    int w = m <= 4 ? 4 : m <= 8 ? 8 : CX_ROWS_SMALL;
+    for (int i = (int)m; i < w; i++)
+        c[i] = -1e300; /* far below every candidate (all in (-4, 0]) */
+    if (w == 4)
+        CX_ROWS_MASS(4);
+    else if (w == 8)
+        CX_ROWS_MASS(8);
+    else
+        CX_ROWS_MASS(CX_ROWS_SMALL);
     int64_t kk = 0;
     for (int64_t i = 0; i < m; i++) {
         c[kk] = c[i];
@@ -302,18 +320,29 @@ static inline __attribute__((always_inline)) void
 CX_SUF(cx_rows_row)(const T *x, T *out, int64_t k, int64_t st, const struct cx_rows_par *p,
                     double *c)
 {
-    /* one pass: NaN, the maximum, and the candidates (entries above the running maximum
-     * less the width, a superset of those above the final one) */
-    double mx = -INFINITY, width = p->width;
+    double mx = -INFINITY;
     int nan = 0;
     int64_t m = 0;
-    for (int64_t i = 0; i < k; i++) {
-        double v = (double)x[i * st];
-        v = v > CX_TMAX ? CX_TMAX : v; /* +inf counts as the largest finite value */
-        nan |= v != v;
-        c[m] = v;
-        m += v >= mx - width; /* >=: at |max| >> width, max - width rounds to max */
-        mx = v > mx ? v : mx;
+    const int small = k <= CX_ROWS_SMALL;
+    if (small) {
+        for (int64_t i = 0; i < k; i++) {
+            double v = (double)x[i * st];
+            nan |= v != v;
+            mx = v > mx ? v : mx;
+        }
+        mx = mx > CX_TMAX ? CX_TMAX : mx; /* +inf counts as the largest finite value */
+    } else {
+        /* one pass: NaN, the maximum, and the candidates (entries above the running
+         * maximum less the width, a superset of those above the final one) */
+        const double width = p->width;
+        for (int64_t i = 0; i < k; i++) {
+            double v = (double)x[i * st];
+            v = v > CX_TMAX ? CX_TMAX : v;
+            nan |= v != v;
+            c[m] = v;
+            m += v >= mx - width; /* >=: at |max| >> width, max - width rounds to max */
+            mx = v > mx ? v : mx;
+        }
     }
     if (nan || mx == -INFINITY) {
         T fill = nan ? (T)NAN : (T)0;
@@ -321,16 +350,31 @@ CX_SUF(cx_rows_row)(const T *x, T *out, int64_t k, int64_t st, const struct cx_r
             out[i * st] = fill;
         return;
     }
-    /* scaled, relative to the maximum, and above the lower bound: in (lo, 0] */
+    /* scaled and relative to the maximum */
     const double f = p->half * p->inv, lo = p->lo;
-    int64_t kk = 0;
-    for (int64_t i = 0; i < m; i++) {
-        double y = (c[i] - mx) * f;
-        c[kk] = y;
-        kk += y > lo;
+    double tau;
+    if (small) {
+        /* the entries above the lower bound: in (lo, 0] */
+        for (int64_t i = 0; i < k; i++) {
+            double v = (double)x[i * st];
+            v = v < CX_TMAX ? v : CX_TMAX;
+            double y = (v - mx) * f;
+            c[m] = y;
+            m += y > lo;
+        }
+        m = cx_rows_small(c, m, p->t, p->kind);
+        tau = cx_rows_exact(c, m, p->t, p->kind);
+    } else {
+        /* the candidates above the lower bound: in (lo, 0] */
+        int64_t kk = 0;
+        for (int64_t i = 0; i < m; i++) {
+            double y = (c[i] - mx) * f;
+            c[kk] = y;
+            kk += y > lo;
+        }
+        m = kk;
+        tau = p->kind ? cx_rows_tau15(c, m, p->t, lo) : cx_rows_tau2(c, m, p->t);
     }
-    m = kk;
-    double tau = p->kind ? cx_rows_tau15(c, m, p->t, lo) : cx_rows_tau2(c, m, p->t);
     double off = tau * p->scale / p->half; /* in units of x - max */
     /* (selects of the form a < b ? a : b, which compile to min/max without a branch;
      * the row has no NaN) */
