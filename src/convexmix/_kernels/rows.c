@@ -15,22 +15,27 @@
  *       gradient 1[y > 0] (g - mean_{y > 0} g); kind 1, with s = sqrt(y),
  *       s g - s sum(s g) / max(sum s, tiny).
  *
- * <t> is f32 or f64; everything is computed in double and rounded once to <t>.
+ * <t> is f32 or f64; everything is computed in double and rounded once to <t> (but
+ * s = sqrt(y) of the backward, taken in <t> as the ATen code does).
  *
  * The forward follows functional/_sparse.py's sort-based code value for value: +inf is
  * the largest finite value of <t> (so +inf entries share the mass), -inf is absent (0), a
  * row with a NaN is all NaN, a row with nothing present is zeros. The threshold is taken
  * relative to the row maximum (d = x - max, exact near the maximum) in float64, in closed
  * form on the final support (sparsemax: tau = (sum_S d - t) / |S|; 1.5-entmax, with
- * y = d / 2: tau = mean_S y - sqrt((t - sum_S (y - mean)^2) / |S|)), with compensated
- * (TwoSum) sums. No sort: one pass finds the maximum, a second keeps the candidates
- * above a lower bound of tau (max - t, max - sqrt(t)) in a scratch buffer, and the
- * support is found among them by Newton's method from that lower bound (for sparsemax,
- * Michelot's algorithm), each step dropping the entries it passes; a third pass writes
- * the output. After CX_ROWS_STEPS steps without a stable support (adversarial rows) the
- * remaining candidates are sorted and scanned as the sort-based code does. The search
- * runs in units of a power of two near t (sparsemax) or sqrt(t) (1.5-entmax), exact,
- * so that no total near the float range overflows a sum.
+ * y = d / 2: tau = mean_S y - sqrt((t - sum_S (y - mean)^2) / |S|)) with compensated
+ * (TwoSum) sums, and any entry the rounded threshold passes is dropped and the closed
+ * form retaken. No sort. The support lies above a lower bound of tau at which the
+ * maximum alone reaches the total (max - t; max - sqrt(t) on y): the first pass finds
+ * the maximum and keeps, in a scratch buffer, the entries within that width of the
+ * running maximum (a superset). Among m <= CX_ROWS_SMALL candidates the support is
+ * where the mass at tau = c_i is below t (O(m^2), vectorised, no division); among more,
+ * Michelot's steps (sparsemax) or Newton's method from the lower bound (1.5-entmax)
+ * drop the entries they pass until few are left or the support is stable, O(K)
+ * expected. After CX_ROWS_STEPS steps (adversarial rows) the remaining candidates are
+ * sorted and scanned as the sort-based code does. A last pass writes the output. The
+ * search runs in units of a power of two near t (sparsemax) or sqrt(t) (1.5-entmax),
+ * exact, so that no total near the float range overflows a sum.
  */
 #ifndef CX_T
 /* No FP traps are observed: GCC may then turn the selects (clamps to 0, to the largest
