@@ -273,9 +273,10 @@ def sample_start(obj: DataObjective, lam: float, max_iter: int) -> Tensor | None
     Its Newton steps cost a fraction of those on all rows, and from its optimum, near the
     full one and usually on its support, the fit on all rows takes fewer steps than from
     equal weights (3 instead of 5 at K=50, N=100k). The sample is fixed (no random draw)
-    and its fit starts from equal weights: the same inputs give the same start, and
-    tied models stay tied. The fit on all rows decides convergence, so the answer is
-    the optimum to the same ``tol`` from any start.
+    and its fit starts from equal weights: the same inputs give the same start. The fit
+    on all rows decides convergence, so the answer is the optimum to the same ``tol``
+    from any start (where identical models make the optimum a set, any start may split
+    their weight differently among them, as before).
     """
     sub = obj.sample()
     if sub is None:
