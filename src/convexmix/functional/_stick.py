@@ -81,9 +81,17 @@ def _forward(z: Tensor, d: int, mask: Tensor | None, total: float) -> tuple[Tens
     values. Differentiable ATen code: traced calls differentiate through it."""
     u = z.to(compute_dtype(z.dtype)).movedim(d, -1)
     u = u - _offsets(u.shape[-1], u)
-    log_p = apply_mask(_log_weights(u).movedim(-1, d), mask, "the stick-breaking output")
-    # A softmax over exact log-weights renormalises them: sums are exact to rounding.
-    p = safe_softmax(log_p, d)
+    log_p = _log_weights(u).movedim(-1, d)
+    if mask is None:
+        # Renormalise the exact log-weights so that sums are exact to rounding. They are
+        # <= 0 and the largest of a slice is >= log(1/K), so exp neither overflows nor
+        # underflows a whole slice: one division, no max to subtract (torch.softmax on
+        # short rows costs several times these three kernels: (4096, 10) 325 us).
+        e = log_p.exp()
+        p = e / e.sum(d, keepdim=True)
+    else:
+        # absent entries are -inf, a slice may have none left: the safe softmax
+        p = safe_softmax(apply_mask(log_p, mask, "the stick-breaking output"), d)
     out = p * total if total != 1.0 else p
     return (out if out.dtype == z.dtype else out.to(z.dtype)), p, u
 
