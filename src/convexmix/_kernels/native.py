@@ -499,6 +499,15 @@ def _row_split(n: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
+def _row_layout(shape: torch.Size, dim: int, n: int) -> tuple[int, int, int]:
+    """(K, inner, rows) of a contiguous tensor of ``shape`` and ``n > 0`` elements with its
+    slices along ``dim``: slice r starts at ``(r // inner) * K * inner + r % inner``."""
+    if dim < 0:
+        dim += len(shape)
+    k = shape[dim]
+    return k, math.prod(shape[dim + 1 :]), n // k
+
+
 def rows_forward(x: Tensor, dim: int, total: float, kind: int) -> Tensor | None:
     """Sparsemax (``kind`` 0) or 1.5-entmax (1) of ``x`` along ``dim`` (non-negative)
     natively, summing to ``total``; None (nothing done) where the kernel does not apply."""
@@ -509,12 +518,7 @@ def rows_forward(x: Tensor, dim: int, total: float, kind: int) -> Tensor | None:
     n = x.numel()
     if n == 0:
         return out
-    shape = x.shape
-    if dim < 0:
-        dim += len(shape)
-    k = shape[dim]
-    inner = math.prod(shape[dim + 1 :])
-    rows = n // k
+    k, inner, rows = _row_layout(x.shape, dim, n)
     fn, xp, op = kernels[0], x.data_ptr(), out.data_ptr()
     if n < ROWS_PARALLEL_MIN:
         rc = fn(xp, op, k, inner, total, kind, 0, rows)
@@ -539,12 +543,7 @@ def rows_backward(y: Tensor, grad: Tensor, dim: int, kind: int) -> Tensor | None
     n = y.numel()
     if n == 0:
         return out
-    shape = y.shape
-    if dim < 0:
-        dim += len(shape)
-    k = shape[dim]
-    inner = math.prod(shape[dim + 1 :])
-    rows = n // k
+    k, inner, rows = _row_layout(y.shape, dim, n)
     fn, yp, gp, op = kernels[1], y.data_ptr(), grad.data_ptr(), out.data_ptr()
     if n < ROWS_BWD_PARALLEL_MIN:
         fn(yp, gp, op, k, inner, kind, 0, rows)

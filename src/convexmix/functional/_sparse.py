@@ -42,7 +42,7 @@ from convexmix._validation import (
     prepare,
 )
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
-from convexmix.functional._ops import register_map
+from convexmix.functional._ops import Vjp, register_map
 from convexmix.functional._softmax import softmax
 
 __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
@@ -148,15 +148,22 @@ def sparsemax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return (_support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None,)
 
 
-def sparsemax_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
-    """:func:`sparsemax_vjp` natively where the row kernel applies (not while a graph of
-    the backward is recorded: ``create_graph=True`` needs differentiable ATen ops)."""
-    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
-        (y,) = ctx.saved_tensors
-        dx = native.rows_backward(y, grad, ctx.dim, native.SPARSEMAX)
-        if dx is not None:
-            return (dx,)
-    return sparsemax_vjp(ctx, grad)
+def _native_vjp(kind: int, vjp: Vjp) -> Vjp:
+    """``vjp`` run natively where the row kernel applies (not while a graph of the
+    backward is recorded: ``create_graph=True`` needs differentiable ATen ops)."""
+
+    def eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+            (y,) = ctx.saved_tensors
+            dx = native.rows_backward(y, grad, ctx.dim, kind)
+            if dx is not None:
+                return (dx,)
+        return vjp(ctx, grad)
+
+    return eager_vjp
+
+
+sparsemax_eager_vjp = _native_vjp(native.SPARSEMAX, sparsemax_vjp)
 
 
 SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
@@ -245,14 +252,7 @@ def _entmax15_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     return (_support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None,)
 
 
-def _entmax15_eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
-    """:func:`_entmax15_vjp` natively where the row kernel applies (as for sparsemax)."""
-    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
-        (y,) = ctx.saved_tensors
-        dx = native.rows_backward(y, grad, ctx.dim, native.ENTMAX15)
-        if dx is not None:
-            return (dx,)
-    return _entmax15_vjp(ctx, grad)
+_entmax15_eager_vjp = _native_vjp(native.ENTMAX15, _entmax15_vjp)
 
 
 _ENTMAX15 = register_map("entmax15", _entmax15_fwd, _entmax15_vjp, eager_vjp=_entmax15_eager_vjp)
