@@ -142,9 +142,10 @@ _combine_op.register_autograd(_backward, setup_context=_setup)
 #: from 2^21 elements on the fused kernels win (figures in docs/benchmarks.md).
 COMPOSITE_MAX = 1 << 21
 
-#: Forces one path for every eager call (tests and benchmarks): ``"stack"`` (tiny
-#: inputs, where it applies), ``"composite"``, ``"fused"`` (the ``autograd.Function``) or
-#: ``"op"`` (the custom op that ``torch.compile`` sees); None chooses by size.
+#: Forces one path for every eager call (tests and benchmarks): ``"stack"`` (the stacked
+#: contraction, where the weights are ``(K,)`` of the inputs' dtype), ``"composite"``,
+#: ``"fused"`` (the ``autograd.Function``) or ``"op"`` (the custom op that
+#: ``torch.compile`` sees); None chooses by size.
 _force: str | None = None
 
 
@@ -181,8 +182,8 @@ def _contract(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
 def _composite(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
     """``sum_k w[k] * xs[k]`` in differentiable ATen ops: K kernels, no stack, any
     transform (torch.func, double backward) for free. ``w`` is in the accumulation dtype."""
-    x0 = xs[0]
     ws = w.unbind(0)
+    x0 = xs[0]
     out = (x0 if x0.dtype == w.dtype else x0.to(w.dtype)) * ws[0]
     for k in range(1, len(xs)):
         out = torch.addcmul(out, xs[k], ws[k])
@@ -301,12 +302,14 @@ def convex_combination(
     are usually on the simplex (the output of a map), but any weights work (a ScalarMix
     gamma is folded in this way); they are not checked, so nothing synchronises.
 
-    Small calls (inputs of fewer than 2^21 elements) run K ATen kernels
-    (``mul``, then ``addcmul``), which at these sizes cost less than a fused call;
-    larger ones the fused kernels. Under ``torch.compile`` the call is one opaque custom
-    op (no graph break); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
-    ``jacfwd``) it is composite ATen code, and double backward works everywhere but
-    inside a compiled graph.
+    With ``(K,)`` weights, tiny inputs (at most 64 elements) and K >= 3 inputs of at most
+    2^17 elements are stacked and contracted in one matrix-vector product (its weights'
+    gradient: a few ulps of ``sum |g x|`` for float32); other calls of fewer than 2^21
+    elements run K ATen kernels (``mul``, then ``addcmul``), which at these sizes cost
+    less than a fused call; larger ones the fused kernels. Under ``torch.compile`` the
+    call is one opaque custom op (no graph break); under torch.func transforms
+    (``grad``, ``vmap``, ``jacrev``, ``jacfwd``) it is composite ATen code, and double
+    backward works everywhere but inside a compiled graph.
 
     Args:
         weights: ``(K,)``, or ``(K, *S)`` with ``S`` broadcasting to an input's shape
