@@ -480,7 +480,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _rows_kernels(x: Tensor) -> tuple[Kernel, Kernel] | None:
     """The (forward, backward) row kernels for ``x``, or None where they do not apply:
     a plain contiguous CPU float32/float64 tensor, the kernels loaded and enabled."""
-    lib: Any = _state["lib"] if "lib" in _state else library()
+    lib: Any = library()
     if lib is None or not rows_enabled or x.__class__ not in _PLAIN:
         return None
     if not x.is_cpu or not x.is_contiguous():
@@ -493,7 +493,7 @@ def rows_apply(x: Tensor) -> bool:
     return _rows_kernels(x) is not None
 
 
-def _row_split(n: int, rows: int) -> list[tuple[int, int]]:
+def _row_split(rows: int) -> list[tuple[int, int]]:
     threads = torch.get_num_threads() if rows > 1 else 1
     step = -(-rows // max(min(threads, rows), 1))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
@@ -523,7 +523,7 @@ def rows_forward(x: Tensor, dim: int, total: float, kind: int) -> Tensor | None:
     if n < ROWS_PARALLEL_MIN:
         rc = fn(xp, op, k, inner, total, kind, 0, rows)
     else:
-        rc = max(_run(fn, [(xp, op, k, inner, total, kind, a, b) for a, b in _row_split(n, rows)]))
+        rc = max(_run(fn, [(xp, op, k, inner, total, kind, a, b) for a, b in _row_split(rows)]))
     if rc:
         raise MemoryError("convexmix: out of memory for the map's scratch")
     return out
@@ -535,10 +535,9 @@ def rows_backward(y: Tensor, grad: Tensor, dim: int, kind: int) -> Tensor | None
     kernels = _rows_kernels(y)
     if kernels is None or grad.dtype != y.dtype or grad.shape != y.shape:
         return None
-    if not grad.is_contiguous() or grad.__class__ not in _PLAIN or not grad.is_cpu:
-        if grad.__class__ not in _PLAIN or not grad.is_cpu:
-            return None
-        grad = grad.contiguous()  # an expanded gradient: one copy beats the ATen path
+    if grad.__class__ not in _PLAIN or not grad.is_cpu:
+        return None
+    grad = grad.contiguous()  # an expanded gradient: one copy beats the ATen path
     out = torch.empty(y.shape, dtype=y.dtype)
     n = y.numel()
     if n == 0:
@@ -548,5 +547,5 @@ def rows_backward(y: Tensor, grad: Tensor, dim: int, kind: int) -> Tensor | None
     if n < ROWS_BWD_PARALLEL_MIN:
         fn(yp, gp, op, k, inner, kind, 0, rows)
     else:
-        _run(fn, [(yp, gp, op, k, inner, kind, a, b) for a, b in _row_split(n, rows)])
+        _run(fn, [(yp, gp, op, k, inner, kind, a, b) for a, b in _row_split(rows)])
     return out

@@ -224,12 +224,8 @@ def _condat_rows(z: Tensor, total: float) -> Tensor:
     return _michelot(z, zs, shift, present, rho, total, torch.empty_like(zs))
 
 
-def _sort_fwd(x: Tensor, dim: int, total: float) -> Tensor:
-    return sparsemax_sort(x, dim, total)
-
-
 # The projections' backward is sparsemax's.
-_SORT = register_map("project_sort", _sort_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
+_SORT = register_map("project_sort", sparsemax_sort, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 _CONDAT = register_map("project_condat", _condat_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 _BISECT = register_map("project_bisect", _bisect_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 
