@@ -7,17 +7,17 @@ every step, equal to those of one process training on the full batch.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import convexmix as cx
+
+from .distributed import run_ranks
 
 STEPS = 5
 
@@ -61,18 +61,13 @@ def train(rank: int, world: int, ddp: bool) -> dict[str, torch.Tensor]:
     return {"fuse": fuse.weights.detach().clone(), "merge": merge.weights.detach().clone()}
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(train(rank, world, ddp=True), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def wrapped(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return train(rank, world, ddp=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(wrapped, tmp_path)
     single = train(0, 1, ddp=False)
     for key in ("fuse", "merge"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key

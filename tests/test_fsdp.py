@@ -9,16 +9,16 @@ of one process on the full batch, on both ranks.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import convexmix as cx
+
+from .distributed import run_ranks
 
 STEPS = 4
 
@@ -57,19 +57,14 @@ def train(rank: int, world: int, shard: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(train(rank, world, shard=True), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def sharded(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return train(rank, world, shard=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="needs FSDP2 (torch >= 2.6)")
 def test_fsdp2_two_processes_match_single_process(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(sharded, tmp_path)
     single = train(0, 1, shard=False)
     assert set(single) == {"free", "log_scale"}
     for key in single:

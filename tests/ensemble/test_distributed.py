@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import convexmix as cx
 from convexmix.ensemble import fit_weights
 
+from ..distributed import run_ranks
 from .problems import mixed_problem
 
 N = 3001  # an odd count: the ranks hold 1500 and 1501 rows
@@ -41,19 +40,15 @@ def fits(rows: slice, **kw: object) -> dict[str, torch.Tensor]:
     return out
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def sharded_fits(rank: int, world: int) -> dict[str, torch.Tensor]:
+    out = fits(shard(rank, world))
+    # an explicit group gives the same; a callable loss is a clear error
+    out["group"] = fit_weights(*_half(rank, world), process_group=dist.group.WORLD).weights
     try:
-        out = fits(shard(rank, world))
-        # an explicit group gives the same; a callable loss is a clear error
-        out["group"] = fit_weights(*_half(rank, world), process_group=dist.group.WORLD).weights
-        try:
-            fit_weights(*_half(rank, world), loss=lambda b, t: (b - t).square())
-        except cx.ConvexMixError as err:
-            out["error"] = torch.tensor(list(str(err).encode()))
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        fit_weights(*_half(rank, world), loss=lambda b, t: (b - t).square())
+    except cx.ConvexMixError as err:
+        out["error"] = torch.tensor(list(str(err).encode()))
+    return out
 
 
 def _half(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +59,7 @@ def _half(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(sharded_fits, tmp_path)
     single = fits(slice(0, N))
     for key, ref in single.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key
