@@ -171,10 +171,27 @@ def any_true(cond: Tensor) -> bool:
 
 
 def traced() -> bool:
-    """Whether this call is traced by ``torch.compile`` or runs under a torch.func
-    transform (grad, vmap, jacrev, ...): the cases that need convexmix's custom ops and
-    setup_context Functions. Plain eager calls take leaner paths."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether this call is traced by ``torch.compile``, runs under a torch.func transform
+    (grad, vmap, jacrev, ...) or under a ``TorchDispatchMode`` (``make_fx``,
+    ``FakeTensorMode``, ``FlopCounterMode``, ...): the cases that need convexmix's custom
+    ops and setup_context Functions, where every op must be seen (no native kernel that
+    reads memory behind the mode's back, no cached constant). Plain eager calls take
+    leaner paths."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
+#: The tensor classes whose memory native kernels may read: a subclass (a wrapper such as
+#: DTensor or FakeTensor has no memory of its own) runs ATen code, which it dispatches.
+PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def plain(tensors: Sequence[Tensor]) -> bool:
+    """Whether all of ``tensors`` are plain tensors (see :data:`PLAIN`)."""
+    return all(t.__class__ in PLAIN for t in tensors)
 
 
 def check_temperature(temperature: float | Tensor) -> float | Tensor:

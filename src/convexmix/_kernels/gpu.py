@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels.backend import Grads
+from convexmix._validation import plain
 
 __all__: list[str] = []
 
@@ -95,6 +96,7 @@ def _applies(weights: Tensor, tensors: list[Tensor]) -> bool:
     x = tensors[0]
     return (
         x.dtype in _ACC
+        and plain([weights, *tensors])
         and all(t.device.type == device and t.is_contiguous() for t in tensors)
         and all(t.element_size() == x.element_size() for t in tensors)
     )

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels.backend import Grads
+from convexmix._validation import PLAIN, plain
 from convexmix.errors import ConvexMixWarning
 
 __all__: list[str] = []
@@ -264,6 +265,8 @@ def _kernel(kind: str, dtype: torch.dtype, weights: Tensor, tensors: list[Tensor
     suffix = _SUFFIX.get(dtype)
     if suffix is None or weights.dim() != 1 or weights.dtype != acc_dtype(dtype):
         return None
+    if not plain([weights, *tensors]):
+        return None
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
     lib = library()
@@ -354,6 +357,8 @@ def capped(x: Tensor, lower: Tensor, upper: Tensor, total: float) -> Tensor | No
     suffix = _SUFFIX.get(x.dtype)
     if suffix not in ("f32", "f64") or x.dim() != 2 or not x.is_contiguous():
         return None
+    if not plain([x, lower, upper]):
+        return None
     lib = library()
     if lib is None:
         return None
@@ -406,6 +411,7 @@ def true_class(
         or q.dtype != p.dtype
         or t.dtype != torch.int64
         or not t.is_contiguous()
+        or not plain([p, t, q])
     ):
         return None
     lib = library()
@@ -474,14 +480,13 @@ ROWS_BWD_PARALLEL_MIN = 1 << 17
 SPARSEMAX, ENTMAX15 = 0, 1
 #: False turns the maps' native path off (tests force the ATen path with it).
 rows_enabled = True
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _rows_kernels(x: Tensor) -> tuple[Kernel, Kernel] | None:
     """The (forward, backward) row kernels for ``x``, or None where they do not apply:
     a plain contiguous CPU float32/float64 tensor, the kernels loaded and enabled."""
     lib: Any = library()
-    if lib is None or not rows_enabled or x.__class__ not in _PLAIN:
+    if lib is None or not rows_enabled or x.__class__ not in PLAIN:
         return None
     if not x.is_cpu or not x.is_contiguous():
         return None
@@ -535,7 +540,7 @@ def rows_backward(y: Tensor, grad: Tensor, dim: int, kind: int) -> Tensor | None
     kernels = _rows_kernels(y)
     if kernels is None or grad.dtype != y.dtype or grad.shape != y.shape:
         return None
-    if grad.__class__ not in _PLAIN or not grad.is_cpu:
+    if grad.__class__ not in PLAIN or not grad.is_cpu:
         return None
     grad = grad.contiguous()  # an expanded gradient: one copy beats the ATen path
     out = torch.empty(y.shape, dtype=y.dtype)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import combine
-from convexmix._validation import broadcasts_to, compute_dtype, normalize_dim
+from convexmix._validation import broadcasts_to, compute_dtype, normalize_dim, plain, traced
 from convexmix.errors import ConvexMixError, ShapeError
 
 __all__ = ["convex_combination"]
@@ -242,9 +242,12 @@ class _Fused(torch.autograd.Function):
         return (grad_w, *(next(it) if n else None for n in need_x))
 
 
-def _transformed() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+def _native_ok(tensors: Sequence[Tensor]) -> bool:
+    """Whether the fused kernels may run on ``tensors``: plain tensors (a wrapper subclass
+    such as DTensor has no memory of their own to read), outside torch.func transforms and
+    ``TorchDispatchMode``s (``make_fx`` would record a constant, ``FakeTensorMode`` has no
+    values). Elsewhere the composite ATen code runs, which all of them dispatch."""
+    return not traced() and plain(tensors)
 
 
 # ------------------------------------------------------------------------- public
@@ -349,7 +352,7 @@ def convex_combination(
         n = inputs[0].numel()
         if _stacks(n, len(inputs)):
             return _contract(weights, inputs)
-        if n < COMPOSITE_MAX or _transformed():
+        if n < COMPOSITE_MAX or not _native_ok([weights, *inputs]):
             return _composite(weights, inputs)
         return _fused(weights, list(inputs))
     stacked = isinstance(inputs, Tensor)
@@ -414,7 +417,7 @@ def convex_combination(
     if path is None:
         n = shape.numel()
         path = "stack" if _stacks(n, k) else "composite" if n < COMPOSITE_MAX else "fused"
-    if path == "fused" and _transformed():
+    if path == "fused" and not _native_ok([w, full] if stacked else [w, *xs]):
         path = "composite"
     if stacked:
         if path != "fused":
@@ -479,6 +482,9 @@ def _into(
             "out must not have overlapping elements (e.g. an expand()ed view); "
             "pass a fresh or contiguous tensor."
         )
+    if not compiling and _force != "op" and not _native_ok([w, out, *xs]):
+        with torch.no_grad():  # a subclass or a dispatch mode: ATen code it can see
+            return out.copy_(_composite(w, xs))
     if not compiling and _overlaps(out, [*xs, w]):
         # out shares memory with an input: the kernel would read what it has already
         # written. Combine into a buffer, then copy.

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import native
-from convexmix._validation import check_temperature, compute_dtype, prepare, traced
+from convexmix._validation import PLAIN, check_temperature, compute_dtype, prepare, traced
 
 __all__ = ["softmax", "softmax_inverse"]
 
@@ -67,7 +67,7 @@ def _any_nan(p: Tensor, dim: int) -> bool:
     if scan is False:
         scan = _SCANS[dtype] = native.first_nan(dtype)
     n = p.numel()
-    if scan is None or n == 0 or not p.is_contiguous():
+    if scan is None or n == 0 or p.__class__ not in PLAIN or not p.is_contiguous():
         return n > 0 and math.isnan(p.sum().item())
     shape = p.shape
     inner = 1 if dim == len(shape) - 1 else math.prod(shape[dim + 1 :])

@@ -81,7 +81,7 @@ def finish(
     rounded once to ``z.dtype``; zeros for rows with nothing present. ``z - shift`` comes
     first: it is exact near the maximum (Sterbenz), where folding ``shift + tau`` into one
     offset would lose ulp(max) ~ 2e-12 at logits of 1e4."""
-    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    out = z.new_empty(z.shape)  # of z's class too (a tensor subclass stays one)
     d = z - shift  # float64 (shift is float64)
     if square:
         d.sub_(tau).clamp_min_(0.0)
