@@ -205,3 +205,21 @@ def test_eager_maps_match_the_custom_ops() -> None:
         got, vjp = torch.func.vjp(fn, x)
         torch.testing.assert_close(got, fn(x))
         torch.testing.assert_close(vjp(g)[0], ge)
+
+
+@pytest.mark.parametrize("n", [8, 1000, 1 << 18, _combine.COMPOSITE_MAX])
+@pytest.mark.parametrize("layout", ["list", "stacked"])
+def test_autocast_keeps_the_inputs_dtype(n: int, layout: str) -> None:
+    """Under CPU autocast the stacked contraction's GEMV would run, and return, bfloat16
+    (1e-2 off) at some sizes and not others; every size now gives float32, as the seed
+    loop does (autocast leaves ``mul`` and ``add`` alone)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, n, generator=g).requires_grad_()
+    w = torch.softmax(torch.randn(3, generator=g), 0).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = convex_combination(w, list(x.unbind(0)) if layout == "list" else x)
+        gw, gx = torch.autograd.grad(out.sum(), [w, x])
+    assert out.dtype == gw.dtype == gx.dtype == torch.float32
+    ref = (w.detach().double()[:, None] * x.detach().double()).sum(0)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gw.double(), x.detach().double().sum(1), rtol=1e-5, atol=1e-3)

@@ -163,7 +163,9 @@ STACK_MID_MAX = 1 << 17
 
 
 def _stacks(n: int, k: int) -> bool:
-    """Whether K inputs of n elements each take :func:`_contract`."""
+    """Whether K inputs of n elements each take :func:`_contract` (unless autocast is on:
+    it would run the matrix-vector product, and return its result, in its lower
+    precision, where ``mul``/``addcmul`` keep the inputs' dtype, as in the seed loop)."""
     return n <= STACK_MAX or (k >= 3 and n <= STACK_MID_MAX)
 
 
@@ -193,7 +195,7 @@ def _composite(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
 def _composite_stacked(w: Tensor, x: Tensor, d: int) -> Tensor:
     """The same for one tensor with K along ``d``: a contraction (one GEMV for (K,)
     weights), no unbind."""
-    if w.dim() == 1 and x.dtype == w.dtype:
+    if w.dim() == 1 and x.dtype == w.dtype and not torch.is_autocast_enabled(x.device.type):
         return cast(Tensor, torch.tensordot(w, x.movedim(d, 0), dims=1))
     return _composite(w, x.unbind(d))
 
@@ -350,7 +352,7 @@ def convex_combination(
         and not torch.compiler.is_compiling()
     ):  # the usual call, checked in a few attribute reads: nothing to convert
         n = inputs[0].numel()
-        if _stacks(n, len(inputs)):
+        if _stacks(n, len(inputs)) and not torch.is_autocast_enabled("cpu"):
             return _contract(weights, inputs)
         if n < COMPOSITE_MAX or not _native_ok([weights, *inputs]):
             return _composite(weights, inputs)
@@ -416,7 +418,8 @@ def convex_combination(
     path = _force
     if path is None:
         n = shape.numel()
-        path = "stack" if _stacks(n, k) else "composite" if n < COMPOSITE_MAX else "fused"
+        stack = _stacks(n, k) and not torch.is_autocast_enabled(device.type)
+        path = "stack" if stack else "composite" if n < COMPOSITE_MAX else "fused"
     if path == "fused" and not _native_ok([w, full] if stacked else [w, *xs]):
         path = "composite"
     if stacked:
