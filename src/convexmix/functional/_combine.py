@@ -16,8 +16,9 @@ Four ways to run, one answer:
 * under ``torch.compile``: ``torch.library`` custom ops (opaque to
   ``torch.compile(fullgraph=True)``, no graph break) that run the same kernels.
 
-Under torch.func transforms (grad, vmap, jacrev, jacfwd) the composite code runs at
-every size.
+Under torch.func transforms (grad, vmap, jacrev, jacfwd), TorchDispatchModes (make_fx,
+FakeTensorMode, ...) and on tensor subclasses the composite code runs at every size; under
+autocast it replaces the stacked contraction (whose GEMV autocast would lower).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class _Fused(torch.autograd.Function):
 
 def _native_ok(tensors: Sequence[Tensor]) -> bool:
     """Whether the fused kernels may run on ``tensors``: plain tensors (a wrapper subclass
-    such as DTensor has no memory of their own to read), outside torch.func transforms and
+    such as DTensor has no memory of its own to read), outside torch.func transforms and
     ``TorchDispatchMode``s (``make_fx`` would record a constant, ``FakeTensorMode`` has no
     values). Elsewhere the composite ATen code runs, which all of them dispatch."""
     return not traced() and plain(tensors)
