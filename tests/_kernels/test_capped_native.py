@@ -14,6 +14,7 @@ import convexmix as cx
 from convexmix._kernels import native
 from convexmix.functional import project_simplex, sparsemax
 from tests.reference import capped_projection_ref
+from tests.spies import results_of
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no native kernels")
 
@@ -34,14 +35,7 @@ def ref_rows(x: torch.Tensor, lower: object, upper: object, total: float) -> np.
 
 
 def test_native_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = native.capped
-
-    def spy(*a: object) -> object:
-        calls.append(1)
-        return real(*a)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(native, "capped", spy)
+    calls = results_of(monkeypatch, native, "capped")
     project_simplex(torch.randn(3, 5, dtype=torch.float64), upper=0.4)
     assert calls
 

@@ -21,6 +21,7 @@ import torch
 
 from convexmix._kernels import native
 from convexmix.functional import entmax15, project_simplex, sparsemax
+from tests.spies import results_of
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no native kernels")
 
@@ -208,31 +209,16 @@ def test_every_dim_and_shape(name: str) -> None:
 
 
 def test_strided_input_keeps_the_aten_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = native._rows_kernels
-
-    def spy(x: torch.Tensor) -> object:
-        result = real(x)
-        calls.append(result is not None)
-        return result
-
-    monkeypatch.setattr(native, "_rows_kernels", spy)
+    kernels = results_of(monkeypatch, native, "_rows_kernels")
     x = torch.randn(6, 5, dtype=torch.float64)
     out = sparsemax(x.T, 0)
-    assert calls == [False]
+    assert [k is not None for k in kernels] == [False]
     torch.testing.assert_close(out, sparsemax(x.T.contiguous(), 0), rtol=0, atol=1e-15)
-    assert calls[-1] is True
+    assert kernels[-1] is not None
 
 
 def test_project_simplex_auto_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = native.rows_forward
-
-    def spy(*a: object) -> object:
-        calls.append(1)
-        return real(*a)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(native, "rows_forward", spy)
+    calls = results_of(monkeypatch, native, "rows_forward")
     x = torch.randn(50, 700, dtype=torch.float64)
     out = project_simplex(x)
     assert calls
