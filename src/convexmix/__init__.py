@@ -13,6 +13,7 @@ from convexmix.errors import (
     ConvexMixTypeError,
     ConvexMixWarning,
     InvalidProbabilitiesError,
+    MissingExtraError,
     ShapeError,
     UnknownMapError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
     "LazyWeightedSum",
+    "MissingExtraError",
     "ScalarMix",
     "ShapeError",
     "Simplex",

@@ -19,6 +19,7 @@ __all__ = [
     "ConvexMixTypeError",
     "ConvexMixWarning",
     "InvalidProbabilitiesError",
+    "MissingExtraError",
     "ShapeError",
     "UnknownMapError",
 ]
@@ -44,6 +45,18 @@ class UnknownMapError(ConvexMixError):
 
 class InvalidProbabilitiesError(ConvexMixError):
     """Values that should be probabilities are not: negative, or the wrong sum."""
+
+
+class MissingExtraError(ConvexMixError, ImportError):
+    """An optional package is not installed: the message names the
+    ``pip install "convexmix[extra]"`` that brings it. Both ``except ImportError`` and
+    ``except ConvexMixError`` catch it."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        ConvexMixError.__init__(self, message)
+        self.msg = message
+        self.name = name
+        self.path = None
 
 
 class ConvexMixWarning(UserWarning):
