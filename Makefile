@@ -1,8 +1,12 @@
-# Every target creates .venv when missing and installs the pinned CPU torch first,
-# so that pip never resolves torch to a multi-GB CUDA build.
+# Every target creates .venv when missing and installs the pinned torch first, from
+# torch's CPU wheel index: on PyPI, torch for Linux is the CUDA build, which pulls about
+# 4 GB of nvidia-* packages. The index is added only when it answers (a 5 s probe), so
+# where only the default index is reachable pip takes what that offers (such as a local
+# CPU wheel). Override either: make test TORCH_SPEC=torch==2.5.1 TORCH_INDEX=
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
@@ -13,7 +17,12 @@ $(BIN)/activate:
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.torch: $(BIN)/activate
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	@index=""; \
+	if [ -n "$(TORCH_INDEX)" ] && $(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+		"$(TORCH_INDEX)/torch/" >/dev/null 2>&1; then index="--extra-index-url $(TORCH_INDEX)"; \
+	else echo "torch's CPU index is not reachable: installing $(TORCH_SPEC) from the default index"; fi; \
+	echo "$(PY) -m pip install --quiet \"$(TORCH_SPEC)\" $$index"; \
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $$index
 	touch $@
 
 $(VENV)/.installed-%: $(VENV)/.torch pyproject.toml setup.py $(wildcard src/convexmix/_kernels/*.c)
