@@ -50,6 +50,7 @@ lint: $(VENV)/.installed-all
 # The docs site (mkdocs-material + mkdocstrings), into site/; any warning fails the build.
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+	$(PY) docs/_ext/check_site.py site
 
 format: $(VENV)/.installed-all
 	$(BIN)/ruff check --fix src tests examples benchmarks setup.py

@@ -4,6 +4,8 @@ well as Markdown.
 - Doctest examples (``>>>`` lines and their output, up to a blank line), which Markdown
   would render as nested block quotes, become ``pycon`` code blocks; inside a Google
   ``Examples:`` section griffe already does that, so they are left alone there.
+- Sphinx math (``:math:`\\sum_k w_k```) becomes arithmatex's inline ``\\(...\\)``, which
+  MathJax typesets on the site.
 - Sphinx roles (``:func:`fit_weights```, ``:class:`~convexmix.WeightedSum```), which
   Markdown would print as they are, become optional autorefs links: resolved in the
   docstring's scope (as Python would resolve the name there), a link where the target is
@@ -19,6 +21,8 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|exc|obj):`(?P<target>[^`]+)`")
+#: Sphinx's inline math; the site renders ``\(...\)`` with pymdownx.arithmatex + MathJax.
+_MATH = re.compile(r":math:`(?P<tex>[^`]+)`")
 
 
 _EXAMPLES_SECTION = re.compile(r"^(\s*)Examples:\s*$")
@@ -31,6 +35,7 @@ class DoctestAndRoles(griffe.Extension):
         if obj.docstring is None:
             return
         text = _fence_doctests(obj.docstring.value)
+        text = _MATH.sub(lambda m: f"\\({m['tex']}\\)", text)
         obj.docstring.value = _ROLE.sub(lambda m: _link(obj, m["target"]), text)
 
 
