@@ -13,7 +13,9 @@ from pathlib import Path
 
 #: A role name between colons right before its target (Markdown turned the backticks into a
 #: <code> tag, which the text no longer shows).
-_RAW_ROLE = re.compile(r":(?:py:)?(?:math|func|class|meth|attr|mod|data|exc|obj|ref|doc):(?=[`\w\\{~])")
+_RAW_ROLE = re.compile(
+    r":(?:py:)?(?:math|func|class|meth|attr|mod|data|exc|obj|ref|doc):(?=[`\w\\{~])"
+)
 _TAG = re.compile(r"<[^>]+>")
 _SKIP = re.compile(r"<(script|style|pre)\b.*?</\1>", re.S)  # code listings show source as it is
 
