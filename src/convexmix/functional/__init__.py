@@ -13,6 +13,7 @@ tensor([[1.0000, 0.0000, 0.0000],
 
 from convexmix.functional._bounded import project_l1_ball, project_sparse_simplex
 from convexmix.functional._combine import convex_combination
+from convexmix.functional._gumbel import gumbel_softmax, sample_topk
 from convexmix.functional._project import project_simplex
 from convexmix.functional._softmax import SOFTMAX_ZERO_EPS, softmax
 from convexmix.functional._sparse import entmax, entmax15, sparsemax
@@ -23,9 +24,11 @@ __all__ = [
     "convex_combination",
     "entmax",
     "entmax15",
+    "gumbel_softmax",
     "project_l1_ball",
     "project_simplex",
     "project_sparse_simplex",
+    "sample_topk",
     "softmax",
     "sparsemax",
     "stick_breaking",

@@ -1,0 +1,266 @@
+r"""Sampling maps: Gumbel-softmax and Gumbel top-k, hard or relaxed (private module).
+
+A sample perturbs the logits with Gumbel noise, :math:`z = x + g`,
+:math:`g = -\log(-\log U)`, and keeps the largest entry (or the k largest): an exact draw
+from :math:`\mathrm{softmax}(x)` (Gumbel-max), or without replacement from the
+Plackett-Luce model (Gumbel top-k). The relaxed forms replace the argmax by
+:math:`\mathrm{softmax}(z/\tau)` (Jang et al. 2017; Maddison et al. 2017) and the top-k by
+k successive softmaxes, each over what the previous ones left (Xie & Ermon 2019).
+
+Noise: U is drawn in float32 (float64 for float64 logits) and clamped to the open
+interval between the dtype's smallest normal and its largest value below 1, so g is
+finite (between about -4.5 and 16.6 in float32). Logits are computed in float32 at least,
+and the relaxation runs on :math:`(z - \max z)/\tau`, which cannot overflow for any
+``tau > 0``: a ``tau`` below the dtype's range gives the hard sample, and ``tau = 0``
+is the hard sample by definition.
+
+Special values follow the maps' contract: masked and ``-inf`` entries are never chosen;
+``+inf`` entries are chosen first (in a random order among themselves); a slice with
+nothing present gives zeros; a NaN logit fills its slice with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from convexmix._validation import is_number, prepare, traced
+from convexmix.errors import ConvexMixError, ConvexMixTypeError
+from convexmix.functional._softmax import _any_nan, safe_softmax
+
+__all__ = ["gumbel_softmax", "sample_topk"]
+
+#: Scaled key of a ``+inf`` logit above the largest finite one (0 after the shift):
+#: exp(-1000) is 0 in every dtype, so the finite entries get no mass while a +inf entry
+#: is left to take.
+_INF_KEY = 1000.0
+
+
+def _check_tau(tau: object) -> float:
+    if not is_number(tau):
+        raise ConvexMixTypeError(f"tau must be a number >= 0; got {type(tau).__name__}.")
+    value = float(tau)
+    if not value >= 0.0:  # NaN too
+        raise ConvexMixError(f"tau must be >= 0 (0 = hard samples); got {tau}.")
+    return value
+
+
+def _gumbel(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Gumbel(0, 1) noise, finite: U from the open interval (tiny, 1 - eps/2)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if generator is not None and generator.device.type != like.device.type:
+        raise ConvexMixError(
+            f"generator is on {generator.device.type}, the logits on {like.device.type}: "
+            "pass a torch.Generator of the logits' device."
+        )
+    u = torch.rand(shape, dtype=dtype, device=like.device, generator=generator)
+    # rand gives [0, 1 - eps/2]: 0 would give g = -inf, so raise it to the smallest normal.
+    u = u.clamp_min(torch.finfo(dtype).tiny)
+    return u.log_().neg_().log_().neg_()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The hard sample forward, the relaxed sample's gradient backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hard: Tensor, soft: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+def _keys(z: Tensor, g: Tensor, d: int, tau: float) -> Tensor:
+    """The relaxation's scaled keys: ``(z - max z) / tau`` on the present finite entries
+    (<= 0: no overflow for any tau > 0), ``_INF_KEY`` and below on the ``+inf`` ones (in
+    their noise's order), -inf on the absent ones, NaN where ``z`` is NaN."""
+    finite = torch.isfinite(z)
+    m = torch.where(finite, z, -math.inf).amax(d, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    s = torch.where(finite, z - m, z) / tau  # +inf / tau stays +inf, -inf stays -inf
+    posinf = z == math.inf
+    g_inf = torch.where(posinf, g, -math.inf)
+    g_max = g_inf.amax(d, keepdim=True)
+    inf_key = _INF_KEY + (g_inf - torch.where(torch.isfinite(g_max), g_max, 0.0)) / tau
+    return torch.where(posinf, inf_key, s)
+
+
+def _hard_topk(z: Tensor, g: Tensor, d: int, k: int) -> Tensor:
+    """k-hot of the k largest present entries of ``z`` (+inf first, in the noise's order);
+    a slice with fewer than k present entries keeps all of them; NaN slices are NaN."""
+    posinf = z == math.inf
+    present = ~torch.isnan(z) & (z != -math.inf)
+    # +inf entries rank by their noise above every finite key.
+    key = torch.where(posinf, 0.0, torch.where(present, z, -math.inf))
+    n_inf = posinf.sum(d, keepdim=True)
+    by_noise = torch.where(posinf, g, -math.inf)
+    idx = torch.where(n_inf >= k, by_noise, torch.where(posinf, math.inf, key)).topk(k, d).indices
+    out = torch.zeros_like(z).scatter(d, idx, 1.0)
+    out = out * present  # fewer than k present: the picks beyond them are dropped
+    has_nan = torch.isnan(z).any(d, keepdim=True)
+    return torch.where(has_nan, math.nan, out)
+
+
+def _finish(
+    hard: Tensor | None, soft: Tensor | None, want_hard: bool, dtype: torch.dtype
+) -> Tensor:
+    if soft is None:  # tau = 0: the hard sample, with zero gradients
+        assert hard is not None
+        return hard.to(dtype)
+    if not want_hard:
+        return soft.to(dtype)
+    assert hard is not None
+    return _StraightThrough.apply(hard, soft).to(dtype)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def gumbel_softmax(
+    logits: Tensor,
+    tau: float = 1.0,
+    *,
+    hard: bool = False,
+    dim: int = -1,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""A Gumbel-softmax (Concrete) sample: :math:`\mathrm{softmax}((x + g) / \tau)`.
+
+    ``hard=True`` gives the straight-through estimator: the one-hot of
+    :math:`\arg\max (x + g)`, an exact draw from ``softmax(x)``, forward, and the relaxed
+    sample's gradient backward. ``tau = 0`` gives the one-hot sample (zero gradients).
+
+    Unlike ``torch.nn.functional.gumbel_softmax``, it never returns NaN or inf for finite
+    or infinite logits, in any dtype or ``tau``; it takes a ``mask`` and a ``generator``.
+    Masked and ``-inf`` entries are never chosen; ``+inf`` entries are chosen first; a
+    slice with nothing present is zeros; a NaN logit fills its slice with NaN.
+
+    Args:
+        logits: unnormalised log-probabilities, any shape ``(..., K, ...)``, any floating
+            dtype (float16/bfloat16 computed in float32).
+        tau: the temperature, ``>= 0``; smaller is closer to one-hot.
+        hard: the one-hot sample forward, the relaxed gradient backward.
+        dim: the dimension of the K categories.
+        mask: bool, True = present, broadcastable to ``logits``.
+        generator: the ``torch.Generator`` to draw the noise from (reproducible samples).
+
+    Returns:
+        Tensor of the shape and dtype of ``logits``, each slice on the simplex (one-hot
+        with ``hard`` or ``tau = 0``).
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = cx.functional.gumbel_softmax(torch.tensor([1.0, 2.0, float("-inf")]), generator=g)
+        >>> bool(abs(y.sum() - 1) < 1e-6), y[2].item()
+        (True, 0.0)
+        >>> cx.functional.gumbel_softmax(torch.tensor([0.0, 50.0]), tau=0)
+        tensor([0., 1.])
+    """
+    tau = _check_tau(tau)
+    z, d, _ = prepare(logits, dim, mask, 1.0)
+    if z.shape[d] == 0 or z.numel() == 0:
+        return torch.zeros_like(logits)
+    g = _gumbel(z.shape, z, generator)
+    z = z + g.to(z.dtype)  # -inf (absent) stays -inf, NaN stays NaN
+    if tau == 0.0:
+        return _finish(_hard_topk(z.detach(), g, d, 1), None, True, logits.dtype)
+    if not traced() and z.is_cpu:
+        # The everyday call: finite logits and tau in range are torch.softmax(z / tau),
+        # and the hard sample its argmax; a NaN anywhere in its output (a NaN, an
+        # infinity, an all-absent slice, an overflow of z / tau) sends the call to the
+        # careful form below.
+        y = torch.softmax(z if tau == 1.0 else z / tau, d)
+        if not _any_nan(y, d):
+            if not hard:
+                return y.to(logits.dtype)
+            pick = torch.zeros_like(y).scatter_(d, z.detach().argmax(d, keepdim=True), 1.0)
+            return _finish(pick, y, True, logits.dtype)
+    soft = safe_softmax(_keys(z, g, d, tau), d)
+    out_hard = _hard_topk(z.detach(), g, d, 1) if hard else None
+    return _finish(out_hard, soft, hard, logits.dtype)
+
+
+def sample_topk(
+    logits: Tensor,
+    k: int,
+    tau: float = 1.0,
+    *,
+    hard: bool = False,
+    dim: int = -1,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""A Gumbel top-k subset sample: k of the K entries, without replacement.
+
+    The hard sample (``hard=True`` forward, or ``tau = 0``) is the k-hot of the k largest
+    :math:`x + g`: an exact draw of a k-subset from the Plackett-Luce model of
+    ``softmax(x)``. The relaxed sample (Xie & Ermon 2019) sums k successive softmaxes,
+    :math:`a_j = \mathrm{softmax}(s_j)`, :math:`s_{j+1} = s_j + \log(1 - a_j)`, from
+    :math:`s_1 = (x + g)/\tau`: entries ``>= 0`` summing to ``k`` (as in the paper, an
+    entry can exceed 1 at a high ``tau``), which tend to the k-hot sample as
+    ``tau -> 0``. ``hard=True`` is the straight-through estimator (k-hot forward, the
+    relaxed gradient backward).
+
+    Special values as in :func:`gumbel_softmax`; a slice with fewer than ``k`` present
+    entries selects all of them (its sum is their count). A slice whose keys
+    :math:`(x + g - \max)/\tau` overflow the dtype's range (``tau`` below the range of
+    its logits) gets the hard sample, the relaxation's limit.
+
+    Args:
+        logits: unnormalised log-probabilities ``(..., K, ...)``.
+        k: the subset size, ``0 <= k <= K``.
+        tau: the temperature, ``>= 0``.
+        hard: the k-hot sample forward, the relaxed gradient backward.
+        dim: the dimension of the K entries.
+        mask: bool, True = present, broadcastable to ``logits``.
+        generator: the ``torch.Generator`` to draw the noise from.
+
+    Returns:
+        Tensor of the shape and dtype of ``logits``.
+
+    Example:
+        >>> import torch, convexmix as cx
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = cx.functional.sample_topk(torch.zeros(5), 2, hard=True, generator=g)
+        >>> y.sum().item(), sorted(set(y.tolist()))
+        (2.0, [0.0, 1.0])
+    """
+    tau = _check_tau(tau)
+    z, d, _ = prepare(logits, dim, mask, 1.0)
+    size = z.shape[d]
+    if k.__class__ is not int or isinstance(k, bool):
+        raise ConvexMixTypeError(f"k must be an int; got {type(k).__name__}.")
+    if not 0 <= k <= size:
+        raise ConvexMixError(f"k must be between 0 and K = {size} (the size of dim {d}); got {k}.")
+    if k == 0 or z.numel() == 0:
+        return torch.zeros_like(logits)
+    g = _gumbel(z.shape, z, generator)
+    z = z + g.to(z.dtype)
+    if tau == 0.0:
+        return _finish(_hard_topk(z.detach(), g, d, k), None, True, logits.dtype)
+    s = _keys(z, g, d, tau)
+    soft = torch.zeros_like(s)
+    for step in range(k):
+        a = safe_softmax(s, d)
+        soft = soft + a
+        if step + 1 < k:
+            # log(1 - a), and -inf where a rounds to 1 (the entry is taken): its gradient
+            # stays finite, taken from the clamped branch.
+            taken = a >= 1.0
+            below_one = a.clamp(max=1.0 - torch.finfo(a.dtype).eps)
+            s = torch.where(taken, -math.inf, s + torch.log1p(-below_one))
+    sample = _hard_topk(z.detach(), g, d, k)
+    # A slice whose scaled keys overflow (a present finite entry at -inf: tau below the
+    # range of its logits' spread) loses the order of the entries after the first pick:
+    # it takes its limit, the hard sample.
+    overflow = ((s == -math.inf) & torch.isfinite(z)).any(d, keepdim=True)
+    soft = torch.where(overflow, sample, soft)
+    return _finish(sample if hard else None, soft, hard, logits.dtype)
