@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from convexmix._validation import check_int
 from convexmix.errors import ShapeError
-from convexmix.nn._init import Init, initial_weights, right_inverse_quiet
+from convexmix.nn._init import Init, initial_free, initial_weights
 from convexmix.parametrize import Simplex, check_capacity
 
 __all__ = ["SimplexWeights"]
@@ -68,7 +68,7 @@ class SimplexWeights(nn.Module):
         if p is None:  # every map sends zeros to exactly uniform weights
             free = torch.zeros(self.simplex.free_shape((n,)))
         else:
-            free = right_inverse_quiet(self.simplex, p)
+            free = initial_free(self.simplex, p)
         self.free = nn.Parameter(free)
 
     @property

@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from convexmix._validation import check_int
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional import convex_combination
-from convexmix.nn._init import Init, initial_weights, right_inverse_quiet
+from convexmix.nn._init import Init, initial_free, initial_weights
 from convexmix.nn._inputs import Inputs, count_inputs
 from convexmix.parametrize import Simplex, check_capacity
 
@@ -148,7 +148,7 @@ class WeightedSum(nn.Module):
         check_capacity(n, 1.0, self.simplex.upper)
         if p is None:  # exact uniform: every map sends zeros there
             return torch.zeros(self.simplex.free_shape(shape))
-        return right_inverse_quiet(self.simplex, p).contiguous()
+        return initial_free(self.simplex, p).contiguous()
 
     @property
     def map(self) -> str:
@@ -186,19 +186,30 @@ class WeightedSum(nn.Module):
         return list(inputs.unbind(0) if isinstance(inputs, Tensor) else inputs), None
 
     def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
-        """Fuse the inputs: ``(B, ..., [C])`` each, the output has the same shape."""
+        """Fuse the inputs: ``(B, ..., [C])`` each, the output has the same shape.
+
+        One route whatever the call: the weights come from the layer's
+        :class:`~convexmix.parametrize.Simplex` (map, temperature, ``upper``, and the
+        mask when there is one), the mix from :func:`~convexmix.functional.convex_combination`.
+        The everyday call (a list or tuple of the n inputs, no mask, no channels) skips
+        only the checks that convex_combination makes itself.
+        """
         if (
             mask is None
             and self.channels is None
             and inputs.__class__ in (list, tuple)
             and len(inputs) == self.n
         ):
-            # The everyday call, with nothing to renormalise: the map, then the fused sum,
-            # which checks the inputs (a few microseconds in all).
-            s = self.simplex
-            free = self.free if s.temperature == 1.0 else self.free / s.temperature
-            out = convex_combination(s.spec.forward(free, 0, total=s.total), inputs)
-            return out if self.bias is None else out + self.bias
+            params = self._parameters  # a dict read: nn.Module.__getattr__ costs more
+            free: Tensor = params["free"]  # type: ignore[assignment]
+            out = convex_combination(self.simplex.forward(free), inputs)
+            bias = params["bias"]
+            return out if bias is None else out + bias
+        return self._forward_checked(inputs, mask)
+
+    def _forward_checked(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` with every check and every form of input (dicts, stacked
+        tensors, masks, channels); the everyday call's result, to rounding."""
         xs, given, mask, key_mask = self._check_inputs(inputs, mask)
         weights = self._weights_for(mask, given[0])
         if key_mask is not None:  # combine only the inputs that were given
@@ -350,11 +361,11 @@ class LazyWeightedSum(LazyModuleMixin, WeightedSum):
                     f"expected (n,) for channels=None or (n, C) for channels=C "
                     f"(this module: channels={self.channels})."
                 )
-            n = int(free.shape[0]) + self.simplex.spec.drop
+            n = self.simplex.weights_shape(free.shape)[0]
             if self.sources is not None and len(self.sources) != n:
                 raise ShapeError(
                     f"the loaded weights are for {n} inputs; sources names {len(self.sources)}."
                 )
         super()._load_from_state_dict(state_dict, prefix, *args)
         if self.n == 0 and not self.has_uninitialized_params():
-            self.n = int(self.free.shape[0]) + self.simplex.spec.drop
+            self.n = self.simplex.weights_shape(self.free.shape)[0]
