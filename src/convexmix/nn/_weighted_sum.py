@@ -43,6 +43,12 @@ def _check_init(init: Init, n: int, channels: int | None) -> Init:
     return init
 
 
+def _add_bias(out: Tensor, bias: Tensor) -> Tensor:
+    """``out + bias`` in the inputs' dtype (a ``(C,)`` float32 bias would promote bfloat16
+    inputs' mix to float32 where a scalar one does not)."""
+    return out + (bias if bias.dtype == out.dtype else bias.to(out.dtype))
+
+
 class WeightedSumOptions(TypedDict, total=False):
     """The keyword arguments of :class:`WeightedSum` (what :class:`LazyWeightedSum` takes)."""
 
@@ -204,7 +210,7 @@ class WeightedSum(nn.Module):
             free: Tensor = params["free"]  # type: ignore[assignment]
             out = convex_combination(self.simplex.forward(free), inputs)
             bias = params["bias"]
-            return out if bias is None else out + bias
+            return out if bias is None else _add_bias(out, bias)
         return self._forward_checked(inputs, mask)
 
     def _forward_checked(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
@@ -216,9 +222,7 @@ class WeightedSum(nn.Module):
             idx = [i for i, x in enumerate(xs) if x is not None]
             weights = weights[idx]
         out = convex_combination(weights, given)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        return out if self.bias is None else _add_bias(out, self.bias)
 
     def _check_inputs(
         self, inputs: Inputs, mask: Tensor | None
