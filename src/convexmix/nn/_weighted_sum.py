@@ -183,13 +183,19 @@ class WeightedSum(nn.Module):
             xs: list[Tensor | None] = [inputs.get(name) for name in self.sources]
             present = torch.tensor([x is not None for x in xs])
             return xs, None if bool(present.all()) else present
-        if count_inputs(inputs) != self.n:
+        if isinstance(inputs, (list, tuple)) or (isinstance(inputs, Tensor) and inputs.dim()):
+            given: list[Tensor | None] = list(
+                inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
+            )
+        else:  # count_inputs raises the error that says what inputs may be
+            given = [None] * count_inputs(inputs)
+        if len(given) != self.n:
             raise ShapeError(
-                f"{type(self).__name__} expects {self.n} inputs; got {count_inputs(inputs)}. "
+                f"{type(self).__name__} expects {self.n} inputs; got {len(given)}. "
                 "For inputs that vary from call to call, name them all with sources=[...] and "
                 "pass a dict (absent keys are missing), or pass mask=... (False = missing)."
             )
-        return list(inputs.unbind(0) if isinstance(inputs, Tensor) else inputs), None
+        return given, None
 
     def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
         """Fuse the inputs: ``(B, ..., [C])`` each, the output has the same shape.
