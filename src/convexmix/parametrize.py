@@ -21,6 +21,7 @@ centre instead.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -41,7 +42,7 @@ from convexmix._validation import (
 )
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import project_simplex, sparsemax
-from convexmix.functional._registry import get_map
+from convexmix.functional._registry import MAPS, MapSpec, get_map
 
 __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 
@@ -70,19 +71,22 @@ def to_simplex(
     return sparsemax(p, d, total=total).to(value.dtype)
 
 
-#: The maps that take ``upper=``.
-CAPPED_MAPS = ("softmax", "sparsemax")
+def takes_upper(spec: MapSpec) -> bool:
+    """Whether a registered map takes ``upper=`` (read from its signature: the registry
+    stays the one place that knows the maps)."""
+    return "upper" in inspect.signature(spec.forward).parameters
 
 
-def check_upper(upper: float | None, map: str) -> float | None:
+def check_upper(upper: float | None, spec: MapSpec) -> float | None:
     """A cap on every weight: None or a finite float > 0, for the maps that support it."""
     if upper is None:
         return None
     value = check_positive(upper, "upper", optional=True)
-    if map not in CAPPED_MAPS:
+    if not takes_upper(spec):
+        capped = " or ".join(f"map={name!r}" for name, other in MAPS.items() if takes_upper(other))
         raise ConvexMixError(
-            f"upper= needs map='softmax' (constrained softmax) or map='sparsemax' "
-            f"(capped projection); got map={map!r}."
+            f"upper= needs {capped} (a map that takes a cap: the constrained softmax, the "
+            f"capped projection); got map={spec.name!r}."
         )
     return value
 
@@ -170,7 +174,7 @@ class Simplex(nn.Module):
         if isinstance(t, Tensor):
             raise ConvexMixError("Simplex takes a float temperature; got a tensor.")
         self.temperature = t
-        self.upper = check_upper(upper, self.spec.name)
+        self.upper = check_upper(upper, self.spec)
 
     @property
     def map(self) -> str:
