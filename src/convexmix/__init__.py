@@ -17,6 +17,7 @@ from convexmix.errors import (
     ShapeError,
     UnknownMapError,
 )
+from convexmix.functional import convex_combination
 from convexmix.nn import LazyWeightedSum, ScalarMix, SimplexWeights, WeightedSum
 from convexmix.parametrize import Simplex, remove_simplex_, simplex_
 from convexmix.record import WeightRecorder
@@ -40,6 +41,7 @@ __all__ = [
     "WeightedSum",
     "__version__",
     "cache_info",
+    "convex_combination",
     "empty_cache",
     "ensemble",
     "functional",

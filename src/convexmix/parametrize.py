@@ -21,6 +21,7 @@ centre instead.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -41,7 +42,7 @@ from convexmix._validation import (
 )
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import project_simplex, sparsemax
-from convexmix.functional._registry import get_map
+from convexmix.functional._registry import MAPS, MapSpec, get_map
 
 __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 
@@ -49,36 +50,43 @@ __all__ = ["Simplex", "remove_simplex_", "simplex_"]
 FREE_SUFFIX = "_free"
 
 
-def to_simplex(value: Tensor, dim: int, total: float, *, what: str = "value") -> Tensor:
-    """``value`` if it lies on the simplex (to rounding), else its projection, with a warning."""
+def to_simplex(
+    value: Tensor, dim: int, total: float, *, what: str = "value", warn: bool = True
+) -> Tensor:
+    """``value`` if it lies on the simplex (to rounding), else its projection (with a
+    warning unless ``warn`` is False)."""
     d = normalize_dim(value, dim, what)
     p = value.detach().to(compute_dtype(value.dtype))
     if not bool(p.isfinite().all()):
         raise ConvexMixError(f"{what} must be finite to start on the simplex; it has NaN or inf.")
     if is_on_simplex(value, d, total):
         return p.clamp_min(0).to(value.dtype)
-    warnings.warn(
-        f"{what} of shape {tuple(value.shape)} is not on the simplex along dim={dim} "
-        f"(entries >= 0 summing to {total}); starting from its Euclidean projection.",
-        ConvexMixWarning,
-        stacklevel=3,
-    )
+    if warn:
+        warnings.warn(
+            f"{what} of shape {tuple(value.shape)} is not on the simplex along dim={dim} "
+            f"(entries >= 0 summing to {total}); starting from its Euclidean projection.",
+            ConvexMixWarning,
+            stacklevel=3,
+        )
     return sparsemax(p, d, total=total).to(value.dtype)
 
 
-#: The maps that take ``upper=``.
-CAPPED_MAPS = ("softmax", "sparsemax")
+def takes_upper(spec: MapSpec) -> bool:
+    """Whether a registered map takes ``upper=`` (read from its signature: the registry
+    stays the one place that knows the maps)."""
+    return "upper" in inspect.signature(spec.forward).parameters
 
 
-def check_upper(upper: float | None, map: str) -> float | None:
+def check_upper(upper: float | None, spec: MapSpec) -> float | None:
     """A cap on every weight: None or a finite float > 0, for the maps that support it."""
     if upper is None:
         return None
     value = check_positive(upper, "upper", optional=True)
-    if map not in CAPPED_MAPS:
+    if not takes_upper(spec):
+        capped = " or ".join(f"map={name!r}" for name, other in MAPS.items() if takes_upper(other))
         raise ConvexMixError(
-            f"upper= needs map='softmax' (constrained softmax) or map='sparsemax' "
-            f"(capped projection); got map={map!r}."
+            f"upper= needs {capped} (a map that takes a cap: the constrained softmax, the "
+            f"capped projection); got map={spec.name!r}."
         )
     return value
 
@@ -92,19 +100,20 @@ def check_capacity(k: int, total: float, upper: float | None) -> None:
         )
 
 
-def to_capped(p: Tensor, dim: int, total: float, upper: float) -> Tensor:
+def to_capped(p: Tensor, dim: int, total: float, upper: float, *, warn: bool = True) -> Tensor:
     """``p`` (on the simplex) if every entry is <= ``upper``, else its projection onto the
-    capped simplex, with a warning."""
+    capped simplex (with a warning unless ``warn`` is False)."""
     check_capacity(p.shape[dim], total, upper)
     tol = simplex_tolerance(p.dtype, p.shape[dim], total)
     if bool((p <= upper + tol).all()):
         return p.clamp_max(upper)
-    warnings.warn(
-        f"value has entries above upper={upper}; starting from its projection onto the "
-        "capped simplex.",
-        ConvexMixWarning,
-        stacklevel=3,
-    )
+    if warn:
+        warnings.warn(
+            f"value has entries above upper={upper}; starting from its projection onto the "
+            "capped simplex.",
+            ConvexMixWarning,
+            stacklevel=3,
+        )
     return project_simplex(p, dim, total=total, upper=upper)
 
 
@@ -165,7 +174,7 @@ class Simplex(nn.Module):
         if isinstance(t, Tensor):
             raise ConvexMixError("Simplex takes a float temperature; got a tensor.")
         self.temperature = t
-        self.upper = check_upper(upper, self.spec.name)
+        self.upper = check_upper(upper, self.spec)
 
     @property
     def map(self) -> str:
@@ -175,24 +184,40 @@ class Simplex(nn.Module):
     def forward(self, free: Tensor, mask: Tensor | None = None) -> Tensor:
         """Map free values (size K, or K-1 for stick-breaking, along ``dim``) to weights.
 
-        ``mask`` (bool, True = present, broadcastable to the weights) restricts the map to
-        the present entries; absent ones are exactly 0."""
+        The one route from free values to weights: every layer (``SimplexWeights``,
+        ``WeightedSum``, ``LazyWeightedSum``, ``ScalarMix``) and :func:`simplex_` get their
+        weights from this call, which carries every option (map, temperature, total,
+        upper, mask) to the map.
+
+        Args:
+            free: the free values, any shape (``K`` or ``K - 1`` along ``dim``).
+            mask: bool, True = present, broadcastable to the weights; restricts the map
+                to the present entries (absent ones are exactly 0, a slice with nothing
+                present is zeros). Under ``upper``, the present entries of each slice
+                must be able to carry ``total``.
+
+        Returns:
+            The weights: ``free``'s shape (one more along ``dim`` for stick-breaking).
+        """
         z = free if self.temperature == 1.0 else free / self.temperature
-        if self.upper is not None:
-            capped: Tensor = self.spec.forward(
-                z, self.dim, mask=mask, total=self.total, upper=self.upper
-            )
-            return capped
-        out: Tensor = self.spec.forward(z, self.dim, mask=mask, total=self.total)
+        upper = self.upper
+        if upper is None:
+            out: Tensor = self.spec.forward(z, self.dim, mask=mask, total=self.total)
+        else:
+            out = self.spec.forward(z, self.dim, mask=mask, total=self.total, upper=upper)
         return out
 
-    def right_inverse(self, value: Tensor) -> Tensor:
-        """Free values whose image is ``value`` (projected onto the simplex first if needed)."""
+    def right_inverse(self, value: Tensor, *, warn: bool = True) -> Tensor:
+        """Free values whose image is ``value``.
+
+        A ``value`` off the simplex (or above ``upper``) is first projected onto it, with a
+        :class:`~convexmix.errors.ConvexMixWarning` unless ``warn`` is False (the layers
+        pass False for an ``init`` they document as projected)."""
         check_tensor(value, "value")
-        p = to_simplex(value, self.dim, self.total)
+        p = to_simplex(value, self.dim, self.total, warn=warn)
         d = normalize_dim(p, self.dim)
         if self.upper is not None:
-            p = to_capped(p, d, self.total, self.upper)
+            p = to_capped(p, d, self.total, self.upper, warn=warn)
         free = self.spec.inverse(p, d, self.total)
         return free if self.temperature == 1.0 else free * self.temperature
 
@@ -201,6 +226,14 @@ class Simplex(nn.Module):
         out = list(shape)
         d = self.dim % len(out)
         out[d] -= self.spec.drop
+        return tuple(out)
+
+    def weights_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the weights that free values of ``shape`` give (inverse of
+        :meth:`free_shape`)."""
+        out = list(shape)
+        d = self.dim % len(out)
+        out[d] += self.spec.drop
         return tuple(out)
 
     def extra_repr(self) -> str:

@@ -76,6 +76,43 @@ def test_scalar_mix_matches_allennlp(layer_norm: bool) -> None:
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_from_allennlp_float32_checkpoint_then_double_is_the_formula(seed: int) -> None:
+    """A float32 checkpoint, then ``.double()``: the weights and the mix are AllenNLP's
+    formula in float64 on the checkpoint's very float32 values, to float64 rounding (the
+    logits are kept, not rebuilt from float32 probabilities: that was ~4e-8 off)."""
+    gen = torch.Generator().manual_seed(seed)
+    scalars = (torch.randn(7, generator=gen) * 3).float()
+    gamma = torch.tensor([1.3], dtype=torch.float32)
+    sd = {f"scalar_parameters.{i}": s.reshape(1) for i, s in enumerate(scalars)}
+    sd["gamma"] = gamma
+    mix = cx.ScalarMix.from_allennlp(sd).double()
+    assert mix.mix.free.dtype == torch.float64
+    assert torch.equal(mix.mix.free, scalars.double())  # the logits, exactly
+    exact = torch.softmax(scalars.double(), 0)
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(mix.weights, exact, rtol=4 * eps, atol=0.0)
+    layers = [torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(7)]
+    expected = allennlp_scalar_mix(scalars.double(), gamma.double().reshape(()), layers)
+    scale = 1.3 * sum(w * t.abs() for w, t in zip(exact, layers, strict=True))
+    assert ((mix(layers) - expected).abs() <= 16 * eps * scale).all()
+
+
+def test_from_allennlp_rejects_init_and_bad_scalars() -> None:
+    sd = allennlp_state_dict(torch.tensor([0.3, -1.0]), 0.5)
+    with pytest.raises(cx.ConvexMixError, match="got init= as well"):
+        cx.ScalarMix.from_allennlp(sd, init=[0.5, 0.5])
+    sd["scalar_parameters.1"] = torch.tensor([float("nan")])
+    with pytest.raises(cx.ConvexMixError, match="must be finite"):
+        cx.ScalarMix.from_allennlp(sd)
+
+
+def test_from_allennlp_with_temperature_keeps_the_weights() -> None:
+    scalars = torch.tensor([0.3, -1.0, 2.0])
+    mix = cx.ScalarMix.from_allennlp(allennlp_state_dict(scalars, 1.0), temperature=0.5)
+    torch.testing.assert_close(mix.weights, torch.softmax(scalars, 0))
+
+
 def test_scalar_mix_token_layer_norm() -> None:
     layers = [rand(2, 3, 8, seed=k) * 3 + k for k in range(4)]
     mix = double(cx.ScalarMix(4, layer_norm="token", init=[0.1, 0.2, 0.3, 0.4], gamma=2.0))

@@ -122,3 +122,27 @@ def test_parameters_follow_the_default_dtype() -> None:
     finally:
         torch.set_default_dtype(old)
     assert cx.SimplexWeights(3, init=[0.5, 0.5, 0.0]).free.dtype == torch.float32
+
+
+def test_every_layer_reads_its_weights_as_the_weights_property() -> None:
+    """One name for the current weights: ``.weights`` on every layer, with the graph."""
+    sw = cx.SimplexWeights(3, init=[0.2, 0.3, 0.5])
+    ws = cx.WeightedSum(3, init=[0.2, 0.3, 0.5], upper=0.45)
+    mix = cx.ScalarMix(3, init=[0.2, 0.3, 0.5], gamma=2.0)
+    lazy = cx.LazyWeightedSum(init=[0.2, 0.3, 0.5])
+    lazy([torch.ones(2)] * 3)
+    for layer in (sw, ws, mix, lazy):
+        w = layer.weights
+        assert w.requires_grad, type(layer).__name__
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    assert torch.equal(sw.weights, sw())
+    assert torch.equal(mix.weights, mix.mix())
+    # WeightedSum's weights are the ones its forward mixes with, cap included
+    xs = [torch.eye(3)[k] for k in range(3)]
+    assert torch.equal(ws(xs), ws.weights)
+    assert float(ws.weights.max()) <= 0.45 + 1e-7
+
+
+def test_convex_combination_is_top_level() -> None:
+    assert cx.convex_combination is cx.functional.convex_combination
+    assert "convex_combination" in cx.__all__

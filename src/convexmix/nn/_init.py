@@ -9,7 +9,6 @@ from torch import Tensor
 
 from convexmix._validation import check_probabilities
 from convexmix.errors import ConvexMixError, ShapeError
-from convexmix.functional import project_simplex
 from convexmix.parametrize import Simplex
 
 __all__: list[str] = []
@@ -45,9 +44,8 @@ def initial_weights(n: int, init: Init, total: float) -> Tensor | None:
     return check_probabilities(p, total, "init", dtype).to(torch.get_default_dtype())
 
 
-def right_inverse_quiet(simplex: Simplex, p: Tensor) -> Tensor:
-    """Free values for the starting weights ``p``; under a cap, ``p`` is first projected
-    onto the capped simplex (documented: ``init`` above the cap starts at its projection)."""
-    if simplex.upper is not None:
-        p = project_simplex(p, 0, total=simplex.total, upper=simplex.upper)
-    return simplex.right_inverse(p)
+def initial_free(simplex: Simplex, p: Tensor) -> Tensor:
+    """Free values for the starting weights ``p`` (validated probabilities), through the
+    layer's :class:`~convexmix.parametrize.Simplex`: under a cap, ``p`` starts at its
+    projection onto the capped simplex, without a warning (the layers document it)."""
+    return simplex.right_inverse(p, warn=False)

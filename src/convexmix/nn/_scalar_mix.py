@@ -3,6 +3,7 @@ export it)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,15 +187,29 @@ class ScalarMix(nn.Module):
         return torch.stack(invs), torch.stack(means)
 
     @classmethod
-    def from_allennlp(cls, state_dict: Mapping[str, Tensor], **kwargs: object) -> ScalarMix:
+    def from_allennlp(cls, state_dict: Mapping[str, Tensor], **kwargs: Any) -> ScalarMix:
         """Build from an AllenNLP ``ScalarMix`` state_dict (``scalar_parameters.{i}``, ``gamma``).
 
         Keys may carry a common prefix (e.g. ``"encoder.scalar_mix."``); ``kwargs`` go to
-        the constructor (e.g. ``layer_norm=True``). The softmax of the AllenNLP scalars
-        becomes ``init``, so the mix is the same.
-        """
-        import re
+        the constructor (e.g. ``layer_norm=True``), all but ``init``. The checkpoint's
+        scalars become the free values as they are (in the default dtype, like every
+        parameter; exact for a float32 checkpoint), not through their probabilities: the
+        weights are ``softmax`` of the very same numbers, so after ``.double()`` they match
+        AllenNLP's formula evaluated in float64 on the checkpoint's values. With a
+        ``temperature`` T the free values are ``T`` times the scalars.
 
+        Example:
+            >>> import torch, convexmix as cx
+            >>> sd = {"scalar_parameters.0": torch.tensor([0.5]),
+            ...       "scalar_parameters.1": torch.tensor([-0.5]), "gamma": torch.tensor([2.0])}
+            >>> mix = cx.ScalarMix.from_allennlp(sd)
+            >>> mix.free.detach(), mix.gamma.detach()
+            (tensor([ 0.5000, -0.5000]), tensor(2.))
+        """
+        if "init" in kwargs:
+            raise ConvexMixError(
+                "from_allennlp takes the weights from the checkpoint; got init= as well."
+            )
         found: dict[str, dict[int, Tensor]] = {}
         for key, value in state_dict.items():
             match = re.fullmatch(r"(.*)scalar_parameters\.(\d+)", key)
@@ -211,12 +226,20 @@ class ScalarMix(nn.Module):
             raise ConvexMixError(
                 f"scalar_parameters must be numbered 0..{n - 1}; got {sorted(params)}."
             )
-        scalars = torch.cat([params[i].detach().reshape(1).double() for i in range(n)])
-        gamma_key = prefix + "gamma"
+        values = [params[i] for i in range(n)]
+        if not all(isinstance(v, Tensor) and v.numel() == 1 for v in values):
+            raise ConvexMixError("each scalar_parameters.{i} must be a tensor of one element.")
+        scalars = torch.cat([v.detach().reshape(1).cpu() for v in values])
+        if not bool(scalars.isfinite().all()):
+            raise ConvexMixError(f"scalar_parameters must be finite; got {scalars.tolist()}.")
         kwargs.setdefault("gamma", True)
-        mix = cls(n, init=torch.softmax(scalars, 0).to(torch.get_default_dtype()), **kwargs)  # type: ignore[arg-type]
-        if gamma_key in state_dict and mix.gamma is not None:
-            with torch.no_grad():
+        mix = cls(n, **kwargs)
+        with torch.no_grad():
+            free = mix.mix.free
+            t = mix.mix.simplex.temperature
+            free.copy_(scalars.to(free.dtype) if t == 1.0 else scalars.double() * t)
+            gamma_key = prefix + "gamma"
+            if gamma_key in state_dict and mix.gamma is not None:
                 mix.gamma.copy_(state_dict[gamma_key].detach().reshape(()))
         return mix
 

@@ -8,14 +8,15 @@ from torch import Tensor, nn
 
 from convexmix._validation import check_int
 from convexmix.errors import ShapeError
-from convexmix.nn._init import Init, initial_weights, right_inverse_quiet
+from convexmix.nn._init import Init, initial_free, initial_weights
 from convexmix.parametrize import Simplex, check_capacity
 
 __all__ = ["SimplexWeights"]
 
 
 class SimplexWeights(nn.Module):
-    r"""``n`` learnable weights on the simplex: ``forward()`` returns them, shape ``(n,)``.
+    r"""``n`` learnable weights on the simplex: ``forward()`` returns them, shape ``(n,)``;
+    so does the property ``weights`` (the name every layer reads its weights by).
 
     The free parameter ``free`` (``n`` values, ``n - 1`` for stick-breaking) is mapped by
     ``map``; ``init`` is given as probabilities, never as logits.
@@ -34,6 +35,8 @@ class SimplexWeights(nn.Module):
         >>> import torch, convexmix as cx
         >>> w = cx.SimplexWeights(3, init=[0.5, 0.3, 0.2])
         >>> w()
+        tensor([0.5000, 0.3000, 0.2000], grad_fn=<...>)
+        >>> w.weights  # the same, as a property (as on every layer)
         tensor([0.5000, 0.3000, 0.2000], grad_fn=<...>)
         >>> w(mask=torch.tensor([True, False, True]))  # renormalised over the present ones
         tensor([0.7143, 0.0000, 0.2857], grad_fn=<...>)
@@ -68,7 +71,7 @@ class SimplexWeights(nn.Module):
         if p is None:  # every map sends zeros to exactly uniform weights
             free = torch.zeros(self.simplex.free_shape((n,)))
         else:
-            free = right_inverse_quiet(self.simplex, p)
+            free = initial_free(self.simplex, p)
         self.free = nn.Parameter(free)
 
     @property

@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from convexmix._validation import check_int
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional import convex_combination
-from convexmix.nn._init import Init, initial_weights, right_inverse_quiet
+from convexmix.nn._init import Init, initial_free, initial_weights
 from convexmix.nn._inputs import Inputs, count_inputs
 from convexmix.parametrize import Simplex, check_capacity
 
@@ -41,6 +41,12 @@ def _check_init(init: Init, n: int, channels: int | None) -> Init:
         for c in range(channels):  # each channel's column is one simplex
             initial_weights(n, p[:, c], 1.0)
     return init
+
+
+def _add_bias(out: Tensor, bias: Tensor) -> Tensor:
+    """``out + bias`` in the inputs' dtype (a ``(C,)`` float32 bias would promote bfloat16
+    inputs' mix to float32 where a scalar one does not)."""
+    return out + (bias if bias.dtype == out.dtype else bias.to(out.dtype))
 
 
 class WeightedSumOptions(TypedDict, total=False):
@@ -148,7 +154,7 @@ class WeightedSum(nn.Module):
         check_capacity(n, 1.0, self.simplex.upper)
         if p is None:  # exact uniform: every map sends zeros there
             return torch.zeros(self.simplex.free_shape(shape))
-        return right_inverse_quiet(self.simplex, p).contiguous()
+        return initial_free(self.simplex, p).contiguous()
 
     @property
     def map(self) -> str:
@@ -177,37 +183,52 @@ class WeightedSum(nn.Module):
             xs: list[Tensor | None] = [inputs.get(name) for name in self.sources]
             present = torch.tensor([x is not None for x in xs])
             return xs, None if bool(present.all()) else present
-        if count_inputs(inputs) != self.n:
+        if isinstance(inputs, (list, tuple)) or (isinstance(inputs, Tensor) and inputs.dim()):
+            given: list[Tensor | None] = list(
+                inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
+            )
+        else:  # count_inputs raises the error that says what inputs may be
+            given = [None] * count_inputs(inputs)
+        if len(given) != self.n:
             raise ShapeError(
-                f"{type(self).__name__} expects {self.n} inputs; got {count_inputs(inputs)}. "
+                f"{type(self).__name__} expects {self.n} inputs; got {len(given)}. "
                 "For inputs that vary from call to call, name them all with sources=[...] and "
                 "pass a dict (absent keys are missing), or pass mask=... (False = missing)."
             )
-        return list(inputs.unbind(0) if isinstance(inputs, Tensor) else inputs), None
+        return given, None
 
     def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
-        """Fuse the inputs: ``(B, ..., [C])`` each, the output has the same shape."""
+        """Fuse the inputs: ``(B, ..., [C])`` each, the output has the same shape.
+
+        One route whatever the call: the weights come from the layer's
+        :class:`~convexmix.parametrize.Simplex` (map, temperature, ``upper``, and the
+        mask when there is one), the mix from :func:`~convexmix.functional.convex_combination`.
+        The everyday call (a list or tuple of the n inputs, no mask, no channels) skips
+        only the checks that convex_combination makes itself.
+        """
         if (
             mask is None
             and self.channels is None
             and inputs.__class__ in (list, tuple)
             and len(inputs) == self.n
         ):
-            # The everyday call, with nothing to renormalise: the map, then the fused sum,
-            # which checks the inputs (a few microseconds in all).
-            s = self.simplex
-            free = self.free if s.temperature == 1.0 else self.free / s.temperature
-            out = convex_combination(s.spec.forward(free, 0, total=s.total), inputs)
-            return out if self.bias is None else out + self.bias
+            params = self._parameters  # a dict read: nn.Module.__getattr__ costs more
+            free: Tensor = params["free"]  # type: ignore[assignment]
+            out = convex_combination(self.simplex.forward(free), inputs)
+            bias = params["bias"]
+            return out if bias is None else _add_bias(out, bias)
+        return self._forward_checked(inputs, mask)
+
+    def _forward_checked(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` with every check and every form of input (dicts, stacked
+        tensors, masks, channels); the everyday call's result, to rounding."""
         xs, given, mask, key_mask = self._check_inputs(inputs, mask)
         weights = self._weights_for(mask, given[0])
         if key_mask is not None:  # combine only the inputs that were given
             idx = [i for i, x in enumerate(xs) if x is not None]
             weights = weights[idx]
         out = convex_combination(weights, given)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        return out if self.bias is None else _add_bias(out, self.bias)
 
     def _check_inputs(
         self, inputs: Inputs, mask: Tensor | None
@@ -350,11 +371,11 @@ class LazyWeightedSum(LazyModuleMixin, WeightedSum):
                     f"expected (n,) for channels=None or (n, C) for channels=C "
                     f"(this module: channels={self.channels})."
                 )
-            n = int(free.shape[0]) + self.simplex.spec.drop
+            n = self.simplex.weights_shape(free.shape)[0]
             if self.sources is not None and len(self.sources) != n:
                 raise ShapeError(
                     f"the loaded weights are for {n} inputs; sources names {len(self.sources)}."
                 )
         super()._load_from_state_dict(state_dict, prefix, *args)
         if self.n == 0 and not self.has_uninitialized_params():
-            self.n = int(self.free.shape[0]) + self.simplex.spec.drop
+            self.n = self.simplex.weights_shape(self.free.shape)[0]
