@@ -126,11 +126,19 @@ class Simplex(nn.Module):
     weight (with a warning); assigning probabilities later (``module.weight = p``)
     reproduces them.
 
+    The sampling maps ``"gumbel"`` and ``"gumbel_soft"`` draw a new sample at each call
+    in training mode (``train()``, as any module) and give a deterministic output in
+    ``eval()``: see :func:`~convexmix.functional.gumbel_softmax`. Their temperature is
+    the sampler's ``tau``, and the free values are the logits of the categorical that
+    the samples follow (``right_inverse(p)`` gives ``log p``).
+
     Args:
-        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``,
+            ``"gumbel"`` or ``"gumbel_soft"``.
         dim: the dimension of the constrained tensor that sums to ``total``.
         total: the sum, > 0.
-        temperature: divides the free values before the map, > 0.
+        temperature: divides the free values before the map, > 0 (the sampling maps:
+            their ``tau``).
         upper: a cap on every weight (``"softmax"``: the constrained softmax,
             ``"sparsemax"``: the capped projection), a float > 0 with
             ``K * upper >= total``; None for no cap.
@@ -167,7 +175,7 @@ class Simplex(nn.Module):
         upper: float | None = None,
     ) -> None:
         super().__init__()
-        self.spec = get_map(map)
+        self.spec = get_map(map, stochastic=True)
         self.dim = check_dim(dim)
         self.total = check_total(total)
         t = check_temperature(temperature)
@@ -199,6 +207,16 @@ class Simplex(nn.Module):
         Returns:
             The weights: ``free``'s shape (one more along ``dim`` for stick-breaking).
         """
+        if self.spec.stochastic:  # the temperature is the sampler's tau, not a divisor
+            sample: Tensor = self.spec.forward(
+                free,
+                self.dim,
+                mask=mask,
+                total=self.total,
+                tau=self.temperature,
+                training=self.training,
+            )
+            return sample
         z = free if self.temperature == 1.0 else free / self.temperature
         upper = self.upper
         if upper is None:
@@ -219,7 +237,9 @@ class Simplex(nn.Module):
         if self.upper is not None:
             p = to_capped(p, d, self.total, self.upper, warn=warn)
         free = self.spec.inverse(p, d, self.total)
-        return free if self.temperature == 1.0 else free * self.temperature
+        if self.temperature == 1.0 or self.spec.stochastic:
+            return free
+        return free * self.temperature
 
     def free_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
         """The shape of the free tensor behind weights of ``shape``."""
@@ -259,7 +279,9 @@ def _make_property(name: str) -> property:
 
     def fget(self: nn.Module) -> Tensor:
         # forward, not __call__: the constraint is no submodule, so it has no hooks to run
-        out: Tensor = simplex_constraints(self)[name].forward(getattr(self, free_name))
+        simplex = simplex_constraints(self)[name]
+        simplex.training = self.training  # a sampling map follows its module's mode
+        out: Tensor = simplex.forward(getattr(self, free_name))
         return out
 
     def fset(self: nn.Module, value: Tensor) -> None:

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from convexmix._validation import is_number, prepare, traced
+from convexmix._validation import any_true, is_number, prepare, traced
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
 from convexmix.functional._softmax import _any_nan, safe_softmax
 
@@ -257,10 +257,12 @@ def sample_topk(
             taken = a >= 1.0
             below_one = a.clamp(max=1.0 - torch.finfo(a.dtype).eps)
             s = torch.where(taken, -math.inf, s + torch.log1p(-below_one))
-    sample = _hard_topk(z.detach(), g, d, k)
     # A slice whose scaled keys overflow (a present finite entry at -inf: tau below the
     # range of its logits' spread) loses the order of the entries after the first pick:
-    # it takes its limit, the hard sample.
+    # it takes its limit, the hard sample. (Eager calls skip both when neither is needed.)
     overflow = ((s == -math.inf) & torch.isfinite(z)).any(d, keepdim=True)
+    if not hard and not traced() and not any_true(overflow):
+        return soft.to(logits.dtype)
+    sample = _hard_topk(z.detach(), g, d, k)
     soft = torch.where(overflow, sample, soft)
     return _finish(sample if hard else None, soft, hard, logits.dtype)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +12,9 @@ from convexmix._validation import check_int
 from convexmix.errors import ShapeError
 from convexmix.nn._init import Init, initial_free, initial_weights
 from convexmix.parametrize import Simplex, check_capacity
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["SimplexWeights"]
 
@@ -23,7 +28,10 @@ class SimplexWeights(nn.Module):
 
     Args:
         n: the number of weights, >= 1.
-        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``, or a
+            sampling map, ``"gumbel"`` (a one-hot sample per call in training, the most
+            probable entry in ``eval()``) or ``"gumbel_soft"`` (a relaxed sample; the
+            probabilities in ``eval()``), whose ``temperature`` is the sampler's tau.
         init: ``"uniform"`` (exactly ``total / n``), ``"random"`` (uniform on the
             simplex, from torch's global generator) or ``n`` probabilities summing to ``total``.
         temperature: divides the free values before the map, > 0.
@@ -73,6 +81,13 @@ class SimplexWeights(nn.Module):
         else:
             free = initial_free(self.simplex, p)
         self.free = nn.Parameter(free)
+
+    def train(self, mode: bool = True) -> Self:
+        """Training or evaluation mode, for this layer and its map (a sampling map draws
+        in training and is deterministic in evaluation)."""
+        super().train(mode)
+        self.simplex.train(mode)  # a plain attribute, so nn.Module.train misses it
+        return self
 
     @property
     def map(self) -> str:

@@ -20,6 +20,9 @@ from convexmix.parametrize import Simplex, check_capacity
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["LazyWeightedSum", "WeightedSum"]
 
 
@@ -73,7 +76,10 @@ class WeightedSum(nn.Module):
 
     Args:
         n: the number of inputs.
-        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``, or a
+            sampling map, ``"gumbel"`` (a one-hot sample per call in training, the most
+            probable entry in ``eval()``) or ``"gumbel_soft"`` (a relaxed sample; the
+            probabilities in ``eval()``), whose ``temperature`` is the sampler's tau.
         init: ``"uniform"``, ``"random"`` or probabilities ``(n,)`` (or ``(n, C)``), never logits.
         bias: add an unconstrained learnable bias (a scalar, or ``(C,)`` with ``channels``).
         channels: ``C`` gives weights of shape ``(n, C)``: one simplex per channel of the
@@ -155,6 +161,13 @@ class WeightedSum(nn.Module):
         if p is None:  # exact uniform: every map sends zeros there
             return torch.zeros(self.simplex.free_shape(shape))
         return initial_free(self.simplex, p).contiguous()
+
+    def train(self, mode: bool = True) -> Self:
+        """Training or evaluation mode, for this layer and its map (a sampling map draws
+        in training and is deterministic in evaluation)."""
+        super().train(mode)
+        self.simplex.train(mode)  # a plain attribute, so nn.Module.train misses it
+        return self
 
     @property
     def map(self) -> str:
