@@ -1,0 +1,370 @@
+"""Convergence study under bounds: capped and k-sparse weights, and a small weight.
+
+    python benchmarks/convergence_bounds.py [--steps 1500] [--out docs/figures]
+
+Problems (float64):
+  (e) capped least squares: a portfolio-style mixture of K = 8 sources whose unconstrained
+      optimum puts 0.6 on one source; every weight capped at 0.3;
+  (f) capped log-loss blend: K = 10 models' probabilities of the true class, one of them
+      much better than the rest, every weight capped at 0.3 (``max_weight``);
+  (g) k-sparse least squares: the best 3 of 12 sources;
+  (h) a small weight: least squares on K = 3 sources with true weights [0.6, 0.3, 0.1]
+      (no bound): the case where a sparse map can lose the 0.1 weight early.
+Exact optima from independent solvers: (e) and (h) scipy's SLSQP with the bounds, to
+1e-14; (f) ``cx.ensemble.fit_weights(max_weight=0.3)`` checked against SLSQP; (g) brute
+force over all 220 supports of size 3, each solved by SLSQP.
+
+Methods (each over a grid of learning rates and 3 seeds that set the start): the
+constrained softmax (``SimplexWeights(upper=)``) with Adam and SGD; ``sparsemax(upper=)``
+with Adam; ``Projected(upper=)`` / ``Projected(k=)`` around Adam and SGD;
+``ExponentiatedGradient(upper=)``; the naive baseline, clip + renormalise + clip after each
+SGD step (for k-sparse: keep the k largest, renormalise). For (h): softmax, sparsemax and
+entmax15 maps with Adam, and projected SGD.
+
+Printed: the table of :mod:`convergence` per problem and method at its best learning rate,
+then per method the learning rates at which every run on every problem it applies to
+reaches a gap of 1e-6 (the range to document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+import convexmix as cx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from convergence import GAP, Problem, _first_below
+
+torch.set_default_dtype(torch.float64)
+LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+SEEDS = [0, 1, 2]
+CAP = 0.3
+
+
+def slsqp(
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    upper: float = 1.0,
+    support: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """The optimum of ``loss`` on {0 <= w <= upper, sum w = 1} (on ``support`` only)."""
+    idx = list(range(k)) if support is None else list(support)
+
+    def full(v: np.ndarray) -> torch.Tensor:
+        w = torch.zeros(k)
+        w[idx] = torch.as_tensor(v)
+        return w
+
+    def f(v: np.ndarray) -> tuple[float, np.ndarray]:
+        w = full(v).requires_grad_()
+        val = loss(w)
+        (g,) = torch.autograd.grad(val, w)
+        return float(val), g[idx].numpy()
+
+    x0 = np.full(len(idx), 1.0 / len(idx))
+    res = minimize(
+        f,
+        x0,
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, upper)] * len(idx),
+        constraints=[
+            {"type": "eq", "fun": lambda v: v.sum() - 1.0, "jac": lambda v: np.ones_like(v)}
+        ],
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    w = full(np.clip(res.x, 0.0, upper))
+    w = w / w.sum()
+    return w, float(loss(w))
+
+
+def make_problems() -> list[tuple[Problem, dict[str, object]]]:
+    gen = torch.Generator().manual_seed(4321)
+    # (e) capped least squares: the target leans 0.6 on source 0
+    xs = torch.randn(8, 2000, generator=gen)
+    true = torch.tensor([0.6, 0.1, 0.1, 0.08, 0.05, 0.04, 0.02, 0.01])
+    y = true @ xs + 0.05 * torch.randn(2000, generator=gen)
+
+    def capped_ls(w: torch.Tensor, batch: int | None) -> torch.Tensor:
+        return ((w @ xs - y) ** 2).mean()
+
+    # (f) capped log-loss: one strong model, nine weaker ones
+    n, c = 2000, 5
+    labels = torch.randint(c, (n,), generator=gen)
+    onehot = torch.nn.functional.one_hot(labels, c).double()
+    preds = []
+    for k in range(10):
+        noise = 1.0 if k == 0 else 2.5 + 0.2 * k
+        preds.append(torch.softmax(3.0 * onehot + noise * torch.randn(n, c, generator=gen), -1))
+    probs = torch.stack(preds)
+    p_true = probs[:, torch.arange(n), labels]
+
+    def capped_ll(w: torch.Tensor, batch: int | None) -> torch.Tensor:
+        return -torch.log((w @ p_true).clamp_min(1e-300)).mean()
+
+    # (g) best 3 of 12 sources
+    xg = torch.randn(12, 800, generator=gen)
+    yg = torch.tensor([0.5, 0.3, 0.2]) @ xg[[1, 5, 9]] + 0.3 * xg[[0, 2]].mean(0)
+    yg = yg + 0.05 * torch.randn(800, generator=gen)
+
+    def sparse_ls(w: torch.Tensor, batch: int | None) -> torch.Tensor:
+        return ((w @ xg - yg) ** 2).mean()
+
+    # (h) a small weight, plain simplex
+    xh = torch.randn(3, 1000, generator=gen)
+    yh = torch.tensor([0.6, 0.3, 0.1]) @ xh
+
+    def small(w: torch.Tensor, batch: int | None) -> torch.Tensor:
+        return ((w @ xh - yh) ** 2).mean()
+
+    return [
+        (Problem("(e) capped least squares", 8, capped_ls), {"upper": CAP}),
+        (
+            Problem("(f) capped log-loss blend", 10, capped_ll),
+            {"upper": CAP, "probs": probs, "labels": labels},
+        ),
+        (Problem("(g) best 3 of 12", 12, sparse_ls), {"k": 3}),
+        (Problem("(h) small weight 0.1", 3, small), {}),
+    ]
+
+
+def solve(problem: Problem, opts: dict[str, object]) -> None:
+    """Set ``problem.optimum`` and ``problem.best`` from an independent solver."""
+    full = lambda w: problem.loss(w, None)  # noqa: E731
+    if "k" in opts:
+        best = (None, math.inf)
+        for support in itertools.combinations(range(problem.k), int(opts["k"])):  # type: ignore[call-overload]
+            w, val = slsqp(full, problem.k, support=support)
+            if val < best[1]:
+                best = (w, val)
+        problem.optimum, problem.best = best[0], best[1]
+        return
+    upper = float(opts.get("upper", 1.0))  # type: ignore[arg-type]
+    w, val = slsqp(full, problem.k, upper)
+    if "probs" in opts:
+        fit = cx.ensemble.fit_weights(opts["probs"], opts["labels"], max_weight=upper)
+        w2 = torch.as_tensor(np.asarray(fit.weights), dtype=torch.float64)
+        val2 = float(full(w2))
+        if abs(val2 - val) > 1e-9:
+            print(f"  note: fit_weights {val2:.12f} vs SLSQP {val:.12f}")
+        if val2 < val:
+            w, val = w2, val2
+    problem.optimum, problem.best = w, val
+
+
+def methods_for(opts: dict[str, object]) -> list[str]:
+    if "k" in opts:
+        return ["projected(k) Adam", "projected(k) SGD", "top-k + renormalise"]
+    if "upper" in opts:
+        return [
+            "constrained softmax Adam",
+            "constrained softmax SGD",
+            "sparsemax(upper) Adam",
+            "projected(upper) Adam",
+            "projected(upper) SGD",
+            "exponentiated gradient(upper)",
+            "clip + renormalise + clip",
+        ]
+    return ["softmax Adam", "sparsemax Adam", "entmax15 Adam", "projected SGD"]
+
+
+def run(
+    problem: Problem, opts: dict[str, object], method: str, lr: float, seed: int, steps: int
+) -> tuple[list[float], torch.Tensor, float]:
+    k = problem.k
+    gen = torch.Generator().manual_seed(seed)
+    e = torch.empty(k).exponential_(generator=gen)
+    start = e / e.sum()
+    upper = opts.get("upper")
+    kk = opts.get("k")
+    if upper is not None:  # a feasible start: the projection onto the capped simplex
+        start = cx.functional.project_simplex(start, upper=float(upper))  # type: ignore[arg-type]
+    if kk is not None:
+        start = cx.functional.project_sparse_simplex(start, int(kk))  # type: ignore[call-overload]
+    post: Callable[[], None] = lambda: None  # noqa: E731
+    if method.split()[0] in ("softmax", "sparsemax", "entmax15", "constrained", "sparsemax(upper)"):
+        map_name = "sparsemax" if method.startswith("sparsemax") else method.split()[0]
+        map_name = "softmax" if map_name == "constrained" else map_name
+        layer = cx.SimplexWeights(k, map=map_name, init=start, upper=upper)  # type: ignore[arg-type]
+        params = list(layer.parameters())
+        opt: torch.optim.Optimizer = (
+            torch.optim.SGD(params, lr=lr)
+            if method.endswith("SGD")
+            else torch.optim.Adam(params, lr=lr)
+        )
+        weights: Callable[[], torch.Tensor] = layer
+    else:
+        w = torch.nn.Parameter(start.clone())
+        params = [w]
+        inner = (
+            torch.optim.Adam(params, lr=lr) if "Adam" in method else torch.optim.SGD(params, lr=lr)
+        )
+        if method.startswith("projected"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", cx.ConvexMixWarning)
+                opt = cx.optim.Projected(inner, params, upper=upper, k=kk)  # type: ignore[arg-type]
+        elif method.startswith("exponentiated"):
+            opt = cx.optim.ExponentiatedGradient(params, lr=lr, upper=upper)  # type: ignore[arg-type]
+        else:
+            opt = inner
+
+            def post() -> None:
+                with torch.no_grad():
+                    if kk is not None:  # keep the k largest, renormalise
+                        drop = w.argsort(descending=True)[int(kk) :]  # type: ignore[call-overload]
+                        w[drop] = 0
+                        w.clamp_(min=0)
+                    else:
+                        w.clamp_(0, float(upper))  # type: ignore[arg-type]
+                    s = w.sum()
+                    w.div_(s if s > 0 else 1.0)
+                    if kk is None:
+                        w.clamp_(max=float(upper))  # type: ignore[arg-type]
+
+        weights = lambda: w  # noqa: E731
+
+    gaps, elapsed = [], 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        problem.loss(weights(), None).backward()
+        opt.step()
+        post()
+        elapsed += time.perf_counter() - t0
+        with torch.no_grad():
+            cur = weights()
+            ok = bool((cur >= -1e-12).all()) and abs(float(cur.sum()) - 1) < 1e-9
+            if upper is not None:
+                ok = ok and bool((cur <= float(upper) + 1e-12).all())  # type: ignore[arg-type]
+            if kk is not None:
+                ok = ok and int((cur > 0).sum()) <= int(kk)  # type: ignore[call-overload]
+            # an infeasible point has no gap: it is not an answer to the problem
+            gaps.append(float(problem.loss(cur, None)) - problem.best if ok else math.inf)
+    return gaps, weights().detach(), elapsed
+
+
+def study(steps: int) -> tuple[list[str], list[str], dict[str, dict[str, list[float]]]]:
+    rows: list[str] = []
+    ranges: dict[str, dict[float, list[bool]]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    for problem, opts in make_problems():
+        solve(problem, opts)
+        assert problem.optimum is not None
+        print(
+            f"{problem.name}: optimum {problem.optimum.numpy().round(4)}, loss {problem.best:.12f}",
+            flush=True,
+        )
+        curves[problem.name] = {}
+        for method in methods_for(opts):
+            results = {lr: [run(problem, opts, method, lr, s, steps) for s in SEEDS] for lr in LRS}
+            for lr, res in results.items():
+                ranges.setdefault(method, {}).setdefault(lr, []).extend(
+                    _first_below(g, GAP) is not None for g, _, _ in res
+                )
+            finals = {
+                lr: statistics.median(
+                    r[0][-1] if math.isfinite(r[0][-1]) else math.inf for r in res
+                )
+                for lr, res in results.items()
+            }
+            best_lr = min(finals, key=lambda lr: finals[lr])
+            best = results[best_lr]
+            hits = [_first_below(g, GAP) for g, _, _ in best]
+            reached = [h for h in hits if h is not None]
+            steps_to = statistics.median(reached) if len(reached) >= 2 else None
+            secs_to = (
+                statistics.median(
+                    h * t / steps for h, (_, _, t) in zip(hits, best, strict=True) if h
+                )
+                if steps_to
+                else None
+            )
+            all_runs = [r for res in results.values() for r in res]
+            share = sum(_first_below(g, GAP) is not None for g, _, _ in all_runs) / len(all_runs)
+            bad = sum(not math.isfinite(g[-1]) or g[-1] > g[0] for g, _, _ in all_runs) / len(
+                all_runs
+            )
+            err = statistics.median(float((w - problem.optimum).abs().max()) for _, w, _ in best)
+            final = finals[best_lr]
+            rows.append(
+                f"| {problem.name} | {method} | {best_lr:g} | "
+                f"{'-' if steps_to is None else int(steps_to)} | "
+                f"{'-' if secs_to is None else f'{secs_to:.3f}'} | "
+                f"{'infeasible' if not math.isfinite(final) else f'{final:.1e}'} | "
+                f"{err:.1e} | {share:.0%} | {bad:.0%} |"
+            )
+            print(rows[-1], flush=True)
+            curves[problem.name][method] = [
+                statistics.median(min(max(g[i], 1e-16), 1e3) for g, _, _ in best)
+                for i in range(steps)
+            ]
+    lr_rows = []
+    for method, by_lr in ranges.items():
+        good = [lr for lr in LRS if by_lr[lr] and all(by_lr[lr])]
+        cells = " | ".join(f"{sum(by_lr[lr])}/{len(by_lr[lr])}" for lr in LRS)
+        lr_rows.append(f"| {method} | {cells} | {', '.join(f'{lr:g}' for lr in good) or 'none'} |")
+    return rows, lr_rows, curves
+
+
+def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (name, by_method) in zip(axes, curves.items(), strict=True):
+        for method, gaps in by_method.items():
+            style = "--" if "SGD" in method or "clip" in method or "top-k" in method else "-"
+            ax.semilogy(range(1, len(gaps) + 1), gaps, style, label=method)
+        ax.axhline(GAP, color="grey", lw=0.8, ls=":")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss - optimum (median of 3 seeds, best lr)")
+        ax.set_ylim(1e-16, 1e3)
+        ax.legend(fontsize="x-small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--out", default=None, help="folder for convergence_bounds.png")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    rows, lr_rows, curves = study(args.steps)
+    print(
+        f"\n{args.steps} steps per run, lr in {LRS}, seeds {SEEDS}, float64; "
+        f"{time.perf_counter() - t0:.0f} s\n"
+    )
+    print(
+        "| problem | method | best lr | steps to 1e-6 | s to 1e-6 | final gap "
+        "| max weight error | runs reaching 1e-6 | runs ending worse |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nRuns reaching 1e-6, per learning rate (all problems the method applies to):\n")
+    print("| method | " + " | ".join(f"{lr:g}" for lr in LRS) + " | every run reaches |")
+    print("|---|" + "---|" * len(LRS) + "---|")
+    print("\n".join(lr_rows))
+    if args.out:
+        plot(curves, Path(args.out) / "convergence_bounds.png")
+
+
+if __name__ == "__main__":
+    main()
