@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,17 +262,18 @@ def test_progress_display_shows_the_read_the_fit_and_caruana(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a terminal, one display with a bar for the pass over the predictions, then the
-    fit's iterations and Caruana's picks (and the bootstrap's own read and draws)."""
-    import convexmix.cli as cli
+    fit's iterations and Caruana's picks (and the bootstrap's own read and draws, with the
+    count done, the time elapsed and the time left)."""
+    from convexmix.cli import _common
 
-    console = cli._console
+    console = _common.console
 
     def terminal(stderr: bool = False) -> object:
         c = console(stderr)
         c.force_terminal = True  # type: ignore[attr-defined]
         return c
 
-    monkeypatch.setattr(cli, "_console", terminal)
+    monkeypatch.setattr(_common, "console", terminal)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     P, y = problem
     np.save(tmp_path / "p.npy", P)
@@ -283,3 +285,6 @@ def test_progress_display_shows_the_read_the_fit_and_caruana(
     for bar in ("reading", "fitting", "Caruana", "bootstrap"):
         assert bar in err, bar
     assert err.index("reading") < err.index("fitting") < err.index("Caruana")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err)
+    boot = plain[plain.index("bootstrap") :]
+    assert re.search(r"bootstrap\W+3/3 +\d:\d\d:\d\d left \d:\d\d:\d\d", boot), boot[:400]
