@@ -179,7 +179,7 @@ def run_score(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"Scores on {args.targets} ({p.shape[1]} samples)")
-    table.add_column("blend")
+    table.add_column("method")
     table.add_column("weight", justify="right")
     for m in metrics:
         table.add_column(m.replace("_", "-"), justify="right")

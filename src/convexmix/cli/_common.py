@@ -32,7 +32,9 @@ class HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "%(default)" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or action.required
             or isinstance(action, argparse._HelpAction | argparse._VersionAction)
         ):
