@@ -84,8 +84,10 @@ def count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def number(low: float, high: float = math.inf, *, open_low: bool = True) -> Callable[[str], float]:
-    """A finite float in (low, high] (or [low, high] with ``open_low=False``)."""
+def number(
+    low: float, high: float = math.inf, *, open_low: bool = True, open_high: bool = False
+) -> Callable[[str], float]:
+    """A finite float in (low, high] (``open_low``, ``open_high`` say which ends are open)."""
 
     def parse(text: str) -> float:
         try:
@@ -93,9 +95,10 @@ def number(low: float, high: float = math.inf, *, open_low: bool = True) -> Call
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
         above = value > low if open_low else value >= low
-        if not (math.isfinite(value) and above and value <= high):
+        below = value < high if open_high else value <= high
+        if not (math.isfinite(value) and above and below):
             left = "(" if open_low else "["
-            right = "]" if math.isfinite(high) else ")"
+            right = ")" if open_high or not math.isfinite(high) else "]"
             raise argparse.ArgumentTypeError(
                 f"expected a finite number in {left}{low:g}, {high:g}{right}; got {text}"
             )

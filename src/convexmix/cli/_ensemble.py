@@ -84,7 +84,10 @@ def add_arguments(ens: argparse.ArgumentParser) -> None:
         "weight (also in --out, --plot)",
     )
     ens.add_argument(
-        "--level", type=common.number(0.0, 1.0), default=0.9, help="the intervals' probability"
+        "--level",
+        type=common.number(0.0, 1.0, open_high=True),
+        default=0.9,
+        help="the intervals' probability",
     )
     ens.add_argument("--seed", type=common.seed, default=0, help="seed of the bootstrap draws")
     ens.add_argument("--quiet", action="store_true", help="no progress display")
