@@ -412,3 +412,44 @@ def test_a_registered_command_runs(capsys: pytest.CaptureFixture[str]) -> None:
         assert "hello" in build_parser().format_help()
     finally:
         COMMANDS.remove(extra)
+
+
+def test_the_workflow_lines_of_the_readme_and_the_guide_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's and docs/ensemble.md's fit -> blend -> score lines, on files of the
+    names they use: the blend equals the weights applied by name."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    Pv, yv = models(300, 6)
+    Pt, yt = models(200, 7)
+    names = ["lr", "nb", "tree"]
+    for folder, P, y in (("", Pv, yv), ("val", Pv, yv), ("test", Pt, yt)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        for name, p in zip(names, P[:3], strict=True):
+            np.save(tmp_path / folder / f"{name}.npy", p)
+        np.save(tmp_path / folder / "y.npy", y)
+    for doc in ("README.md", "docs/ensemble.md"):
+        text = (root / doc).read_text()
+        start = text.index(
+            "convexmix ensemble --predictions", text.index("blend --weights w.json") - 300
+        )
+        lines = [
+            ln for ln in text[start:].split("```")[0].splitlines() if ln.startswith("convexmix ")
+        ]
+        assert [ln.split()[1] for ln in lines] == ["ensemble", "blend", "score"], doc
+        for line in lines:
+            assert (
+                main(
+                    [*shlex.split(line)[1:], "--quiet"]
+                    if "ensemble" in line.split()[1]
+                    else shlex.split(line)[1:]
+                )
+                == 0
+            ), line
+        capsys.readouterr()
+        w = by_name(tmp_path / "w.json")
+        expected = sum(w[n] * Pt[k] for k, n in enumerate(names))
+        np.testing.assert_allclose(np.load(tmp_path / "blend.npy"), expected, rtol=1e-13)
