@@ -338,11 +338,11 @@ def test_bootstrap_draws_the_constrained_fit(
         assert set(np.flatnonzero(draws.max(0) > 0)) >= set(np.flatnonzero(data["weights"]))
     # the library's bootstrap, and its rows against fit_weights with the draw's weights
     boot = cx.ensemble.bootstrap(P, y, n=6, seed=0, **kw)  # type: ignore[arg-type]
-    np.testing.assert_allclose(draws, boot.weights.numpy(), atol=1e-12)
+    np.testing.assert_allclose(draws, np.asarray(boot.weights), atol=1e-12)
     for i in (0, 5):
         ref = cx.ensemble.fit_weights(P, y, sample_weight=boot.sample_weights[i], **kw)  # type: ignore[arg-type]
-        np.testing.assert_allclose(boot.weights[i].numpy(), ref.weights.numpy(), atol=1e-9)
-    np.testing.assert_allclose(data["weights"], boot.fit.weights.numpy(), atol=1e-12)
+        np.testing.assert_allclose(np.asarray(boot.weights)[i], np.asarray(ref.weights), atol=1e-9)
+    np.testing.assert_allclose(data["weights"], np.asarray(boot.fit.weights), atol=1e-12)
 
 
 def test_library_bootstrap_honours_the_constraints() -> None:
@@ -453,3 +453,26 @@ def test_the_workflow_lines_of_the_readme_and_the_guide_run(
         w = by_name(tmp_path / "w.json")
         expected = sum(w[n] * Pt[k] for k, n in enumerate(names))
         np.testing.assert_allclose(np.load(tmp_path / "blend.npy"), expected, rtol=1e-13)
+
+
+def test_score_binary_probabilities(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(K, N) probabilities of class 1: log-loss, Brier and accuracy (class 1 above 0.5)."""
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 200)
+    noise = 0.25 * rng.standard_normal((3, 200))
+    P = np.clip(np.where(y == 1, 0.7, 0.3) + noise, 0.01, 0.99)
+    np.save(tmp_path / "p.npy", P)
+    np.save(tmp_path / "y.npy", y)
+    w = tmp_path / "w.json"
+    base = ["--predictions", str(tmp_path / "p.npy"), "--targets", str(tmp_path / "y.npy")]
+    assert run(["ensemble", *base, "--out", str(w), "--quiet"], capsys)[0] == 0
+    code, out, err = run(["score", "--weights", str(w), *base, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    b = np.array(json.loads(w.read_text())["weights"]) @ P
+    assert report["blend"]["log_loss"] == pytest.approx(
+        -np.log(np.where(y == 1, b, 1 - b)).mean(), rel=1e-12
+    )
+    assert report["blend"]["brier"] == pytest.approx(((b - y) ** 2).mean(), rel=1e-12)
+    assert report["blend"]["accuracy"] == ((b > 0.5) == y).mean()
+    assert report["models"]["model 2"]["accuracy"] == ((P[2] > 0.5) == y).mean()
