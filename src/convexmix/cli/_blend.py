@@ -10,6 +10,7 @@ import math
 import sys
 from typing import Any
 
+from convexmix._optional import require
 from convexmix.cli import _common as common
 from convexmix.errors import ShapeError
 
@@ -29,6 +30,10 @@ SCORE_DESCRIPTION = (
     "classification, mse for regression, for the blend, equal weights and each model "
     "alone. The predictions are matched to the weights by name, as in `convexmix blend`."
 )
+
+
+def _numpy() -> Any:
+    return require("numpy", purpose="the convexmix command line")
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +107,7 @@ def _load(args: argparse.Namespace, n_samples: int | None = None) -> tuple[Any, 
 
 
 def run_blend(args: argparse.Namespace) -> int:
-    import numpy as np
+    np = _numpy()
 
     from convexmix import _io
 
@@ -127,7 +132,7 @@ def _loss(p: Any, targets: Any, loss: str) -> float:
 
 
 def _accuracy(p: Any, targets: Any) -> float:
-    import numpy as np
+    np = _numpy()
 
     guess = p.argmax(-1) if p.ndim == 2 else (p > 0.5).astype(np.int64)
     return float((guess == targets).mean())
@@ -144,7 +149,7 @@ def _scores(p: Any, targets: Any, loss: str) -> dict[str, float]:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    import numpy as np
+    np = _numpy()
 
     from convexmix import _io
 
