@@ -122,6 +122,10 @@ def test_out_keeps_the_mode_of_the_file_it_replaces(
     out.chmod(0o640)
     assert ensemble(tmp_path, out, capsys)[0] == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    out.chmod(0o444)  # read-only: replaced (the folder is writable), and still read-only
+    assert ensemble(tmp_path, out, capsys)[0] == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o444
+    assert json.loads(out.read_text())["weights"]
     fresh = tmp_path / "fresh.json"
     assert ensemble(tmp_path, fresh, capsys)[0] == 0
     mask = os.umask(0)

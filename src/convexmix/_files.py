@@ -146,12 +146,12 @@ def atomic_path(path: PathLike, inputs: Iterable[PathLike] = ()) -> Iterator[Pat
             prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
         )
         os.close(fd)
-        os.chmod(name, mode)
     except OSError as err:
         raise ConvexMixError(f"cannot write {path}: {err.strerror or err}.") from None
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # after writing: a read-only mode must not stop the writer
         _fsync(tmp)
         check_output(path, inputs)  # nothing changed it into a folder or an input meanwhile
         os.replace(tmp, target)

@@ -88,8 +88,8 @@ def _load(args: argparse.Namespace, n_samples: int | None = None) -> tuple[Any, 
     order = _io.match_models(saved.models, saved.named, loaded, args.weights)
     if loaded.named and not saved.named:
         print(
-            f"convexmix: warning: {args.weights} records no model names; the predictions are "
-            f"applied in the order given ({', '.join(loaded.names)}).",
+            f"convexmix: warning: {args.weights} records no model names; the predictions "
+            f"are applied by position, in the order given ({', '.join(loaded.names)}).",
             file=sys.stderr,
         )
     predictions = loaded.array
