@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import convexmix as cx
 from convexmix.cli import COMMANDS, Command, build_parser, main
@@ -476,3 +478,30 @@ def test_score_binary_probabilities(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report["blend"]["brier"] == pytest.approx(((b - y) ** 2).mean(), rel=1e-12)
     assert report["blend"]["accuracy"] == ((b > 0.5) == y).mean()
     assert report["models"]["model 2"]["accuracy"] == ((P[2] > 0.5) == y).mean()
+
+
+@given(
+    names=st.lists(
+        st.text(alphabet="abcxyz/_ 0", min_size=1, max_size=6).filter(str.strip),
+        min_size=1,
+        max_size=7,
+        unique=True,
+    ),
+    data=st.data(),
+)
+@settings(deadline=None)
+def test_matching_by_name_is_the_permutation(names: list[str], data: st.DataObject) -> None:
+    """Any order of the fitted names gives the index of each fitted model among the given
+    ones; a renamed model is refused; unnamed fits match by position."""
+    from convexmix import _io
+
+    order = data.draw(st.permutations(range(len(names))))
+    given = _io.Predictions(None, [names[i] for i in order], True)
+    idx = _io.match_models(names, True, given, "w.json")
+    assert [given.names[i] for i in idx] == names
+    assert _io.match_models(names, False, given, "w.json") == list(range(len(names)))
+    renamed = _io.Predictions(None, [*given.names[:-1], given.names[-1] + "!"], True)
+    with pytest.raises(cx.ConvexMixError, match="do not match"):
+        _io.match_models(names, True, renamed, "w.json")
+    with pytest.raises(cx.ConvexMixError, match="--names"):
+        _io.match_models(names, True, _io.Predictions(None, given.names, False), "w.json")
