@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,10 @@ def test_single_npy_file_json_and_plot(
     assert code == 0, err
     data = json.loads(out_json.read_text())
     ref = fit_weights(P, y)
-    np.testing.assert_allclose(data["weights"], ref.weights.numpy(), atol=1e-12)
+    np.testing.assert_allclose(data["weights"], np.asarray(ref.weights), atol=1e-12)
     assert sum(data["weights"]) == pytest.approx(1.0)
     np.testing.assert_allclose(
-        data["caruana_weights"], ensemble_selection(P, y, size=20).weights.numpy()
+        data["caruana_weights"], np.asarray(ensemble_selection(P, y, size=20).weights)
     )
     assert data["losses"]["convexmix"] == pytest.approx(ref.loss)
     assert set(data["losses"]) == {"convexmix", "caruana", "equal_weights", "best_single"}
@@ -83,7 +84,7 @@ def test_one_file_per_model_csv_npz_parquet(
     problem: tuple[np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     P, y = problem
-    ref = fit_weights(P, y).weights.numpy()
+    ref = np.asarray(fit_weights(P, y).weights)
     csvs = []
     for k in range(K):
         path = tmp_path / f"m{k}.csv"
@@ -261,17 +262,18 @@ def test_progress_display_shows_the_read_the_fit_and_caruana(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a terminal, one display with a bar for the pass over the predictions, then the
-    fit's iterations and Caruana's picks (and the bootstrap's own read and draws)."""
-    import convexmix.cli as cli
+    fit's iterations and Caruana's picks (and the bootstrap's own read and draws, with the
+    count done, the time elapsed and the time left)."""
+    from convexmix.cli import _common
 
-    console = cli._console
+    console = _common.console
 
     def terminal(stderr: bool = False) -> object:
         c = console(stderr)
         c.force_terminal = True  # type: ignore[attr-defined]
         return c
 
-    monkeypatch.setattr(cli, "_console", terminal)
+    monkeypatch.setattr(_common, "console", terminal)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     P, y = problem
     np.save(tmp_path / "p.npy", P)
@@ -283,3 +285,6 @@ def test_progress_display_shows_the_read_the_fit_and_caruana(
     for bar in ("reading", "fitting", "Caruana", "bootstrap"):
         assert bar in err, bar
     assert err.index("reading") < err.index("fitting") < err.index("Caruana")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err)
+    boot = plain[plain.index("bootstrap") :]
+    assert re.search(r"bootstrap\W+3/3 +\d:\d\d:\d\d left \d:\d\d:\d\d", boot), boot[:400]

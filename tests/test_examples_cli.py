@@ -79,7 +79,9 @@ def test_cli_errors_are_one_line_exit_2() -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "convexmix: error: --steps must be >= 1; got 0."
+    assert proc.stderr.strip() == (
+        "convexmix seeds: error: argument --steps: expected an int >= 1; got 0 (see --help)"
+    )
     assert "Traceback" not in proc.stderr
 
 

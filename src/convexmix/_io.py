@@ -8,10 +8,14 @@ names the file.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convexmix._files import atomic_path
+from convexmix._optional import require
 from convexmix.errors import ConvexMixError, ShapeError
 
 __all__: list[str] = []
@@ -22,13 +26,7 @@ MMAP_BYTES = 1 << 24
 
 
 def _numpy() -> Any:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with the [cli] extra
-        raise ConvexMixError(
-            "reading prediction files needs numpy: pip install 'convexmix[cli]'"
-        ) from None
-    return np
+    return require("numpy", purpose="reading and writing prediction files")
 
 
 def _read_csv(path: Path) -> Any:
@@ -69,12 +67,7 @@ def _read_csv(path: Path) -> Any:
 
 def _read_parquet(path: Path) -> Any:
     np = _numpy()
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConvexMixError(
-            f"{path}: reading .parquet files needs pyarrow: pip install pyarrow"
-        ) from None
+    pq = require("pyarrow.parquet", purpose=f"{path}: reading .parquet files")
     try:
         table = pq.read_table(path)
     except Exception as err:
@@ -140,14 +133,55 @@ def _read(p: Path, suffix: str) -> list[tuple[str, Any]]:
     return arrays
 
 
-def load_predictions(
-    paths: Sequence[str | Path], n_samples: int | None = None
-) -> tuple[Any, list[str]]:
-    """(K, N) or (K, N, C) predictions and K model names.
+@dataclass
+class Predictions:
+    """(K, N) or (K, N, C) predictions, the K models' names and whether the names are
+    real (from file names, ``.npz`` keys or ``--names``) or placeholders ("model k",
+    for a stacked array that names no model)."""
 
-    One file holds every model: a (K, N) or (K, N, C) array, or an ``.npz`` with one
-    (N,) or (N, C) array per model. Several files hold one model each. ``n_samples``
-    (the number of targets) turns a likely mix-up into a clear message.
+    array: Any
+    names: list[str]
+    named: bool
+
+
+def _unique_names(paths: Sequence[str | Path]) -> list[str]:
+    """Each file's stem; where stems collide (``a/p.npy``, ``b/p.npy``), as many trailing
+    folders as make them unique (``a/p``, ``b/p``)."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    names = [part[-1] for part in parts]
+    depth = 1
+    while len(set(names)) != len(names) and depth < max(len(p) for p in parts):
+        depth += 1
+        names = ["/".join(part[-depth:]) for part in parts]
+    return names
+
+
+def check_names(names: Sequence[str], count: int, what: str) -> list[str]:
+    """``names`` if they are ``count`` distinct non-empty strings."""
+    if len(names) != count:
+        raise ConvexMixError(f"{what}: got {len(names)} names for {count} models.")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConvexMixError(f"{what}: every model name must be a non-empty string.")
+    seen = [n for i, n in enumerate(names) if n in names[:i]]
+    if seen:
+        raise ConvexMixError(
+            f"{what}: the model names must differ; {sorted(set(seen))} appear more than once."
+        )
+    return list(names)
+
+
+def load_predictions(
+    paths: Sequence[str | Path],
+    n_samples: int | None = None,
+    names: Sequence[str] | None = None,
+) -> Predictions:
+    """(K, N) or (K, N, C) predictions and the K models' names.
+
+    One file holds every model: a (K, N) or (K, N, C) array (its models are unnamed:
+    "model 0", "model 1", ...), or an ``.npz`` with one (N,) or (N, C) array per model
+    (named by its keys). Several files hold one model each (named by the file names).
+    ``names`` (the CLI's ``--names``) overrides the names, in the models' order.
+    ``n_samples`` (the number of targets) turns a likely mix-up into a clear message.
     """
     np = _numpy()
     if not paths:
@@ -168,17 +202,23 @@ def load_predictions(
                     f"got shape {a.shape} and {n_samples} targets, which looks like one "
                     "model's (N, C). Give one file per model."
                 )
-            return a, [f"model {k}" for k in range(a.shape[0])]
+            if names is not None:
+                return Predictions(a, check_names(names, a.shape[0], "--names"), True)
+            return Predictions(a, [f"model {k}" for k in range(a.shape[0])], False)
         models = arrays
     else:
-        for path in paths:
+        ids = [Path(os.path.realpath(p)) for p in paths]
+        twice = sorted({str(p) for i, p in enumerate(paths) if ids[i] in ids[:i]})
+        if twice:
+            raise ConvexMixError(f"the same predictions file is given twice: {', '.join(twice)}.")
+        for path, name in zip(paths, _unique_names(paths), strict=True):
             arrays = read_arrays(path)
             if len(arrays) != 1:
                 raise ConvexMixError(
                     f"{path}: with several predictions files, each holds one model; "
                     f"got {len(arrays)} arrays."
                 )
-            models.append((Path(path).stem, arrays[0][1]))
+            models.append((name, arrays[0][1]))
     fixed = []
     for name, a in models:
         if a.ndim == 2 and a.shape[1] == 1:
@@ -192,10 +232,50 @@ def load_predictions(
     if len(shapes) != 1:
         detail = ", ".join(f"{n}: {a.shape}" for (n, _), a in zip(models, fixed, strict=True))
         raise ShapeError(f"every model's predictions must have the same shape; got {detail}.")
-    names = [n for n, _ in models]
-    if len(set(names)) != len(names):
-        names = [f"{n} ({k})" for k, n in enumerate(names)]
-    return np.stack(fixed), names
+    found = [n for n, _ in models] if names is None else list(names)
+    what = "the model names" if names is None else "--names"
+    return Predictions(np.stack(fixed), check_names(found, len(fixed), what), True)
+
+
+def match_models(
+    fitted: Sequence[str], fitted_named: bool, given: Predictions, weights_path: str | Path
+) -> list[int]:
+    """For each fitted model, the index of its predictions in ``given``.
+
+    Named fits match by name: the same names, each once (any order). A fit whose names
+    are placeholders (fitted on one stacked array, or a weights file that records none)
+    matches by position. A named fit given unnamed predictions (a stacked array) is
+    refused: ``--names`` names them.
+    """
+    K, where = len(fitted), str(weights_path)
+    if len(given.names) != K:
+        raise ConvexMixError(
+            f"{where} holds weights for {K} models ({', '.join(fitted)}); the predictions "
+            f"hold {len(given.names)} ({', '.join(given.names)})."
+        )
+    if not fitted_named:
+        return list(range(K))
+    if not given.named:
+        raise ConvexMixError(
+            f"{where} was fitted on the models {', '.join(fitted)}; the predictions name no "
+            "models (one stacked array): give --names in the array's order."
+        )
+    unknown = [n for n in given.names if n not in fitted]
+    missing = [n for n in fitted if n not in given.names]
+    if unknown or missing:
+        raise ConvexMixError(
+            f"the predictions' models do not match those of {where}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"not in the fit: {', '.join(unknown)}" if unknown else "",
+                    f"missing: {', '.join(missing)}" if missing else "",
+                )
+                if part
+            )
+            + " (models are matched by name: file names, .npz keys or --names)."
+        )
+    return [given.names.index(n) for n in fitted]
 
 
 def load_targets(path: str | Path) -> Any:
@@ -218,17 +298,18 @@ def load_targets(path: str | Path) -> Any:
     return a
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``:
-    a failure (or an interrupt) leaves no partial output."""
-    from convexmix._files import atomic_path  # errors name the path; umask permissions
-
-    with atomic_path(path) as tmp:
+def write_atomic(
+    path: str | Path, write: Callable[[Path], object], inputs: Sequence[str | Path] = ()
+) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``
+    (see :mod:`convexmix._files`: a failure or an interrupt leaves no partial output, and
+    ``path`` must not be one of the ``inputs``)."""
+    with atomic_path(path, inputs) as tmp:
         write(tmp)
     return Path(path)
 
 
-def save_array(path: str | Path, array: Any) -> Path:
+def save_array(path: str | Path, array: Any, inputs: Sequence[str | Path] = ()) -> Path:
     """Write a (N,) or (N, C) array as ``.npy``, ``.csv`` or ``.parquet`` (by extension),
     atomically."""
     np = _numpy()
@@ -242,13 +323,8 @@ def save_array(path: str | Path, array: Any) -> Path:
     a = np.asarray(array)
     columns = ["blend"] if a.ndim == 1 else [f"class_{c}" for c in range(a.shape[1])]
     if suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConvexMixError(
-                f"{out}: writing .parquet files needs pyarrow: pip install pyarrow"
-            ) from None
+        pa = require("pyarrow", purpose=f"{out}: writing .parquet files")
+        pq = require("pyarrow.parquet", purpose=f"{out}: writing .parquet files")
     a2 = a[:, None] if a.ndim == 1 else a
 
     def write(tmp: Path) -> None:
@@ -261,4 +337,4 @@ def save_array(path: str | Path, array: Any) -> Path:
             table = pa.table({name: a2[:, j] for j, name in enumerate(columns)})
             pq.write_table(table, tmp)
 
-    return write_atomic(out, write)
+    return write_atomic(out, write, inputs)

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from convexmix._files import atomic_path
+from convexmix._optional import require
 from convexmix.errors import ConvexMixError
 
 __all__ = ["plot_ensemble_weights", "plot_weight_history"]
@@ -16,13 +18,10 @@ _MAX_LINES = 12
 
 
 def _figure(rows: int) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ConvexMixError('plotting needs matplotlib: pip install "convexmix[plot]"') from err
-    fig = Figure(figsize=(7.0, 2.6 * rows), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot, no global backend change
+    agg = require("matplotlib.backends.backend_agg", purpose="plotting")
+    figure = require("matplotlib.figure", purpose="plotting")
+    fig = figure.Figure(figsize=(7.0, 2.6 * rows), layout="constrained")
+    agg.FigureCanvasAgg(fig)  # no pyplot, no global backend change
     return fig
 
 
@@ -56,8 +55,6 @@ def plot_path(path: str | Path) -> Path:
 
 
 def _save(fig: Any, path: str | Path, title: str | None) -> Path:
-    from convexmix._files import atomic_path
-
     if title:
         fig.suptitle(title)
     out = plot_path(path)

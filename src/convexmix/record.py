@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from convexmix._optional import require
 from convexmix.errors import ConvexMixError
 from convexmix.nn import ScalarMix, SimplexWeights, WeightedSum
 from convexmix.parametrize import simplex_constraints
@@ -46,13 +47,11 @@ class _SummaryWriter(Protocol):
 
 
 def _open_writer(log_dir: str | Path) -> _SummaryWriter:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ConvexMixError(
-            'writing to TensorBoard needs tensorboard: pip install "convexmix[tensorboard]"'
-        ) from err
-    return SummaryWriter(log_dir=str(log_dir))
+    require("tensorboard", purpose="writing to TensorBoard")
+    writer: _SummaryWriter = require(
+        "torch.utils.tensorboard", extra="tensorboard", purpose="writing to TensorBoard"
+    ).SummaryWriter(log_dir=str(log_dir))
+    return writer
 
 
 class WeightRecorder:

@@ -533,7 +533,18 @@ class BootstrapResult:
 
 #: fit_weights arguments that bootstrap passes on.
 _BOOTSTRAP_FIT_ARGS = frozenset(
-    {"loss", "map", "regularization", "tol", "max_iter", "validate", "cv_folds", "seed"}
+    {
+        "loss",
+        "map",
+        "regularization",
+        "tol",
+        "max_iter",
+        "validate",
+        "cv_folds",
+        "seed",
+        "max_weight",
+        "max_models",
+    }
 )
 
 
@@ -566,7 +577,9 @@ def bootstrap(
             that equal the separate fits to the solver's tolerance (about 1e-9) rather
             than bit for bit.
         **fit_kwargs: ``loss``, ``map``, ``regularization``, ``tol``, ``max_iter``,
-            ``validate`` and ``cv_folds``, passed to :func:`fit_weights`, and
+            ``validate``, ``cv_folds``, ``max_weight`` and ``max_models``, passed to
+            :func:`fit_weights` (every draw then honours the constraints; ``warm_start``
+            does not apply to constrained fits), and
             ``cv_seed``, passed as its ``seed`` (the cross-validation split; 0 by
             default, like fit_weights').
 
@@ -610,8 +623,18 @@ def bootstrap(
     cv_folds = fit_kwargs.get("cv_folds", 5)
     cv_seed = fit_kwargs.get("cv_seed", 0)
     _check_fit_args(map, tol, max_iter, regularization, cv_folds)
+    max_weight = fit_kwargs.get("max_weight")
+    max_models = fit_kwargs.get("max_models")
     obj = make_objective(predictions, targets, loss, None, fit_kwargs.get("validate", True))
-    fit = _fit(obj, map, regularization, tol, max_iter, cv_folds, cv_seed, None)
+
+    def fit_one(o: DataObjective, w0: Tensor | None) -> EnsembleResult:
+        if max_weight is not None or max_models is not None:  # the same route as fit_weights
+            return _fit_constrained(
+                o, map, regularization, tol, max_iter, None, max_weight, max_models
+            )
+        return _fit(o, map, regularization, tol, max_iter, cv_folds, cv_seed, None, w0=w0)
+
+    fit = fit_one(obj, None)
     N = obj.n_samples
     gen = torch.Generator().manual_seed(seed)
     draws = torch.empty(n, N, dtype=torch.float64).exponential_(generator=gen)
@@ -622,17 +645,7 @@ def bootstrap(
     converged = torch.empty(n, dtype=torch.bool)
     for i in range(n):
         s = draws[i] / draws[i].sum()  # exactly what fit_weights does with sample_weight
-        res = _fit(
-            obj.with_weights(s),
-            map,
-            regularization,
-            tol,
-            max_iter,
-            cv_folds,
-            cv_seed,
-            None,
-            w0=fit.weights if warm_start else None,
-        )
+        res = fit_one(obj.with_weights(s), fit.weights if warm_start else None)
         weights[i], losses[i], converged[i] = res.weights, res.loss, res.converged
         if callback is not None:
             callback(i + 1, n)
