@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from convexmix.cli import _common as common
-from convexmix.functional._registry import MAPS
+from convexmix.functional._registry import DETERMINISTIC
 
 __all__: list[str] = []
 
@@ -46,7 +46,7 @@ def add_arguments(ens: argparse.ArgumentParser) -> None:
         help="log_loss: class probabilities and labels; mse: regression outputs and values "
         "(or probabilities: the Brier score)",
     )
-    ens.add_argument("--map", default="softmax", choices=sorted(MAPS), help=argparse.SUPPRESS)
+    ens.add_argument("--map", default="softmax", choices=sorted(DETERMINISTIC), help=argparse.SUPPRESS)
     ens.add_argument(
         "--regularization",
         type=common.regularization,

@@ -113,13 +113,14 @@ MAPS: dict[str, MapSpec] = {
 }
 
 
-def get_map(name: str, *, stochastic: bool = False) -> MapSpec:
+def get_map(name: str | MapSpec, *, stochastic: bool = False) -> MapSpec:
     """The :class:`MapSpec` called ``name``, or an error that lists the known names.
 
     The sampling maps (``"gumbel"``, ``"gumbel_soft"``) are found only with
     ``stochastic=True``: the layers and the parametrization take them, where ``train()``
     and ``eval()`` choose between a sample and the deterministic output; a job (an
     ensemble fit, a merge) needs a deterministic map."""
+    spec: MapSpec
     if isinstance(name, MapSpec):
         spec = name
     elif not isinstance(name, str) or name not in MAPS:
