@@ -46,7 +46,9 @@ def add_arguments(ens: argparse.ArgumentParser) -> None:
         help="log_loss: class probabilities and labels; mse: regression outputs and values "
         "(or probabilities: the Brier score)",
     )
-    ens.add_argument("--map", default="softmax", choices=sorted(DETERMINISTIC), help=argparse.SUPPRESS)
+    ens.add_argument(
+        "--map", default="softmax", choices=sorted(DETERMINISTIC), help=argparse.SUPPRESS
+    )
     ens.add_argument(
         "--regularization",
         type=common.regularization,

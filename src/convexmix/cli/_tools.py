@@ -86,7 +86,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_seeds_arguments(seeds: argparse.ArgumentParser) -> None:
-    seeds.add_argument("--map", default="softmax", choices=sorted(DETERMINISTIC), help="the simplex map")
+    seeds.add_argument(
+        "--map", default="softmax", choices=sorted(DETERMINISTIC), help="the simplex map"
+    )
     seeds.add_argument("--steps", type=common.count(1), default=400, help="Adam steps per scenario")
     seeds.add_argument("--seed", type=common.seed, default=0, help="random seed")
     seeds.add_argument("--quiet", action="store_true", help="no progress display")
