@@ -75,11 +75,13 @@ def rows_of(b: Tensor, shape: torch.Size, d: int) -> Tensor:
     return bm.expand(*full, kb).reshape(-1, kb)
 
 
-def check_order(lo: Tensor, up: Tensor) -> None:
-    """``lower <= upper`` everywhere, ``lower < inf`` and ``upper > -inf`` (NaN aside)."""
-    if bool((lo > up).any()):
+def check_order(z: Tensor, lo: Tensor, up: Tensor) -> None:
+    """``lower <= upper``, ``lower < inf`` and ``upper > -inf`` at the present entries of
+    the rows ``z`` (NaN aside; absent entries take no part)."""
+    present = z > -math.inf
+    if bool(((lo > up) & present).any()):
         raise ConvexMixError("lower must be <= upper everywhere; got an entry with lower > upper.")
-    if bool((lo == math.inf).any()) or bool((up == -math.inf).any()):
+    if bool((((lo == math.inf) | (up == -math.inf)) & present).any()):
         raise ConvexMixError("lower must be < inf and upper > -inf.")
 
 

@@ -244,15 +244,15 @@ def _capped_fwd(
 ) -> Tensor:
     shape = x.shape
     k = shape[dim]
-    lo_r = rows_of(lower, shape, dim)
-    up_r = rows_of(upper, shape, dim)
-    check_order(lo_r, up_r)
     if x.numel() == 0:
         return x.new_zeros(shape)
+    lo_r = rows_of(lower, shape, dim)
+    up_r = rows_of(upper, shape, dim)
+    rows = x.movedim(dim, -1).reshape(-1, k)
+    check_order(rows, lo_r, up_r)
     # a lower bound of -inf (or beyond the dtype) is the dtype's lowest value: the same
     # projection, and the search's bracket stays finite
     lo_r = lo_r.clamp_min(-torch.finfo(x.dtype).max)
-    rows = x.movedim(dim, -1).reshape(-1, k)
     rows, lo_r, up_r, nan_rows = special_rows(rows, lo_r, up_r, total)
     out: Tensor | None = None
     if native.capped_applies(x):
