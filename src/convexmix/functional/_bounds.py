@@ -78,6 +78,8 @@ def rows_of(b: Tensor, shape: torch.Size, d: int) -> Tensor:
 def check_order(z: Tensor, lo: Tensor, up: Tensor) -> None:
     """``lower <= upper``, ``lower < inf`` and ``upper > -inf`` at the present entries of
     the rows ``z`` (NaN aside; absent entries take no part)."""
+    if not (bool((lo > up).any()) or bool((lo == math.inf).any()) or bool((up == -math.inf).any())):
+        return  # the bounds alone (usually one value each) settle it
     present = z > -math.inf
     if bool(((lo > up) & present).any()):
         raise ConvexMixError("lower must be <= upper everywhere; got an entry with lower > upper.")
@@ -123,6 +125,11 @@ def special_rows(
     NaN (``nan_rows``, ``(R, 1)``), and ``+inf`` entries become finite with bounds that
     fix the limit's entries. ``nan_rows`` is None (and nothing changes) where there are
     no special values."""
+    total_z = float(z.sum())  # one pass: NaN or +inf only with a NaN or a +inf (or overflow)
+    if (total_z == total_z and total_z != math.inf) and not (
+        bool(torch.isnan(lo).any()) or bool(torch.isnan(up).any())
+    ):
+        return z, lo, up, None
     present = z > -math.inf
     nan_in = torch.isnan(z) | ((torch.isnan(lo) | torch.isnan(up)) & present)
     pinf = z == math.inf
