@@ -81,6 +81,20 @@ def check_positive(value: object, name: str, *, optional: bool = False) -> float
     return float(value)
 
 
+def check_bound(value: object, name: str) -> float | Tensor | None:
+    """A bound as the maps take it: None, a number that is not NaN, or a real tensor;
+    a :class:`ConvexMixTypeError` for another type (a string, a list)."""
+    if value is None or (isinstance(value, Tensor) and not value.is_complex()):
+        return value
+    if not is_number(value):
+        raise ConvexMixTypeError(
+            f"{name} must be None, a number or a tensor; got {type(value).__name__}."
+        )
+    if math.isnan(value):
+        raise ConvexMixError(f"{name} must not be NaN.")
+    return value
+
+
 def check_tensor(x: object, name: str = "x") -> Tensor:
     """Return ``x`` if it is a floating-point tensor, else raise a clear error."""
     if not isinstance(x, Tensor):

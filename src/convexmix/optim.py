@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from convexmix._validation import (
     PROJECTION_METHODS,
     any_true,
+    check_bound,
     check_choice,
     check_int,
     check_total,
@@ -54,6 +55,7 @@ def _check_bounds(
     p: Tensor, lower: float | Tensor | None, upper: float | Tensor | None, who: str
 ) -> None:
     """Parameters must start inside their bounds (to rounding)."""
+    lower, upper = check_bound(lower, "lower"), check_bound(upper, "upper")
     v = p.detach()
     tol = 64 * torch.finfo(compute_dtype(v.dtype)).eps
     if upper is not None and not bool((v <= torch.as_tensor(upper, dtype=v.dtype) + tol).all()):
@@ -132,6 +134,7 @@ class ExponentiatedGradient(Optimizer):
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ConvexMixError(f"lr must be a finite number > 0; got {lr!r}.")
+        upper = check_bound(upper, "upper")
         defaults = {"lr": float(lr), "dim": dim, "total": check_total(total), "upper": upper}
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -254,7 +257,8 @@ class Projected(Optimizer):
                     "k cannot be combined with lower/upper: the projection onto the k-sparse "
                     "simplex has no box; use one or the other."
                 )
-        self.lower, self.upper, self.k = lower, upper, k
+        self.lower, self.upper = check_bound(lower, "lower"), check_bound(upper, "upper")
+        self.k = k
         if isinstance(optimizer, _ADAPTIVE):
             warnings.warn(
                 f"Projected({type(optimizer).__name__}): per-coordinate step scaling and a "

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from convexmix._kernels import native
 from convexmix._validation import PROJECTION_METHODS, check_choice, prepare
-from convexmix.functional._bounded import capped_projection
+from convexmix.functional._capped import capped_projection
 from convexmix.functional._ops import register_map
-from convexmix.functional._sparse import (
+from convexmix.functional._projection import (
     SPARSEMAX,
     clamp_inf,
     finish,

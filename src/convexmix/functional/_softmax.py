@@ -10,6 +10,7 @@ from torch import Tensor
 
 from convexmix._kernels import native
 from convexmix._validation import PLAIN, check_temperature, compute_dtype, prepare, traced
+from convexmix.functional._csoftmax import constrained_softmax
 
 __all__ = ["softmax", "softmax_inverse"]
 
@@ -125,8 +126,6 @@ def softmax(
     if temperature.__class__ is not float or temperature != 1.0:
         z = z / temperature  # -inf (absent) stays -inf
     if upper is not None:
-        from convexmix.functional._bounded import constrained_softmax
-
         return constrained_softmax(z, d, total, upper).to(x.dtype)
     p = safe_softmax(z, d)
     if total != 1.0:

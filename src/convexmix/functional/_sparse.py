@@ -42,131 +42,22 @@ from convexmix._validation import (
     prepare,
 )
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
-from convexmix.functional._ops import Vjp, register_map
+from convexmix.functional._capped import capped_projection
+from convexmix.functional._ops import register_map
+from convexmix.functional._projection import (
+    SPARSEMAX,
+    clamp_inf,
+    finish,
+    native_vjp,
+    sorted_shifted,
+    support_backward,
+)
 from convexmix.functional._softmax import softmax
 
 __all__ = ["entmax", "entmax15", "entmax_inverse", "sparsemax"]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _sorted_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows sorted in descending order, in float64, minus the row maximum; that maximum
-    (0 for all--inf rows); and whether the row has any entry > -inf, all ``(..., 1)``
-    but the first. Every support entry lies within ``total`` (sparsemax) or
-    ``sqrt(total)`` (1.5-entmax) of the maximum, so shifted prefix sums over the support
-    are O(1) and free of cancellation, even for logits of 1e4. The sort runs in the
-    input dtype: only the order matters."""
-    zs = torch.sort(z, dim=-1, descending=True).values.to(torch.float64)
-    top = zs[..., :1]  # NaN sorts first: NaN for a row with a NaN
-    # A NaN row counts as present: its shift is NaN, so its whole output is NaN.
-    present = top != -math.inf
-    shift = torch.where(present, top, 0.0)
-    zs -= shift
-    return zs, shift, present
-
-
-def clamp_inf(z: Tensor) -> Tensor:
-    """``+inf`` -> the largest finite value of the dtype: the ``+inf`` entries of a row then
-    are its maximum and share all the mass (every other entry is at least ``total`` below
-    them once shifted). NaN stays NaN."""
-    return z.clamp_max(torch.finfo(z.dtype).max)
-
-
-def finish(
-    z: Tensor, shift: Tensor, tau: Tensor, present: Tensor, dim: int, square: bool
-) -> Tensor:
-    """``[z - shift - tau]_+`` (its square / 4 for 1.5-entmax, ``z`` unscaled) in float64,
-    rounded once to ``z.dtype``; zeros for rows with nothing present. ``z - shift`` comes
-    first: it is exact near the maximum (Sterbenz), where folding ``shift + tau`` into one
-    offset would lose ulp(max) ~ 2e-12 at logits of 1e4."""
-    out = z.new_empty(z.shape)  # of z's class too (a tensor subclass stays one)
-    d = z - shift  # float64 (shift is float64)
-    if square:
-        d.sub_(tau).clamp_min_(0.0)
-        torch.mul(d, d, out=out)
-        out.mul_(0.25)  # exact: a power of two
-    else:
-        torch.sub(d, tau, out=out)  # rounded once to the output dtype
-        out.clamp_min_(0.0)
-    out.masked_fill_(~present, 0.0)
-    return out.movedim(-1, dim).contiguous()
-
-
-def _support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) -> Tensor:
-    r"""Vector-Jacobian product of an alpha-entmax output ``y`` along ``dim``.
-
-    With :math:`g = y^{2-\alpha}` on the support: :math:`dx = g \odot (dy - \langle g, dy\rangle
-    / \sum g)`. ``power`` is ``2 - alpha`` (0 for sparsemax, where g is the support indicator).
-    """
-    tiny = torch.finfo(grad.dtype).tiny
-    if isinstance(power, float) and power == 0.0:
-        support = y > 0
-        gd = torch.where(support, grad, 0.0)
-        q = gd.sum(dim, keepdim=True) / support.sum(dim, keepdim=True).clamp_min(1)
-        return gd.sub_(q).masked_fill_(~support, 0.0)
-    if isinstance(power, float) and power == 0.5:
-        g = y.to(grad.dtype).sqrt()
-    else:
-        g = torch.where(y > 0, y.clamp_min(0) ** power, 0.0).to(grad.dtype)
-    gd = g * grad
-    q = gd.sum(dim, keepdim=True) / g.sum(dim, keepdim=True).clamp_min(tiny)
-    return gd.sub_(g * q)  # gd is fresh; g may be unbatched under vmap, so no g.mul_
-
-
 # ------------------------------------------------------------------------- sparsemax
-
-
-def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
-    out = native.rows_forward(x, dim, total, native.SPARSEMAX)
-    return out if out is not None else sparsemax_sort(x, dim, total)
-
-
-def sparsemax_sort(x: Tensor, dim: int, total: float) -> Tensor:
-    """Sparsemax by sorting (ATen): the support from the sorted prefix sums, then the
-    threshold from a pairwise sum over it."""
-    z = clamp_inf(x.movedim(dim, -1))
-    k = z.shape[-1]
-    if k == 0:
-        return x.new_empty(x.shape)
-    zs, shift, present = _sorted_shifted(z)
-    cs = zs.cumsum(-1)
-    ks = torch.arange(1, k + 1, device=z.device, dtype=torch.float64)
-    # Entry k (1-based, sorted) is in the support iff t + k z_(k) > sum_{j<=k} z_(j).
-    kstar = (torch.addcmul(cs.new_full((), total), ks, zs) > cs).sum(-1, keepdim=True)
-    kstar.clamp_(min=1)
-    # The prefix sums only locate the support; its sum is retaken pairwise (torch.sum),
-    # which keeps the threshold exact to a few ulp at K = 1e5.
-    tau = (zs.masked_fill_(ks > kstar, 0.0).sum(-1, keepdim=True) - total) / kstar
-    return finish(z, shift, tau, present, dim, square=False)
-
-
-def sparsemax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
-    """The sparsemax VJP (also the Euclidean projections'): the support's centred gradient."""
-    (y,) = ctx.saved_tensors
-    return (_support_backward(y, grad, ctx.dim, 0.0) if ctx.needs_input_grad[0] else None,)
-
-
-def _native_vjp(kind: int, vjp: Vjp) -> Vjp:
-    """``vjp`` run natively where the row kernel applies (not while a graph of the
-    backward is recorded: ``create_graph=True`` needs differentiable ATen ops)."""
-
-    def eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
-            (y,) = ctx.saved_tensors
-            dx = native.rows_backward(y, grad, ctx.dim, kind)
-            if dx is not None:
-                return (dx,)
-        return vjp(ctx, grad)
-
-    return eager_vjp
-
-
-sparsemax_eager_vjp = _native_vjp(native.SPARSEMAX, sparsemax_vjp)
-
-
-SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)
 
 
 def sparsemax(
@@ -209,8 +100,6 @@ def sparsemax(
     """
     z, d, total = prepare(x, dim, mask, total)
     if lower is not None or upper is not None:
-        from convexmix.functional._bounded import capped_projection
-
         return capped_projection(z, d, total, lower, upper).to(x.dtype)
     out = SPARSEMAX(z, d, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -227,7 +116,7 @@ def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
     k = z.shape[-1]
     if k == 0:
         return x.new_empty(x.shape)
-    zs, shift, present = _sorted_shifted(z)
+    zs, shift, present = sorted_shifted(z)
     zs *= 0.5  # entmax15 works on x / 2; exact
     valid = zs > -math.inf
     zs.masked_fill_(~valid, 0.0)
@@ -249,10 +138,10 @@ def _entmax15_fwd(x: Tensor, dim: int, total: float) -> Tensor:
 def _entmax15_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None]:
     """The alpha-entmax VJP with ``g = sqrt(y)``."""
     (y,) = ctx.saved_tensors
-    return (_support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None,)
+    return (support_backward(y, grad, ctx.dim, 0.5) if ctx.needs_input_grad[0] else None,)
 
 
-_entmax15_eager_vjp = _native_vjp(native.ENTMAX15, _entmax15_vjp)
+_entmax15_eager_vjp = native_vjp(native.ENTMAX15, _entmax15_vjp)
 
 
 _ENTMAX15 = register_map("entmax15", _entmax15_fwd, _entmax15_vjp, eager_vjp=_entmax15_eager_vjp)
@@ -323,7 +212,7 @@ def _entmax_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
     y, alpha = ctx.saved_tensors
     dim = ctx.dim
     a = alpha.to(y.dtype)
-    dx = _support_backward(y, grad, dim, 2.0 - a) if ctx.needs_input_grad[0] else None
+    dx = support_backward(y, grad, dim, 2.0 - a) if ctx.needs_input_grad[0] else None
     dalpha = None
     if ctx.needs_input_grad[1]:
         # d p_j / d alpha = (p_j - t g^_j)/(a-1)^2 - (p_j log p_j - g^_j sum p log p)/(a-1),
