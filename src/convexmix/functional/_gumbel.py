@@ -94,6 +94,23 @@ def _keys(z: Tensor, g: Tensor, d: int, tau: float) -> Tensor:
     return torch.where(posinf, inf_key, s)
 
 
+def _log1m_softmax(s: Tensor, a: Tensor, d: int) -> Tensor:
+    """``log(1 - a)`` for ``a = softmax(s)``, accurate where ``a`` rounds to 1.
+
+    Off the largest entry ``a <= 1/2`` and ``log1p(-a)`` is exact. On it, ``1 - a`` is the
+    other entries' share, ``exp(logsumexp(others) - logsumexp(s))``, which keeps its
+    exponent where ``1 - a`` would round to 0 (a penalty too small to take the entry out
+    would let the next steps pick it again); with no other entry left it is ``-inf``.
+    Stand-ins keep every gradient finite."""
+    is_top = torch.zeros_like(s, dtype=torch.bool).scatter(d, s.argmax(d, keepdim=True), True)
+    others = torch.where(is_top, -math.inf, s)
+    none_left = (others == -math.inf).all(d, keepdim=True)
+    log_rest = torch.logsumexp(torch.where(none_left, 0.0, others), d, keepdim=True)
+    log_rest = log_rest - torch.logsumexp(torch.where(none_left, 0.0, s), d, keepdim=True)
+    log_rest = torch.where(none_left, -math.inf, log_rest)
+    return torch.where(is_top, log_rest, torch.log1p(-a.clamp(max=0.5)))
+
+
 def _hard_topk(z: Tensor, g: Tensor, d: int, k: int) -> Tensor:
     """k-hot of the k largest present entries of ``z`` (+inf first, in the noise's order);
     a slice with fewer than k present entries keeps all of them; NaN slices are NaN."""
@@ -247,20 +264,18 @@ def sample_topk(
     if tau == 0.0:
         return _finish(_hard_topk(z.detach(), g, d, k), None, True, logits.dtype)
     s = _keys(z, g, d, tau)
-    soft = torch.zeros_like(s)
-    for step in range(k):
-        a = safe_softmax(s, d)
-        soft = soft + a
-        if step + 1 < k:
-            # log(1 - a), and -inf where a rounds to 1 (the entry is taken): its gradient
-            # stays finite, taken from the clamped branch.
-            taken = a >= 1.0
-            below_one = a.clamp(max=1.0 - torch.finfo(a.dtype).eps)
-            s = torch.where(taken, -math.inf, s + torch.log1p(-below_one))
     # A slice whose scaled keys overflow (a present finite entry at -inf: tau below the
     # range of its logits' spread) loses the order of the entries after the first pick:
     # it takes its limit, the hard sample. (Eager calls skip both when neither is needed.)
     overflow = ((s == -math.inf) & torch.isfinite(z)).any(d, keepdim=True)
+    # a slice with fewer than k present entries takes as many steps as it has entries
+    present = (s != -math.inf).sum(d, keepdim=True)
+    soft = torch.zeros_like(s)
+    for step in range(k):
+        a = safe_softmax(s, d)
+        soft = soft + (a if step == 0 else torch.where(present > step, a, 0.0))
+        if step + 1 < k:
+            s = s + _log1m_softmax(s, a, d)
     if not hard and not traced() and not any_true(overflow):
         return soft.to(logits.dtype)
     sample = _hard_topk(z.detach(), g, d, k)
