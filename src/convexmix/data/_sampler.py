@@ -1,0 +1,354 @@
+"""A sampler whose domain proportions follow (changing) mixture weights (private; the face
+is :mod:`convexmix.data`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence, Sized
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, Sampler
+
+from convexmix.data._reduce import group_rank_world
+from convexmix.data._weights import MixtureWeights
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+
+__all__ = ["MixtureSampler"]
+
+_MASK64 = (1 << 64) - 1
+_FIRST_BLOCK = 256  # draws in the first block after a weight change; doubles up to _MAX_BLOCK
+_MAX_BLOCK = 1 << 16
+
+
+def _splitmix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _key(*parts: int) -> torch.Generator:
+    """A generator seeded from a tuple of integers (a counter-based stream)."""
+    h = 0
+    for p in parts:
+        h = _splitmix(h ^ (p & _MASK64))
+    return torch.Generator().manual_seed(h >> 1)
+
+
+class MixtureSampler(Sampler[int]):
+    r"""Indices into a ``ConcatDataset``-style layout whose domains follow mixture weights.
+
+    Domain :math:`i` holds the global indices ``offset[i] .. offset[i] + size[i] - 1`` (the
+    layout of ``torch.utils.data.ConcatDataset(datasets)``). Each draw picks a domain with
+    the probabilities in effect at that draw, then an example of that domain: uniformly
+    (``replacement=True``) or the next one of a random permutation of the domain, a new
+    permutation each time the domain is used up (``replacement=False``).
+
+    **Changing weights.** ``weights`` may be a :class:`MixtureWeights`: each draw uses its
+    current weights. Draws are made in vectorised blocks; the sampler checks the weights'
+    :attr:`~MixtureWeights.version` before every index it yields and redraws the rest of
+    the block when they changed, so a step of the weights takes effect at the very next
+    index the sampler yields.
+
+    **DataLoader.** The sampler runs in the main process, also with ``num_workers > 0``:
+    workers only receive the index batches. A :meth:`MixtureWeights.step` in the training
+    loop (the main process) is therefore seen by the sampler, but a ``DataLoader`` with
+    workers draws ahead: it keeps ``prefetch_factor * num_workers`` batches of indices in
+    flight, so a weight change reaches the batches drawn after those (with
+    ``num_workers=0`` the next batch). Weights stepped inside a worker process (in a
+    dataset or ``collate_fn``) never reach the sampler.
+
+    **Ranks.** Each rank draws from its own shard of every domain (the examples
+    ``j`` with ``j % world_size == rank``, as ``DistributedSampler`` splits), with its own
+    random stream, so the ranks' indices are disjoint. Give every rank the same weights
+    (a :class:`MixtureWeights` stepped on all ranks is bit-identical across them).
+
+    **Determinism and resuming.** The stream is a function of ``seed``, the epoch
+    (:meth:`set_epoch`), the rank and the positions at which the weights changed: every
+    block is drawn from a generator keyed by (seed, epoch, rank, position). :meth:`state_dict`
+    records the position and the block in use; after :meth:`load_state_dict` the next
+    iteration continues with the identical indices. With a ``DataLoader`` that draws
+    ahead, the sampler's position is ahead of the batches the loop has consumed (see above).
+
+    Args:
+        domains: the domain sizes (ints), the datasets themselves (each ``len()`` is its
+            size), a ``ConcatDataset``, or a mapping ``{name: size or dataset}`` (ordered
+            as the ``MixtureWeights``' domains when ``weights`` is one).
+        weights: a :class:`MixtureWeights` (live), or fixed probabilities (K,).
+        num_samples: indices per epoch on this rank; default ``ceil(total / world_size)``.
+        seed: the seed of every random stream.
+        rank: this rank; default the torch.distributed rank (0 when not initialised).
+        world_size: the number of ranks; default the torch.distributed world size (or 1).
+        replacement: draw examples within a domain with replacement (default) or from
+            reshuffled passes without.
+
+    Example:
+        >>> import torch
+        >>> from convexmix.data import MixtureSampler
+        >>> s = MixtureSampler([100, 10], torch.tensor([0.5, 0.5]), num_samples=6, seed=0)
+        >>> idx = list(s)
+        >>> len(idx), s.domain_of(torch.tensor(idx)).tolist()
+        (6, [0, 0, 1, 1, 1, 0])
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[int] | Sequence[Sized] | Mapping[Any, int | Sized] | ConcatDataset[Any],
+        weights: MixtureWeights | Tensor | Sequence[float],
+        *,
+        num_samples: int | None = None,
+        seed: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        replacement: bool = True,
+    ) -> None:
+        sizes = _sizes(domains, weights)
+        k = len(sizes)
+        if isinstance(weights, MixtureWeights):
+            if len(weights.domains) != k:
+                raise ShapeError(f"weights has {len(weights.domains)} domains; got {k} domain sizes.")
+            self._live: MixtureWeights | None = weights
+            self._fixed = torch.empty(0, dtype=torch.float64)
+        else:
+            self._live = None
+            self._fixed = _fixed_probs(weights, k)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConvexMixTypeError(f"seed must be an int; got {seed!r}.")
+        if (rank is None) != (world_size is None):
+            d_rank, d_world = group_rank_world(None)
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        elif rank is None or world_size is None:
+            rank, world_size = group_rank_world(None)
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ConvexMixError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}.")
+        small = [i for i, n in enumerate(sizes) if n < world_size]
+        if small:
+            raise ConvexMixError(
+                f"every domain needs at least world_size={world_size} examples (one per rank); "
+                f"domains {small} have sizes {[sizes[i] for i in small]}."
+            )
+        total = sum(sizes)
+        if num_samples is None:
+            num_samples = math.ceil(total / world_size)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
+            raise ConvexMixError(f"num_samples must be an int >= 0; got {num_samples!r}.")
+        self.sizes = sizes
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.replacement = bool(replacement)
+        self.epoch = 0
+        self._offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
+        self._ends = self._offsets + torch.tensor(sizes, dtype=torch.int64)
+        # examples of each domain on this rank: j = rank, rank + world, ...
+        self._local = torch.tensor(
+            [(n - rank + world_size - 1) // world_size for n in sizes], dtype=torch.int64
+        )
+        self._perms: dict[int, tuple[int, Tensor]] = {}
+        self._pending: dict[str, Any] | None = None
+        self._state = self._fresh_state()
+
+    # ------------------------------------------------------------------ helpers
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the random streams of ``epoch`` from the next iteration on."""
+        self.epoch = int(epoch)
+
+    def domain_of(self, indices: Tensor) -> Tensor:
+        """The domain (0..K-1) of each global index, a tensor of the same shape (int64)."""
+        return torch.searchsorted(self._ends, torch.as_tensor(indices), right=True)
+
+    def probabilities(self) -> Tensor:
+        """The domain probabilities the next draw uses, (K,) float64."""
+        return self._live.weights if self._live is not None else self._fixed.clone()
+
+    def _fresh_state(self) -> dict[str, Any]:
+        k = len(self.sizes)
+        return {
+            "epoch": self.epoch,
+            "position": 0,
+            "block_start": 0,
+            "block_size": 0,
+            "block_probs": None,
+            "cursors": torch.zeros(k, dtype=torch.int64),
+        }
+
+    # ------------------------------------------------------------------ drawing
+    def _perm(self, d: int, rnd: int, epoch: int) -> Tensor:
+        """The permutation of domain d's local examples for pass ``rnd`` (cached: the latest)."""
+        cached = self._perms.get(d)
+        if cached is not None and cached[0] == rnd:
+            return cached[1]
+        g = _key(self.seed, epoch, self.rank, 1, d, rnd)
+        perm = torch.randperm(int(self._local[d]), generator=g)
+        self._perms[d] = (rnd, perm)
+        return perm
+
+    def _draw(
+        self, epoch: int, start: int, size: int, probs: Tensor, cursors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(domains, global indices) of the block of ``size`` draws from position ``start``."""
+        g = _key(self.seed, epoch, self.rank, 0, start)
+        cdf = probs.cumsum(0)
+        positive = (probs > 0).nonzero()
+        if positive.numel() == 0:
+            raise ConvexMixError(f"the weights have no positive entry: {probs.tolist()}.")
+        u = torch.rand(size, generator=g, dtype=torch.float64) * cdf[-1]
+        dom = torch.searchsorted(cdf, u, right=True).clamp_(max=int(positive[-1]))
+        n_local = self._local[dom]
+        if self.replacement:
+            v = torch.rand(size, generator=g, dtype=torch.float64)
+            local = (v * n_local).long().clamp_(max=n_local - 1)
+        else:
+            local = torch.empty(size, dtype=torch.int64)
+            for d in dom.unique().tolist():
+                where = (dom == d).nonzero().flatten()
+                pos = cursors[d] + torch.arange(where.numel())
+                n = int(self._local[d])
+                rounds = pos // n
+                for rnd in rounds.unique().tolist():
+                    sel = rounds == rnd
+                    local[where[sel]] = self._perm(d, rnd, epoch)[pos[sel] - rnd * n]
+        idx = self._offsets[dom] + self.rank + local * self.world_size
+        return dom, idx
+
+    def __iter__(self) -> Iterator[int]:
+        if self._pending is not None:
+            st, self._pending = self._pending, None
+        else:
+            st = self._fresh_state()
+        self._state = st
+        epoch, live, n_total, k = st["epoch"], self._live, self.num_samples, len(self.sizes)
+        pos, start, size = st["position"], st["block_start"], st["block_size"]
+        cursors, probs = st["cursors"], st["block_probs"]
+        block: list[int] = []
+        dom = torch.empty(0, dtype=torch.int64)
+        changed = False
+        if probs is not None and pos < n_total:
+            # resuming: the saved block again, then a redraw if the weights now differ
+            dom, idx = self._draw(epoch, start, size, probs, cursors)
+            block = idx.tolist()
+            changed = not torch.equal(probs, self.probabilities())
+        version = live._version if live is not None else 0
+        while pos < n_total:
+            if changed or pos >= start + size:
+                if not self.replacement and size:
+                    cursors = cursors + torch.bincount(dom[: pos - start], minlength=k)
+                # after a weight change a short block, else the next doubling
+                size = _FIRST_BLOCK if changed else min(max(_FIRST_BLOCK, 2 * size), _MAX_BLOCK)
+                size = min(size, n_total - pos)
+                start, probs, changed = pos, self.probabilities(), False
+                version = live._version if live is not None else 0
+                dom, idx = self._draw(epoch, start, size, probs, cursors)
+                block = idx.tolist()
+                st.update(block_start=start, block_size=size, block_probs=probs, cursors=cursors)
+            if live is None:
+                for index in block[pos - start :]:
+                    pos += 1
+                    st["position"] = pos
+                    yield index
+            else:
+                for index in block[pos - start :]:
+                    if live._version != version:
+                        changed = True  # the weights changed: redraw from this position
+                        break
+                    pos += 1
+                    st["position"] = pos
+                    yield index
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the current epoch and the block in use (for :meth:`load_state_dict`)."""
+        st = self._state
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "sizes": list(self.sizes),
+            "replacement": self.replacement,
+            "num_samples": self.num_samples,
+            "epoch": st["epoch"],
+            "position": st["position"],
+            "block_start": st["block_start"],
+            "block_size": st["block_size"],
+            "block_probs": None if st["block_probs"] is None else st["block_probs"].clone(),
+            "cursors": st["cursors"].clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration continues where the saved one stopped, identically.
+
+        The seed, rank, world size, domain sizes, ``replacement`` and ``num_samples`` must
+        match this sampler. Restore the :class:`MixtureWeights` from its own state first.
+        """
+        for key in ("seed", "rank", "world_size", "sizes", "replacement", "num_samples"):
+            mine = getattr(self, key)
+            if key not in state or (list(state[key]) if key == "sizes" else state[key]) != mine:
+                raise ConvexMixError(
+                    f"the sampler state has {key}={state.get(key)!r}; this sampler has {mine!r}."
+                )
+        probs = state["block_probs"]
+        self.epoch = int(state["epoch"])
+        self._pending = {
+            "epoch": self.epoch,
+            "position": int(state["position"]),
+            "block_start": int(state["block_start"]),
+            "block_size": int(state["block_size"]),
+            "block_probs": None if probs is None else torch.as_tensor(probs, dtype=torch.float64),
+            "cursors": torch.as_tensor(state["cursors"], dtype=torch.int64).clone(),
+        }
+        self._state = dict(self._pending)
+
+
+def _sizes(domains: Any, weights: Any) -> list[int]:
+    if isinstance(domains, ConcatDataset):
+        domains = list(domains.datasets)
+    if isinstance(domains, Mapping):
+        keys = list(domains)
+        if isinstance(weights, MixtureWeights):
+            if set(keys) != set(weights.domains) or len(keys) != len(weights.domains):
+                raise ConvexMixError(
+                    f"the domain mapping has keys {keys}; the weights' domains are {weights.domains}."
+                )
+            keys = list(weights.domains)
+        domains = [domains[key] for key in keys]
+    if isinstance(domains, str | bytes) or not isinstance(domains, Sequence):
+        raise ConvexMixTypeError(
+            "domains must be a sequence of sizes or datasets, a ConcatDataset or a mapping; "
+            f"got {type(domains).__name__}."
+        )
+    sizes: list[int] = []
+    for d in domains:
+        if isinstance(d, bool):
+            raise ConvexMixTypeError(f"a domain size must be an int; got {d!r}.")
+        if isinstance(d, int):
+            sizes.append(d)
+        elif isinstance(d, Sized):
+            sizes.append(len(d))
+        else:
+            raise ConvexMixTypeError(
+                f"each domain must be an int size or a sized dataset; got {type(d).__name__}."
+            )
+    if not sizes:
+        raise ConvexMixError("need at least one domain; got none.")
+    return sizes
+
+
+def _fixed_probs(weights: Any, k: int) -> Tensor:
+    try:
+        p = torch.as_tensor(weights, dtype=torch.float64).detach().to("cpu").clone()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConvexMixTypeError(
+            f"weights must be a MixtureWeights or K probabilities; got {type(weights).__name__}."
+        ) from err
+    if p.shape != (k,):
+        raise ShapeError(f"weights must have shape ({k},) (one per domain); got {tuple(p.shape)}.")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p > 0).any()):
+        raise ConvexMixError(f"weights must be finite, >= 0 and not all 0; got {p.tolist()}.")
+    return p / p.sum()

@@ -1,0 +1,398 @@
+"""Online domain weights on the simplex: DoReMi, exponentiated gradient and EXP3 (private;
+the face is :mod:`convexmix.data`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from convexmix.data._reduce import gather_sum
+from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+from convexmix.functional import softmax
+
+__all__ = ["MixtureWeights"]
+
+_UPDATES = ("doremi", "eg", "exp3")
+_F64 = torch.float64
+
+Losses = Mapping[Any, float | Tensor] | Tensor | Sequence[float]
+
+
+class MixtureWeights:
+    r"""Mixture weights over named data domains, updated online from per-domain losses.
+
+    Every update moves weight toward the domains with the higher (excess) loss, in log
+    space (exact for any loss size: the normalisation is :func:`convexmix.functional.softmax`
+    of the log-weights). With :math:`w_{t-1}` the weights before step :math:`t`,
+    :math:`\eta` = ``lr``, :math:`c` = ``smoothing``, :math:`u = 1/K`:
+
+    - ``"doremi"`` (Xie et al., 2023, Algorithm 1): the clipped excess loss
+      :math:`\lambda_{t,i} = \max(\ell_{t,i} - \ell^{ref}_{t,i}, 0)`,
+      :math:`w'_t = \mathrm{softmax}(\log w_{t-1} + \eta \lambda_t)`,
+      :math:`w_t = (1 - c)\, w'_t + c\, u`. The paper uses :math:`\eta = 1`, :math:`c = 10^{-3}`.
+    - ``"eg"``: exponentiated gradient ascent on the (unclipped) losses, the group-DRO
+      update: :math:`g_{t,i} = \ell_{t,i} - \ell^{ref}_{t,i}` (the reference is 0 when not
+      given), :math:`w_t = (1 - c)\,\mathrm{softmax}(\log w_{t-1} + \eta g_t) + c\, u`.
+    - ``"exp3"``: the EXP3 bandit (Auer et al., 2002; online data mixing, Albalak et al.,
+      2023) with importance-weighted feedback :math:`\hat g_{t,i} = (\ell_{t,i} -
+      \ell^{ref}_{t,i}) / w_{t-1,i}` for the observed domains and 0 for the others;
+      the scores accumulate, :math:`S_t = S_{t-1} + \eta \hat g_t` with
+      :math:`S_0 = \log w_0`, and the exploration mix is applied to the output only,
+      :math:`w_t = (1 - c)\,\mathrm{softmax}(S_t) + c\, u` (``smoothing`` is EXP3's
+      :math:`\gamma`; give it ``> 0`` so every domain keeps being sampled).
+
+    :attr:`average` is DoReMi's result, the mean of the weights after each step,
+    :math:`\bar w_T = \frac1T \sum_{t=1}^{T} w_t` (the paper's formula; DoReMi's code also
+    counts :math:`w_0`). Before the first step it is :math:`w_0`.
+
+    A domain missing from a step (absent from the mapping, or with count 0) is
+    unobserved. For ``"doremi"`` and ``"eg"`` its last observed score is reused, as
+    DoReMi's reference code does (0 before its first observation); for ``"exp3"`` its
+    feedback is 0, the bandit rule.
+
+    DoReMi clips the excess loss per token before averaging over a domain; to reproduce
+    that exactly, pass ``domain_losses = mean(clamp(token_loss - ref_token_loss, min=0))``
+    per domain and no reference. With per-domain means and a reference, the clip is taken
+    after the mean.
+
+    Under ``torch.distributed`` (initialised, more than one process), :meth:`step`
+    gathers every rank's per-domain ``loss * count``, ``reference * count`` and
+    ``count`` and sums them in rank order, so each domain's loss is the count-weighted
+    mean over ranks and every rank computes bit-identical weights. Every rank must call
+    :meth:`step` together (it is a collective). A NaN or infinite loss on any rank is a
+    :class:`~convexmix.ConvexMixError` on every rank, raised before anything changes.
+
+    Args:
+        domains: the domain names (unique, hashable), or ``K`` for the names ``0..K-1``.
+        update: ``"doremi"``, ``"eg"`` or ``"exp3"``.
+        lr: the step size :math:`\eta > 0`.
+        smoothing: :math:`c \in [0, 1]`, the mix toward uniform after each step.
+        init: the starting weights :math:`w_0` (probabilities; a mapping by domain name,
+            or a sequence/tensor in ``domains`` order); uniform by default. A zero
+            weight stays zero unless ``smoothing > 0``.
+        process_group: the group to reduce over; ``None`` is the default group when
+            torch.distributed is initialised, else no reduction.
+
+    Example:
+        >>> import torch
+        >>> from convexmix.data import MixtureWeights
+        >>> mw = MixtureWeights(["web", "code", "books"], lr=1.0, smoothing=1e-3)
+        >>> mw.step({"web": 2.0, "code": 3.5, "books": 2.4}, {"web": 2.0, "code": 2.5, "books": 2.2})
+        >>> mw.weights
+        tensor([0.2026, 0.5501, 0.2473], dtype=torch.float64)
+        >>> mw.step({"code": 3.0})  # web and books unobserved: their last scores are reused
+        >>> mw.average.sum().item()
+        1.0
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[Hashable] | int,
+        *,
+        update: str = "doremi",
+        lr: float,
+        smoothing: float = 0.0,
+        init: Losses | None = None,
+        process_group: Any = None,
+    ) -> None:
+        self.domains: list[Hashable] = _domains(domains)
+        k = len(self.domains)
+        self._index = {d: i for i, d in enumerate(self.domains)}
+        if update not in _UPDATES:
+            raise ConvexMixError(f"update must be one of {_UPDATES}; got {update!r}.")
+        self.update = update
+        self.lr = _positive_float(lr, "lr")
+        self.smoothing = _unit_float(smoothing, "smoothing")
+        self.process_group = process_group
+        w0 = torch.full((k,), 1.0 / k, dtype=_F64) if init is None else self._probs(init)
+        self._weights = w0
+        self._average = w0.clone()
+        self._scores = torch.zeros(k, dtype=_F64)  # doremi/eg: last score; exp3: S_t
+        if update == "exp3":
+            self._scores = torch.log(w0)
+        self._steps = 0
+        self._version = 0
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def weights(self) -> Tensor:
+        """The current weights :math:`w_t`, (K,) float64 (a copy)."""
+        return self._weights.clone()
+
+    @property
+    def average(self) -> Tensor:
+        """The mean of :math:`w_1..w_T` (DoReMi's output), (K,) float64; :math:`w_0` at T = 0."""
+        return self._average.clone()
+
+    @property
+    def steps(self) -> int:
+        """How many updates have been applied."""
+        return self._steps
+
+    @property
+    def version(self) -> int:
+        """A counter that changes whenever the weights change (a step or a load)."""
+        return self._version
+
+    def as_dict(self, average: bool = False) -> dict[Hashable, float]:
+        """The weights (or the average) by domain name, as floats."""
+        w = self._average if average else self._weights
+        return dict(zip(self.domains, w.tolist(), strict=True))
+
+    def __repr__(self) -> str:
+        ws = ", ".join(f"{d!r}: {v:.4g}" for d, v in self.as_dict().items())
+        return (
+            f"MixtureWeights({{{ws}}}, update={self.update!r}, lr={self.lr}, "
+            f"smoothing={self.smoothing}, steps={self._steps})"
+        )
+
+    # ------------------------------------------------------------------ update
+    def step(
+        self,
+        domain_losses: Losses,
+        reference_losses: Losses | None = None,
+        *,
+        counts: Losses | None = None,
+    ) -> None:
+        """One update from this step's per-domain losses (see the class for the formulas).
+
+        Args:
+            domain_losses: ``{domain: loss}`` for the domains observed in this step, or a
+                (K,) tensor/sequence in ``domains`` order (every domain observed).
+            reference_losses: the reference model's losses, same forms; required for the
+                observed domains when given (a mapping), 0 when ``None``.
+            counts: how many examples (or tokens) each domain's loss averages, same forms;
+                they weight the mean across ranks under torch.distributed. A count of 0
+                marks a domain unobserved. Default: 1 per observed domain.
+
+        Raises:
+            ConvexMixError: a NaN or infinite loss (on any rank), an unknown domain, a
+                negative count; the weights are left unchanged.
+        """
+        k = len(self.domains)
+        loss, seen = self._vector(domain_losses, "domain_losses")
+        if reference_losses is None:
+            ref = torch.zeros(k, dtype=_F64)
+        else:
+            ref, ref_seen = self._vector(reference_losses, "reference_losses")
+            missing = seen & ~ref_seen
+            if bool(missing.any()):
+                names = [self.domains[i] for i in missing.nonzero().flatten().tolist()]
+                raise ConvexMixError(
+                    f"reference_losses must cover every observed domain; missing {names}."
+                )
+        if counts is None:
+            n = seen.to(_F64)
+        else:
+            n, _ = self._vector(counts, "counts")
+            if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
+                raise ConvexMixError(f"counts must be finite and >= 0; got {n.tolist()}.")
+            n = torch.where(seen, n, 0.0)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(ref)) & seen
+        # Pack what each rank contributes; n * loss is 0 where unobserved (n = 0).
+        safe = torch.where(bad, 0.0, 1.0)
+        packed = torch.stack(
+            [
+                torch.where(seen, loss * safe, 0.0) * n,
+                torch.where(seen, ref * safe, 0.0) * n,
+                n,
+                bad.to(_F64),
+            ]
+        )
+        total = gather_sum(packed, self.process_group)
+        if bool(total[3].any()):
+            bad_names = [self.domains[i] for i in total[3].nonzero().flatten().tolist()]
+            here = {self.domains[i]: loss[i].item() for i in bad.nonzero().flatten().tolist()}
+            raise ConvexMixError(
+                f"MixtureWeights.step expects finite losses; domains {bad_names} have a NaN "
+                f"or infinite loss or reference loss (on this rank: {here or 'none'}). "
+                "The weights are unchanged."
+            )
+        count = total[2]
+        observed = count > 0
+        denom = torch.where(observed, count, 1.0)
+        mean_loss = total[0] / denom
+        mean_ref = total[1] / denom
+        self._apply(mean_loss - mean_ref, observed)
+
+    def _apply(self, excess: Tensor, observed: Tensor) -> None:
+        k = len(self.domains)
+        c = self.smoothing
+        if self.update == "exp3":
+            if bool((observed & (self._weights == 0)).any()):
+                raise ConvexMixError(
+                    "exp3 got feedback for a domain whose weight is 0 (its importance "
+                    "weight is infinite); use smoothing > 0 so every domain keeps a chance."
+                )
+            g = torch.where(observed, excess / torch.where(observed, self._weights, 1.0), 0.0)
+            scores = self._scores + self.lr * g
+            new = softmax(scores)
+        else:
+            score = excess.clamp_min(0.0) if self.update == "doremi" else excess
+            scores = torch.where(observed, score, self._scores)
+            new = softmax(torch.log(self._weights) + self.lr * scores)
+        if c > 0:
+            new = (1.0 - c) * new + c / k
+        if not bool(torch.isfinite(new).all()):
+            raise ConvexMixError(
+                f"the update gave non-finite weights ({new.tolist()}) from the scores "
+                f"{scores.tolist()} at lr={self.lr}; lower lr. The weights are unchanged."
+            )
+        self._scores = scores
+        self._weights = new
+        self._steps += 1
+        if self._steps == 1:
+            self._average = new.clone()
+        else:
+            self._average = self._average + (new - self._average) / self._steps
+        self._version += 1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs (tensors are float64 copies)."""
+        return {
+            "domains": list(self.domains),
+            "update": self.update,
+            "lr": self.lr,
+            "smoothing": self.smoothing,
+            "weights": self._weights.clone(),
+            "average": self._average.clone(),
+            "scores": self._scores.clone(),
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of a ``MixtureWeights`` over the same domains.
+
+        ``lr`` and ``smoothing`` are restored as well (they may follow a schedule).
+        """
+        keys = {"domains", "update", "weights", "average", "scores", "steps", "lr", "smoothing"}
+        if not isinstance(state, Mapping) or not keys <= set(state):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ConvexMixError(f"a MixtureWeights state_dict has keys {sorted(keys)}; got {got}.")
+        if list(state["domains"]) != self.domains or state["update"] != self.update:
+            raise ConvexMixError(
+                f"the state is for domains {list(state['domains'])} with update "
+                f"{state['update']!r}; this MixtureWeights has {self.domains}, {self.update!r}."
+            )
+        k = len(self.domains)
+        tensors = {}
+        for key in ("weights", "average", "scores"):
+            t = torch.as_tensor(state[key]).detach().to("cpu", _F64).clone()
+            if t.shape != (k,):
+                raise ShapeError(f"state[{key!r}] must have shape ({k},); got {tuple(t.shape)}.")
+            tensors[key] = t
+        self.lr = _positive_float(state["lr"], "lr")
+        self.smoothing = _unit_float(state["smoothing"], "smoothing")
+        self._weights = tensors["weights"]
+        self._average = tensors["average"]
+        self._scores = tensors["scores"]
+        self._steps = int(state["steps"])
+        self._version += 1
+
+    # ------------------------------------------------------------------ inputs
+    def _vector(self, values: Losses, what: str) -> tuple[Tensor, Tensor]:
+        """(K,) float64 values and the observed mask from a mapping or a (K,) vector."""
+        k = len(self.domains)
+        if isinstance(values, Mapping):
+            out = torch.zeros(k, dtype=_F64)
+            seen = torch.zeros(k, dtype=torch.bool)
+            idx, vals = [], []
+            for name, v in values.items():
+                i = self._index.get(name)
+                if i is None:
+                    raise ConvexMixError(
+                        f"{what} names an unknown domain {name!r}; the domains are {self.domains}."
+                    )
+                idx.append(i)
+                vals.append(_scalar(v, what, name))
+            if idx:
+                it = torch.tensor(idx)
+                out[it] = torch.tensor(vals, dtype=_F64)
+                seen[it] = True
+            return out, seen
+        if isinstance(values, Tensor):
+            t = values.detach().to("cpu", _F64)
+        elif isinstance(values, Sequence) and not isinstance(values, str):
+            try:
+                t = torch.tensor([float(v) for v in values], dtype=_F64)
+            except (TypeError, ValueError) as err:
+                raise ConvexMixTypeError(f"{what} must hold numbers; got {values!r}.") from err
+        else:
+            raise ConvexMixTypeError(
+                f"{what} must be a mapping {{domain: value}} or a ({k},) tensor; "
+                f"got {type(values).__name__}."
+            )
+        if t.shape != (k,):
+            raise ShapeError(f"{what} must have shape ({k},) (one per domain); got {tuple(t.shape)}.")
+        return t, torch.ones(k, dtype=torch.bool)
+
+    def _probs(self, init: Losses) -> Tensor:
+        p, seen = self._vector(init, "init")
+        if isinstance(init, Mapping) and not bool(seen.all()):
+            missing = [d for d, s in zip(self.domains, seen.tolist(), strict=True) if not s]
+            raise ConvexMixError(f"init must give every domain a weight; missing {missing}.")
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or abs(p.sum().item() - 1) > 1e-6:
+            raise ConvexMixError(
+                f"init must be probabilities (>= 0, summing to 1); got {p.tolist()} "
+                f"(sum {p.sum().item():.6g})."
+            )
+        return p / p.sum()
+
+
+def _domains(domains: Sequence[Hashable] | int) -> list[Hashable]:
+    if isinstance(domains, bool):
+        raise ConvexMixTypeError(f"domains must be names or a count; got {domains!r}.")
+    if isinstance(domains, int):
+        if domains < 1:
+            raise ConvexMixError(f"the number of domains must be >= 1; got {domains}.")
+        return list(range(domains))
+    if isinstance(domains, str) or not isinstance(domains, Sequence | Mapping):
+        raise ConvexMixTypeError(
+            f"domains must be a sequence of names or a count; got {type(domains).__name__}."
+        )
+    names = list(domains)
+    if not names:
+        raise ConvexMixError("domains must name at least one domain; got none.")
+    try:
+        unique = len(set(names)) == len(names)
+    except TypeError as err:
+        raise ConvexMixTypeError(f"domain names must be hashable; got {names!r}.") from err
+    if not unique:
+        raise ConvexMixError(f"domain names must be unique; got {names}.")
+    return names
+
+
+def _scalar(v: object, what: str, name: object) -> float:
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ShapeError(f"{what}[{name!r}] must be a scalar; got shape {tuple(v.shape)}.")
+        return float(v.detach().reshape(()).item())
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ConvexMixTypeError(f"{what}[{name!r}] must be a number; got {v!r}.") from err
+
+
+def _positive_float(x: object, name: str) -> float:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ConvexMixTypeError(f"{name} must be a number; got {x!r}.") from err
+    if not (math.isfinite(v) and v > 0):
+        raise ConvexMixError(f"{name} must be finite and > 0; got {x!r}.")
+    return v
+
+
+def _unit_float(x: object, name: str) -> float:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ConvexMixTypeError(f"{name} must be a number; got {x!r}.") from err
+    if not 0.0 <= v <= 1.0:
+        raise ConvexMixError(f"{name} must be in [0, 1]; got {x!r}.")
+    return v
