@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix.data._reduce import gather_sum
+from convexmix.data._reduce import gather_sum, group_rank_world
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
-from convexmix.functional import softmax
 
 __all__ = ["MixtureWeights"]
 
@@ -26,8 +25,8 @@ class MixtureWeights:
     r"""Mixture weights over named data domains, updated online from per-domain losses.
 
     Every update moves weight toward the domains with the higher (excess) loss, in log
-    space (exact for any loss size: the normalisation is :func:`convexmix.functional.softmax`
-    of the log-weights). With :math:`w_{t-1}` the weights before step :math:`t`,
+    space: the new weights are a max-shifted softmax of the log-weights, stable for any
+    loss size (a huge loss gives a one-hot, never NaN). With :math:`w_{t-1}` the weights before step :math:`t`,
     :math:`\eta` = ``lr``, :math:`c` = ``smoothing``, :math:`u = 1/K`:
 
     - ``"doremi"`` (Xie et al., 2023, Algorithm 1): the clipped excess loss
@@ -108,25 +107,27 @@ class MixtureWeights:
         self.lr = _positive_float(lr, "lr")
         self.smoothing = _unit_float(smoothing, "smoothing")
         self.process_group = process_group
-        w0 = torch.full((k,), 1.0 / k, dtype=_F64) if init is None else self._probs(init)
-        self._weights = w0
-        self._average = w0.clone()
-        self._scores = torch.zeros(k, dtype=_F64)  # doremi/eg: last score; exp3: S_t
-        if update == "exp3":
-            self._scores = torch.log(w0)
+        # The state is K Python floats (float64): for the K of a data mixture, a step in
+        # plain float arithmetic costs microseconds where a dozen small tensor ops cost
+        # tens of them, and it is the same IEEE arithmetic on every rank.
+        w0 = [1.0 / k] * k if init is None else self._probs(init)
+        self._weights: list[float] = w0
+        self._average: list[float] = list(w0)
+        # doremi/eg: the last score of each domain; exp3: the cumulative scores S_t
+        self._scores: list[float] = [_log(p) for p in w0] if update == "exp3" else [0.0] * k
         self._steps = 0
         self._version = 0
 
     # ------------------------------------------------------------------ reading
     @property
     def weights(self) -> Tensor:
-        """The current weights :math:`w_t`, (K,) float64 (a copy)."""
-        return self._weights.clone()
+        """The current weights :math:`w_t`, (K,) float64 (a new tensor)."""
+        return torch.tensor(self._weights, dtype=_F64)
 
     @property
     def average(self) -> Tensor:
         """The mean of :math:`w_1..w_T` (DoReMi's output), (K,) float64; :math:`w_0` at T = 0."""
-        return self._average.clone()
+        return torch.tensor(self._average, dtype=_F64)
 
     @property
     def steps(self) -> int:
@@ -140,8 +141,7 @@ class MixtureWeights:
 
     def as_dict(self, average: bool = False) -> dict[Hashable, float]:
         """The weights (or the average) by domain name, as floats."""
-        w = self._average if average else self._weights
-        return dict(zip(self.domains, w.tolist(), strict=True))
+        return dict(zip(self.domains, self._average if average else self._weights, strict=True))
 
     def __repr__(self) -> str:
         ws = ", ".join(f"{d!r}: {v:.4g}" for d, v in self.as_dict().items())
@@ -176,92 +176,100 @@ class MixtureWeights:
         k = len(self.domains)
         loss, seen = self._vector(domain_losses, "domain_losses")
         if reference_losses is None:
-            ref = torch.zeros(k, dtype=_F64)
+            ref = [0.0] * k
         else:
             ref, ref_seen = self._vector(reference_losses, "reference_losses")
-            missing = seen & ~ref_seen
-            if bool(missing.any()):
-                names = [self.domains[i] for i in missing.nonzero().flatten().tolist()]
+            missing = [d for d, s, r in zip(self.domains, seen, ref_seen, strict=True) if s and not r]
+            if missing:
                 raise ConvexMixError(
-                    f"reference_losses must cover every observed domain; missing {names}."
+                    f"reference_losses must cover every observed domain; missing {missing}."
                 )
         if counts is None:
-            n = seen.to(_F64)
+            n = [1.0 if s else 0.0 for s in seen]
         else:
             n, _ = self._vector(counts, "counts")
-            if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
-                raise ConvexMixError(f"counts must be finite and >= 0; got {n.tolist()}.")
-            n = torch.where(seen, n, 0.0)
-        bad = ~(torch.isfinite(loss) & torch.isfinite(ref)) & seen
-        # Pack what each rank contributes; n * loss is 0 where unobserved (n = 0).
-        safe = torch.where(bad, 0.0, 1.0)
-        packed = torch.stack(
-            [
-                torch.where(seen, loss * safe, 0.0) * n,
-                torch.where(seen, ref * safe, 0.0) * n,
-                n,
-                bad.to(_F64),
-            ]
-        )
-        total = gather_sum(packed, self.process_group)
-        if bool(total[3].any()):
-            bad_names = [self.domains[i] for i in total[3].nonzero().flatten().tolist()]
-            here = {self.domains[i]: loss[i].item() for i in bad.nonzero().flatten().tolist()}
+            if not all(math.isfinite(v) and v >= 0 for v in n):
+                raise ConvexMixError(f"counts must be finite and >= 0; got {n}.")
+            n = [v if s else 0.0 for v, s in zip(n, seen, strict=True)]
+        bad = [
+            s and not (math.isfinite(x) and math.isfinite(r))
+            for s, x, r in zip(seen, loss, ref, strict=True)
+        ]
+        # What this rank contributes; unobserved and bad entries contribute 0 (n = 0 or
+        # the flag), so a sum over ranks is exact and a bad value is reported, not summed.
+        lsum = [0.0 if b or not c else x * c for x, c, b in zip(loss, n, bad, strict=True)]
+        rsum = [0.0 if b or not c else r * c for r, c, b in zip(ref, n, bad, strict=True)]
+        flags = [1.0 if b else 0.0 for b in bad]
+        if self._distributed():
+            packed = torch.tensor([lsum, rsum, n, flags], dtype=_F64)
+            lsum, rsum, n, flags = gather_sum(packed, self.process_group).tolist()
+        if any(flags):
+            names = [d for d, f in zip(self.domains, flags, strict=True) if f]
+            here = {d: x for d, x, b in zip(self.domains, loss, bad, strict=True) if b}
             raise ConvexMixError(
-                f"MixtureWeights.step expects finite losses; domains {bad_names} have a NaN "
+                f"MixtureWeights.step expects finite losses; domains {names} have a NaN "
                 f"or infinite loss or reference loss (on this rank: {here or 'none'}). "
                 "The weights are unchanged."
             )
-        count = total[2]
-        observed = count > 0
-        denom = torch.where(observed, count, 1.0)
-        mean_loss = total[0] / denom
-        mean_ref = total[1] / denom
-        self._apply(mean_loss - mean_ref, observed)
+        observed = [c > 0 for c in n]
+        excess = [
+            (ls / c - rs / c) if o else 0.0
+            for ls, rs, c, o in zip(lsum, rsum, n, observed, strict=True)
+        ]
+        self._apply(excess, observed)
 
-    def _apply(self, excess: Tensor, observed: Tensor) -> None:
-        k = len(self.domains)
-        c = self.smoothing
+    def _distributed(self) -> bool:
+        return group_rank_world(self.process_group)[1] > 1
+
+    def _apply(self, excess: list[float], observed: list[bool]) -> None:
+        k, c, lr, w = len(self.domains), self.smoothing, self.lr, self._weights
         if self.update == "exp3":
-            if bool((observed & (self._weights == 0)).any()):
+            if any(o and p == 0 for o, p in zip(observed, w, strict=True)):
                 raise ConvexMixError(
                     "exp3 got feedback for a domain whose weight is 0 (its importance "
                     "weight is infinite); use smoothing > 0 so every domain keeps a chance."
                 )
-            g = torch.where(observed, excess / torch.where(observed, self._weights, 1.0), 0.0)
-            scores = self._scores + self.lr * g
-            new = softmax(scores)
+            scores = [
+                s + lr * (x / p) if o else s
+                for s, x, p, o in zip(self._scores, excess, w, observed, strict=True)
+            ]
+            logits = scores
         else:
-            score = excess.clamp_min(0.0) if self.update == "doremi" else excess
-            scores = torch.where(observed, score, self._scores)
-            new = softmax(torch.log(self._weights) + self.lr * scores)
-        if c > 0:
-            new = (1.0 - c) * new + c / k
-        if not bool(torch.isfinite(new).all()):
+            clip = self.update == "doremi"
+            scores = [
+                (max(x, 0.0) if clip else x) if o else s
+                for x, o, s in zip(excess, observed, self._scores, strict=True)
+            ]
+            logits = [_log(p) + lr * s for p, s in zip(w, scores, strict=True)]
+        if any(math.isnan(v) or v == math.inf for v in logits):
             raise ConvexMixError(
-                f"the update gave non-finite weights ({new.tolist()}) from the scores "
-                f"{scores.tolist()} at lr={self.lr}; lower lr. The weights are unchanged."
+                f"the update overflowed (log-weights {logits}) at lr={lr}; "
+                "lower lr. The weights are unchanged."
             )
+        new = _softmax(logits)
+        if c > 0:
+            new = [(1.0 - c) * p + c / k for p in new]
         self._scores = scores
         self._weights = new
         self._steps += 1
-        if self._steps == 1:
-            self._average = new.clone()
+        t = self._steps
+        if t == 1:
+            self._average = list(new)
         else:
-            self._average = self._average + (new - self._average) / self._steps
+            self._average = [a + (p - a) / t for a, p in zip(self._average, new, strict=True)]
         self._version += 1
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` needs (tensors are float64 copies)."""
+        """Everything :meth:`load_state_dict` needs (float64 tensors)."""
         return {
             "domains": list(self.domains),
             "update": self.update,
             "lr": self.lr,
             "smoothing": self.smoothing,
-            "weights": self._weights.clone(),
-            "average": self._average.clone(),
-            "scores": self._scores.clone(),
+            "weights": torch.tensor(self._weights, dtype=_F64),
+            "average": torch.tensor(self._average, dtype=_F64),
+            "scores": torch.tensor(self._scores, dtype=_F64),
             "steps": self._steps,
         }
 
@@ -280,68 +288,76 @@ class MixtureWeights:
                 f"{state['update']!r}; this MixtureWeights has {self.domains}, {self.update!r}."
             )
         k = len(self.domains)
-        tensors = {}
+        lists = {}
         for key in ("weights", "average", "scores"):
-            t = torch.as_tensor(state[key]).detach().to("cpu", _F64).clone()
+            t = torch.as_tensor(state[key]).detach().to("cpu", _F64)
             if t.shape != (k,):
                 raise ShapeError(f"state[{key!r}] must have shape ({k},); got {tuple(t.shape)}.")
-            tensors[key] = t
+            lists[key] = [float(v) for v in t.tolist()]
         self.lr = _positive_float(state["lr"], "lr")
         self.smoothing = _unit_float(state["smoothing"], "smoothing")
-        self._weights = tensors["weights"]
-        self._average = tensors["average"]
-        self._scores = tensors["scores"]
+        self._weights = lists["weights"]
+        self._average = lists["average"]
+        self._scores = lists["scores"]
         self._steps = int(state["steps"])
         self._version += 1
 
     # ------------------------------------------------------------------ inputs
-    def _vector(self, values: Losses, what: str) -> tuple[Tensor, Tensor]:
-        """(K,) float64 values and the observed mask from a mapping or a (K,) vector."""
+    def _vector(self, values: Losses, what: str) -> tuple[list[float], list[bool]]:
+        """K float values and the observed flags from a mapping or a (K,) vector."""
         k = len(self.domains)
         if isinstance(values, Mapping):
-            out = torch.zeros(k, dtype=_F64)
-            seen = torch.zeros(k, dtype=torch.bool)
-            idx, vals = [], []
+            out = [0.0] * k
+            seen = [False] * k
             for name, v in values.items():
                 i = self._index.get(name)
                 if i is None:
                     raise ConvexMixError(
                         f"{what} names an unknown domain {name!r}; the domains are {self.domains}."
                     )
-                idx.append(i)
-                vals.append(_scalar(v, what, name))
-            if idx:
-                it = torch.tensor(idx)
-                out[it] = torch.tensor(vals, dtype=_F64)
-                seen[it] = True
+                out[i] = _scalar(v, what, name)
+                seen[i] = True
             return out, seen
         if isinstance(values, Tensor):
-            t = values.detach().to("cpu", _F64)
+            if values.shape != (k,):
+                raise ShapeError(
+                    f"{what} must have shape ({k},) (one per domain); got {tuple(values.shape)}."
+                )
+            vals = [float(v) for v in values.detach().to("cpu", _F64).tolist()]
         elif isinstance(values, Sequence) and not isinstance(values, str):
-            try:
-                t = torch.tensor([float(v) for v in values], dtype=_F64)
-            except (TypeError, ValueError) as err:
-                raise ConvexMixTypeError(f"{what} must hold numbers; got {values!r}.") from err
+            vals = [_scalar(v, what, i) for i, v in enumerate(values)]
+            if len(vals) != k:
+                raise ShapeError(f"{what} must have {k} values (one per domain); got {len(vals)}.")
         else:
             raise ConvexMixTypeError(
                 f"{what} must be a mapping {{domain: value}} or a ({k},) tensor; "
                 f"got {type(values).__name__}."
             )
-        if t.shape != (k,):
-            raise ShapeError(f"{what} must have shape ({k},) (one per domain); got {tuple(t.shape)}.")
-        return t, torch.ones(k, dtype=torch.bool)
+        return vals, [True] * k
 
-    def _probs(self, init: Losses) -> Tensor:
+    def _probs(self, init: Losses) -> list[float]:
         p, seen = self._vector(init, "init")
-        if isinstance(init, Mapping) and not bool(seen.all()):
-            missing = [d for d, s in zip(self.domains, seen.tolist(), strict=True) if not s]
+        if not all(seen):
+            missing = [d for d, s in zip(self.domains, seen, strict=True) if not s]
             raise ConvexMixError(f"init must give every domain a weight; missing {missing}.")
-        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or abs(p.sum().item() - 1) > 1e-6:
+        total = math.fsum(p)
+        if not all(math.isfinite(v) and v >= 0 for v in p) or abs(total - 1) > 1e-6:
             raise ConvexMixError(
-                f"init must be probabilities (>= 0, summing to 1); got {p.tolist()} "
-                f"(sum {p.sum().item():.6g})."
+                f"init must be probabilities (>= 0, summing to 1); got {p} (sum {total:.6g})."
             )
-        return p / p.sum()
+        return [v / total for v in p]
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -math.inf
+
+
+def _softmax(x: list[float]) -> list[float]:
+    """``exp(x - max) / sum``: the softmax in float64, ``-inf`` entries exactly 0."""
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    s = math.fsum(e)
+    return [v / s for v in e]
 
 
 def _domains(domains: Sequence[Hashable] | int) -> list[Hashable]:
