@@ -79,7 +79,8 @@ def pooled_single_process() -> MixtureWeights:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_identical_weights_disjoint_indices(tmp_path: Path) -> None:
     r0, r1 = run_ranks(train, tmp_path)
-    assert r0["rank"].tolist() == [0, 2] and r1["rank"].tolist() == [1, 2]
+    assert r0["rank"].tolist() == [0, 2]
+    assert r1["rank"].tolist() == [1, 2]
     assert torch.equal(r0["weights"], r1["weights"])
     assert torch.equal(r0["average"], r1["average"])
     single = pooled_single_process()

@@ -36,7 +36,8 @@ def test_domain_frequencies_match_the_weights(replacement: bool) -> None:
     small = np.array(idx)[(np.array(idx) >= 1000) & (np.array(idx) < 1037)] - 1000
     within = np.bincount(small, minlength=37)
     assert stats.chisquare(within).pvalue > 0.001
-    assert 0 <= min(idx) and max(idx) < sum(SIZES)
+    assert min(idx) >= 0
+    assert max(idx) < sum(SIZES)
 
 
 def test_frequencies_follow_a_mixture_weights_object() -> None:
@@ -99,7 +100,9 @@ def run_with_changes(
 def test_resume_from_state_dict_gives_the_identical_stream(replacement: bool, cut: int) -> None:
     def make() -> tuple[MixtureSampler, MixtureWeights]:
         mw = MixtureWeights(["a", "b", "c"], lr=1.0, smoothing=0.05)
-        return MixtureSampler([40, 7, 300], mw, num_samples=4000, seed=11, replacement=replacement), mw
+        return MixtureSampler(
+            [40, 7, 300], mw, num_samples=4000, seed=11, replacement=replacement
+        ), mw
 
     s, mw = make()
     s.set_epoch(2)

@@ -102,7 +102,9 @@ def test_eg_uses_the_unclipped_excess_and_doremi_the_clipped() -> None:
     dr = MixtureWeights(["a", "b"], update="doremi", lr=1.0)
     for mw in (eg, dr):
         mw.step({"a": 1.0, "b": 2.0}, ref)  # excess -1 and 0
-    np.testing.assert_allclose(eg.weights.numpy(), [math.exp(-1) / (1 + math.exp(-1)), 1 / (1 + math.exp(-1))], atol=1e-15)
+    np.testing.assert_allclose(
+        eg.weights.numpy(), [math.exp(-1) / (1 + math.exp(-1)), 1 / (1 + math.exp(-1))], atol=1e-15
+    )
     np.testing.assert_allclose(dr.weights.numpy(), [0.5, 0.5], atol=1e-15)  # clipped to 0
 
 
@@ -229,7 +231,9 @@ def test_input_errors() -> None:
         MixtureWeights(2, lr=1.0, smoothing=1.5)
     with pytest.raises(ConvexMixError, match="init must be probabilities"):
         MixtureWeights(2, lr=1.0, init=[0.7, 0.7])
-    with pytest.raises(ConvexMixError, match=r"init must give every domain a weight; missing \['b'\]"):
+    with pytest.raises(
+        ConvexMixError, match=r"init must give every domain a weight; missing \['b'\]"
+    ):
         MixtureWeights(["a", "b"], lr=1.0, init={"a": 1.0})
     with pytest.raises(ConvexMixError, match="unique"):
         MixtureWeights(["a", "a"], lr=1.0)

@@ -3,6 +3,7 @@ is :mod:`convexmix.data`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from typing import Any
@@ -29,12 +30,12 @@ def _splitmix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _key(*parts: int) -> torch.Generator:
-    """A generator seeded from a tuple of integers (a counter-based stream)."""
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (the key of a counter-based stream)."""
     h = 0
     for p in parts:
         h = _splitmix(h ^ (p & _MASK64))
-    return torch.Generator().manual_seed(h >> 1)
+    return h >> 1
 
 
 class MixtureSampler(Sampler[int]):
@@ -108,12 +109,14 @@ class MixtureSampler(Sampler[int]):
         k = len(sizes)
         if isinstance(weights, MixtureWeights):
             if len(weights.domains) != k:
-                raise ShapeError(f"weights has {len(weights.domains)} domains; got {k} domain sizes.")
+                raise ShapeError(
+                    f"weights has {len(weights.domains)} domains; got {k} domain sizes."
+                )
             self._live: MixtureWeights | None = weights
-            self._fixed = torch.empty(0, dtype=torch.float64)
+            self._fixed: list[float] = []
         else:
             self._live = None
-            self._fixed = _fixed_probs(weights, k)
+            self._fixed = _fixed_probs(weights, k).tolist()
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConvexMixTypeError(f"seed must be an int; got {seed!r}.")
         if (rank is None) != (world_size is None):
@@ -123,7 +126,9 @@ class MixtureSampler(Sampler[int]):
         elif rank is None or world_size is None:
             rank, world_size = group_rank_world(None)
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
-            raise ConvexMixError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}.")
+            raise ConvexMixError(
+                f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}."
+            )
         small = [i for i, n in enumerate(sizes) if n < world_size]
         if small:
             raise ConvexMixError(
@@ -148,6 +153,9 @@ class MixtureSampler(Sampler[int]):
         self._local = torch.tensor(
             [(n - rank + world_size - 1) // world_size for n in sizes], dtype=torch.int64
         )
+        self._local_f = self._local.to(torch.float64)
+        self._base = self._offsets + rank
+        self._gen = torch.Generator()
         self._perms: dict[int, tuple[int, Tensor]] = {}
         self._pending: dict[str, Any] | None = None
         self._state = self._fresh_state()
@@ -166,7 +174,11 @@ class MixtureSampler(Sampler[int]):
 
     def probabilities(self) -> Tensor:
         """The domain probabilities the next draw uses, (K,) float64."""
-        return self._live.weights if self._live is not None else self._fixed.clone()
+        return torch.tensor(self._current(), dtype=torch.float64)
+
+    def _current(self) -> list[float]:
+        # MixtureWeights replaces (never mutates) its list of weights: safe to keep
+        return self._live._weights if self._live is not None else self._fixed
 
     def _fresh_state(self) -> dict[str, Any]:
         k = len(self.sizes)
@@ -185,38 +197,43 @@ class MixtureSampler(Sampler[int]):
         cached = self._perms.get(d)
         if cached is not None and cached[0] == rnd:
             return cached[1]
-        g = _key(self.seed, epoch, self.rank, 1, d, rnd)
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, 1, d, rnd))
         perm = torch.randperm(int(self._local[d]), generator=g)
         self._perms[d] = (rnd, perm)
         return perm
 
     def _draw(
-        self, epoch: int, start: int, size: int, probs: Tensor, cursors: Tensor
+        self, epoch: int, start: int, size: int, probs: list[float], cursors: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """(domains, global indices) of the block of ``size`` draws from position ``start``."""
-        g = _key(self.seed, epoch, self.rank, 0, start)
-        cdf = probs.cumsum(0)
-        positive = (probs > 0).nonzero()
-        if positive.numel() == 0:
-            raise ConvexMixError(f"the weights have no positive entry: {probs.tolist()}.")
-        u = torch.rand(size, generator=g, dtype=torch.float64) * cdf[-1]
-        dom = torch.searchsorted(cdf, u, right=True).clamp_(max=int(positive[-1]))
-        n_local = self._local[dom]
+        """(domains, global indices) of the block of ``size`` draws from position ``start``.
+
+        A handful of tensor ops whatever the size: a block after each weight change costs
+        about what a block of 65536 draws does, so a change per batch stays cheap.
+        """
+        g = self._gen
+        g.manual_seed(_seed(self.seed, epoch, self.rank, 0, start))
+        cdf = list(itertools.accumulate(probs))
+        last = max((i for i, p in enumerate(probs) if p > 0), default=-1)
+        if last < 0:
+            raise ConvexMixError(f"the weights have no positive entry: {probs}.")
+        r = torch.rand(2, size, generator=g, dtype=torch.float64)
+        dom = torch.searchsorted(torch.tensor(cdf, dtype=torch.float64), r[0] * cdf[-1], right=True)
+        dom.clamp_(max=last)  # r * total can round up to the total: never a zero-weight domain
         if self.replacement:
-            v = torch.rand(size, generator=g, dtype=torch.float64)
-            local = (v * n_local).long().clamp_(max=n_local - 1)
+            # r < 1 and n < 2**53 make r * n < n exactly, so the floor is a valid index
+            local = (r[1] * self._local_f[dom]).long()
         else:
             local = torch.empty(size, dtype=torch.int64)
-            for d in dom.unique().tolist():
+            present = torch.bincount(dom, minlength=len(self.sizes)).nonzero().flatten()
+            for d in present.tolist():
                 where = (dom == d).nonzero().flatten()
                 pos = cursors[d] + torch.arange(where.numel())
                 n = int(self._local[d])
                 rounds = pos // n
-                for rnd in rounds.unique().tolist():
+                for rnd in range(int(rounds[0]), int(rounds[-1]) + 1):  # nondecreasing
                     sel = rounds == rnd
                     local[where[sel]] = self._perm(d, rnd, epoch)[pos[sel] - rnd * n]
-        idx = self._offsets[dom] + self.rank + local * self.world_size
-        return dom, idx
+        return dom, self._base[dom] + local * self.world_size
 
     def __iter__(self) -> Iterator[int]:
         if self._pending is not None:
@@ -234,7 +251,7 @@ class MixtureSampler(Sampler[int]):
             # resuming: the saved block again, then a redraw if the weights now differ
             dom, idx = self._draw(epoch, start, size, probs, cursors)
             block = idx.tolist()
-            changed = not torch.equal(probs, self.probabilities())
+            changed = probs != self._current()
         version = live._version if live is not None else 0
         while pos < n_total:
             if changed or pos >= start + size:
@@ -243,7 +260,7 @@ class MixtureSampler(Sampler[int]):
                 # after a weight change a short block, else the next doubling
                 size = _FIRST_BLOCK if changed else min(max(_FIRST_BLOCK, 2 * size), _MAX_BLOCK)
                 size = min(size, n_total - pos)
-                start, probs, changed = pos, self.probabilities(), False
+                start, probs, changed = pos, self._current(), False
                 version = live._version if live is not None else 0
                 dom, idx = self._draw(epoch, start, size, probs, cursors)
                 block = idx.tolist()
@@ -277,7 +294,9 @@ class MixtureSampler(Sampler[int]):
             "position": st["position"],
             "block_start": st["block_start"],
             "block_size": st["block_size"],
-            "block_probs": None if st["block_probs"] is None else st["block_probs"].clone(),
+            "block_probs": None
+            if st["block_probs"] is None
+            else torch.tensor(st["block_probs"], dtype=torch.float64),
             "cursors": st["cursors"].clone(),
         }
 
@@ -300,7 +319,9 @@ class MixtureSampler(Sampler[int]):
             "position": int(state["position"]),
             "block_start": int(state["block_start"]),
             "block_size": int(state["block_size"]),
-            "block_probs": None if probs is None else torch.as_tensor(probs, dtype=torch.float64),
+            "block_probs": None
+            if probs is None
+            else [float(v) for v in torch.as_tensor(probs, dtype=torch.float64).tolist()],
             "cursors": torch.as_tensor(state["cursors"], dtype=torch.int64).clone(),
         }
         self._state = dict(self._pending)
@@ -314,7 +335,8 @@ def _sizes(domains: Any, weights: Any) -> list[int]:
         if isinstance(weights, MixtureWeights):
             if set(keys) != set(weights.domains) or len(keys) != len(weights.domains):
                 raise ConvexMixError(
-                    f"the domain mapping has keys {keys}; the weights' domains are {weights.domains}."
+                    f"the domain mapping has keys {keys}; "
+                    f"the weights' domains are {weights.domains}."
                 )
             keys = list(weights.domains)
         domains = [domains[key] for key in keys]

@@ -26,7 +26,8 @@ class MixtureWeights:
 
     Every update moves weight toward the domains with the higher (excess) loss, in log
     space: the new weights are a max-shifted softmax of the log-weights, stable for any
-    loss size (a huge loss gives a one-hot, never NaN). With :math:`w_{t-1}` the weights before step :math:`t`,
+    loss size (a huge loss gives a one-hot, never NaN). With :math:`w_{t-1}` the weights
+    before step :math:`t`,
     :math:`\eta` = ``lr``, :math:`c` = ``smoothing``, :math:`u = 1/K`:
 
     - ``"doremi"`` (Xie et al., 2023, Algorithm 1): the clipped excess loss
@@ -80,7 +81,8 @@ class MixtureWeights:
         >>> import torch
         >>> from convexmix.data import MixtureWeights
         >>> mw = MixtureWeights(["web", "code", "books"], lr=1.0, smoothing=1e-3)
-        >>> mw.step({"web": 2.0, "code": 3.5, "books": 2.4}, {"web": 2.0, "code": 2.5, "books": 2.2})
+        >>> losses = {"web": 2.0, "code": 3.5, "books": 2.4}
+        >>> mw.step(losses, {"web": 2.0, "code": 2.5, "books": 2.2})
         >>> mw.weights
         tensor([0.2026, 0.5501, 0.2473], dtype=torch.float64)
         >>> mw.step({"code": 3.0})  # web and books unobserved: their last scores are reused
@@ -167,7 +169,8 @@ class MixtureWeights:
                 observed domains when given (a mapping), 0 when ``None``.
             counts: how many examples (or tokens) each domain's loss averages, same forms;
                 they weight the mean across ranks under torch.distributed. A count of 0
-                marks a domain unobserved. Default: 1 per observed domain.
+                marks a domain unobserved (its loss is ignored, so the NaN mean of an
+                empty group is fine). Default: 1 per observed domain.
 
         Raises:
             ConvexMixError: a NaN or infinite loss (on any rank), an unknown domain, a
@@ -179,8 +182,10 @@ class MixtureWeights:
             ref = [0.0] * k
         else:
             ref, ref_seen = self._vector(reference_losses, "reference_losses")
-            missing = [d for d, s, r in zip(self.domains, seen, ref_seen, strict=True) if s and not r]
-            if missing:
+            if ref_seen != seen and any(s and not r for s, r in zip(seen, ref_seen, strict=True)):
+                missing = [
+                    d for d, s, r in zip(self.domains, seen, ref_seen, strict=True) if s and not r
+                ]
                 raise ConvexMixError(
                     f"reference_losses must cover every observed domain; missing {missing}."
                 )
@@ -188,38 +193,42 @@ class MixtureWeights:
             n = [1.0 if s else 0.0 for s in seen]
         else:
             n, _ = self._vector(counts, "counts")
-            if not all(math.isfinite(v) and v >= 0 for v in n):
+            if not all(0 <= v < math.inf for v in n):
                 raise ConvexMixError(f"counts must be finite and >= 0; got {n}.")
-            n = [v if s else 0.0 for v, s in zip(n, seen, strict=True)]
-        bad = [
-            s and not (math.isfinite(x) and math.isfinite(r))
-            for s, x, r in zip(seen, loss, ref, strict=True)
-        ]
-        # What this rank contributes; unobserved and bad entries contribute 0 (n = 0 or
-        # the flag), so a sum over ranks is exact and a bad value is reported, not summed.
-        lsum = [0.0 if b or not c else x * c for x, c, b in zip(loss, n, bad, strict=True)]
-        rsum = [0.0 if b or not c else r * c for r, c, b in zip(ref, n, bad, strict=True)]
-        flags = [1.0 if b else 0.0 for b in bad]
-        if self._distributed():
-            packed = torch.tensor([lsum, rsum, n, flags], dtype=_F64)
-            lsum, rsum, n, flags = gather_sum(packed, self.process_group).tolist()
-        if any(flags):
+        # What this rank contributes: loss * count, reference * count, count and a flag
+        # for a non-finite value (reported, never summed); 0 where unobserved.
+        lsum, rsum, cnt, flags = [0.0] * k, [0.0] * k, [0.0] * k, [0.0] * k
+        excess, bad = [0.0] * k, False
+        for i in range(k):
+            c = n[i]
+            if not seen[i] or not c:
+                continue
+            x, r = loss[i], ref[i]
+            if x - x or r - r:  # NaN for a NaN or an infinity
+                flags[i], bad = 1.0, True
+                continue
+            lsum[i], rsum[i], cnt[i], excess[i] = x * c, r * c, c, x - r
+        if group_rank_world(self.process_group)[1] > 1:
+            packed = torch.tensor([lsum, rsum, cnt, flags], dtype=_F64)
+            lsum, rsum, cnt, flags = gather_sum(packed, self.process_group).tolist()
+            # the count-weighted mean over the ranks
+            excess = [
+                ls / c - rs / c if c else 0.0 for ls, rs, c in zip(lsum, rsum, cnt, strict=True)
+            ]
+            bad = any(flags)
+        if bad:
             names = [d for d, f in zip(self.domains, flags, strict=True) if f]
-            here = {d: x for d, x, b in zip(self.domains, loss, bad, strict=True) if b}
+            here = {
+                d: x if x - x else r
+                for d, x, r, s in zip(self.domains, loss, ref, seen, strict=True)
+                if s and (x - x or r - r)
+            }
             raise ConvexMixError(
                 f"MixtureWeights.step expects finite losses; domains {names} have a NaN "
                 f"or infinite loss or reference loss (on this rank: {here or 'none'}). "
                 "The weights are unchanged."
             )
-        observed = [c > 0 for c in n]
-        excess = [
-            (ls / c - rs / c) if o else 0.0
-            for ls, rs, c, o in zip(lsum, rsum, n, observed, strict=True)
-        ]
-        self._apply(excess, observed)
-
-    def _distributed(self) -> bool:
-        return group_rank_world(self.process_group)[1] > 1
+        self._apply(excess, [c > 0 for c in cnt])
 
     def _apply(self, excess: list[float], observed: list[bool]) -> None:
         k, c, lr, w = len(self.domains), self.smoothing, self.lr, self._weights
@@ -303,19 +312,20 @@ class MixtureWeights:
         self._version += 1
 
     # ------------------------------------------------------------------ inputs
-    def _vector(self, values: Losses, what: str) -> tuple[list[float], list[bool]]:
+    def _vector(self, values: object, what: str) -> tuple[list[float], list[bool]]:
         """K float values and the observed flags from a mapping or a (K,) vector."""
         k = len(self.domains)
         if isinstance(values, Mapping):
             out = [0.0] * k
             seen = [False] * k
+            index = self._index
             for name, v in values.items():
-                i = self._index.get(name)
+                i = index.get(name)
                 if i is None:
                     raise ConvexMixError(
                         f"{what} names an unknown domain {name!r}; the domains are {self.domains}."
                     )
-                out[i] = _scalar(v, what, name)
+                out[i] = v if type(v) is float else _scalar(v, what, name)
                 seen[i] = True
             return out, seen
         if isinstance(values, Tensor):
