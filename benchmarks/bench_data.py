@@ -99,7 +99,7 @@ def sampler_rows(draws: int, rounds: int) -> None:
     t = min(run_changing() for _ in range(rounds))
     print(
         f"  weights change every 64 indices: {draws // 4 / t / 1e6:6.2f} M/s "
-        "(a 256-draw block redrawn per change)"
+        "(256 draws mapped anew after each change)"
     )
     _ = loss
 

@@ -123,6 +123,7 @@ def train(
     seed: int,
     reference: nn.Module | None = None,
     history: list[list[float]] | None = None,
+    averages: list[list[float]] | None = None,
 ) -> nn.Module:
     """Train for ``steps`` batches drawn by a MixtureSampler over ``weights``; a
     MixtureWeights is stepped after each batch (with the reference's losses, if given)."""
@@ -142,6 +143,8 @@ def train(
         live.step(means, ref, counts=counts)
         if history is not None:
             history.append(live.weights.tolist())
+        if averages is not None:
+            averages.append(live.average.tolist())
     return run.model
 
 
@@ -171,7 +174,16 @@ def main(
         reference = train(data, uniform, steps=steps, seed=seed + 100)
         doremi = MixtureWeights(NAMES, update="doremi", lr=1.0, smoothing=1e-3)
         hist_d: list[list[float]] = []
-        train(data, doremi, steps=steps, seed=seed + 200, reference=reference, history=hist_d)
+        avg_d: list[list[float]] = []
+        train(
+            data,
+            doremi,
+            steps=steps,
+            seed=seed + 200,
+            reference=reference,
+            history=hist_d,
+            averages=avg_d,
+        )
         avg = doremi.average.tolist()
         losses["doremi"].append(evaluate(train(data, avg, steps=steps, seed=seed), held))
         eg = MixtureWeights(NAMES, update="eg", lr=0.05, smoothing=0.05)
@@ -184,7 +196,7 @@ def main(
         weights_used["doremi"].append(avg)
         weights_used["eg online"].append(eg.average.tolist())
         if seed == 0:
-            histories = {"doremi proxy": hist_d, "eg online": hist_e}
+            histories = {"doremi proxy": hist_d, "doremi average": avg_d, "eg online": hist_e}
     rows = {}
     for m in methods:
         per = torch.tensor(losses[m])  # (seeds, 4)
@@ -195,7 +207,7 @@ def main(
             "worst": float(per.max(1).values.mean()),
             "worst_excess": float(excess.max(1).values.mean()),
             "worst_excess_sd": float(excess.max(1).values.std()) if seeds > 1 else 0.0,
-            "weights": torch.tensor(weights_used[m]).mean(0).tolist(),
+            "weights": torch.tensor(weights_used[m], dtype=torch.float64).mean(0).tolist(),
         }
     seconds = time.perf_counter() - t0
     if verbose:
@@ -221,12 +233,18 @@ def plot_histories(histories: dict[str, list[list[float]]], path: str) -> None:
     from convexmix._optional import require
 
     plt = require("matplotlib.pyplot", purpose="the weights plot")
-    fig, axes = plt.subplots(1, len(histories), figsize=(10, 3.4), sharey=True)
-    for ax, (name, hist) in zip(axes, histories.items(), strict=True):
+    panels = {k: v for k, v in histories.items() if k != "doremi average"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.4), sharey=True)
+    for ax, (name, hist) in zip(axes, panels.items(), strict=True):
         h = torch.tensor(hist)
         for d in range(h.shape[1]):
-            ax.plot(h[:, d], label=NAMES[d])
-        ax.set_title(f"{name} weights")
+            line = ax.plot(h[:, d], label=NAMES[d], lw=0.8)[0]
+            if name == "doremi proxy":
+                avg = torch.tensor(histories["doremi average"])[:, d]
+                ax.plot(avg, color=line.get_color(), ls="--", lw=1.8)
+        ax.set_title(
+            f"{name} weights" + (" (dashed: the average)" if name == "doremi proxy" else "")
+        )
         ax.set_xlabel("step")
     axes[0].set_ylabel("weight")
     axes[0].legend()

@@ -242,3 +242,25 @@ def test_errors() -> None:
     s = MixtureSampler([10, 3], [0.5, 0.5], seed=0)
     with pytest.raises(ConvexMixError, match="the sampler state has seed=0; this sampler has 1"):
         MixtureSampler([10, 3], [0.5, 0.5], seed=1).load_state_dict(s.state_dict())
+
+
+def test_a_change_does_not_shift_the_random_numbers_of_later_draws() -> None:
+    """Draw p owns its uniform numbers: weights changed and changed back leave the draws
+    after the change-back equal to those of a run whose weights never changed."""
+
+    def run(detour: bool) -> list[int]:
+        mw = MixtureWeights(["a", "b", "c"], update="eg", lr=1.0)
+        s = MixtureSampler([100, 200, 300], mw, num_samples=3000, seed=8)
+        it = iter(s)
+        out = [next(it) for _ in range(500)]
+        if detour:
+            saved = mw.state_dict()
+            mw.step({"a": 3.0, "b": 0.0, "c": 1.0})
+            out += [next(it) for _ in range(100)]
+            mw.load_state_dict(saved)
+        return out + list(it)
+
+    plain, detour = run(False), run(True)
+    assert plain[:500] == detour[:500]
+    assert plain[500:600] != detour[500:600]
+    assert plain[600:] == detour[600:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
@@ -19,8 +20,6 @@ __all__ = ["gather_sum", "group_rank_world"]
 
 def group_rank_world(process_group: Any) -> tuple[int, int]:
     """(rank, world size) in ``process_group``; (0, 1) when torch.distributed is not running."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
             raise ConvexMixError(
@@ -33,8 +32,6 @@ def group_rank_world(process_group: Any) -> tuple[int, int]:
 
 def gather_sum(x: Tensor, process_group: Any) -> Tensor:
     """``sum_r x_r`` over the group's ranks, added in rank order (CPU float64 in and out)."""
-    import torch.distributed as dist
-
     _, world = group_rank_world(process_group)
     if world == 1:
         return x

@@ -19,8 +19,9 @@ from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 __all__ = ["MixtureSampler"]
 
 _MASK64 = (1 << 64) - 1
-_FIRST_BLOCK = 256  # draws in the first block after a weight change; doubles up to _MAX_BLOCK
-_MAX_BLOCK = 1 << 16
+_UNIFORMS = 1 << 16  # positions per block of uniform numbers (fixed by the seed alone)
+_FIRST_CHUNK = 256  # draws mapped at once after a weight change; doubles up to _MAX_CHUNK
+_MAX_CHUNK = 1 << 16
 
 
 def _splitmix(x: int) -> int:
@@ -48,10 +49,14 @@ class MixtureSampler(Sampler[int]):
     permutation each time the domain is used up (``replacement=False``).
 
     **Changing weights.** ``weights`` may be a :class:`MixtureWeights`: each draw uses its
-    current weights. Draws are made in vectorised blocks; the sampler checks the weights'
-    :attr:`~MixtureWeights.version` before every index it yields and redraws the rest of
-    the block when they changed, so a step of the weights takes effect at the very next
-    index the sampler yields.
+    current weights. Draw :math:`p` of an epoch owns two uniform numbers
+    :math:`(u_p, v_p)`, fixed by (seed, epoch, rank, p) alone; its domain is the inverse CDF
+    of the weights in effect at that draw at :math:`u_p`, its example
+    :math:`\lfloor v_p n_d \rfloor` (or the next of the domain's pass). The sampler maps the
+    uniforms to indices in vectorised chunks, checks the weights'
+    :attr:`~MixtureWeights.version` before every index it yields and maps the rest anew
+    when they changed, so a step of the weights takes effect at the very next index, and
+    changing the weights never shifts the random numbers of later draws.
 
     **DataLoader.** The sampler runs in the main process, also with ``num_workers > 0``:
     workers only receive the index batches. A :meth:`MixtureWeights.step` in the training
@@ -67,11 +72,12 @@ class MixtureSampler(Sampler[int]):
     (a :class:`MixtureWeights` stepped on all ranks is bit-identical across them).
 
     **Determinism and resuming.** The stream is a function of ``seed``, the epoch
-    (:meth:`set_epoch`), the rank and the positions at which the weights changed: every
-    block is drawn from a generator keyed by (seed, epoch, rank, position). :meth:`state_dict`
-    records the position and the block in use; after :meth:`load_state_dict` the next
-    iteration continues with the identical indices. With a ``DataLoader`` that draws
-    ahead, the sampler's position is ahead of the batches the loop has consumed (see above).
+    (:meth:`set_epoch`), the rank and the weights in effect at each draw.
+    :meth:`state_dict` records the epoch, the position and (``replacement=False``) how
+    far each domain's passes have got; after :meth:`load_state_dict` (with the weights
+    restored too) the next iteration continues with the identical indices. With a
+    ``DataLoader`` that draws ahead, the sampler's position is ahead of the batches the
+    loop has consumed (see above).
 
     Args:
         domains: the domain sizes (ints), the datasets themselves (each ``len()`` is its
@@ -185,13 +191,18 @@ class MixtureSampler(Sampler[int]):
         return {
             "epoch": self.epoch,
             "position": 0,
-            "block_start": 0,
-            "block_size": 0,
-            "block_probs": None,
-            "cursors": torch.zeros(k, dtype=torch.int64),
+            "chunk_start": 0,
+            "cursors": torch.zeros(k, dtype=torch.int64),  # at chunk_start
+            "dom": torch.empty(0, dtype=torch.int64),  # the chunk's domains
         }
 
     # ------------------------------------------------------------------ drawing
+    def _uniforms(self, epoch: int, block: int) -> Tensor:
+        """The (2, _UNIFORMS) uniform numbers of positions block * _UNIFORMS onward."""
+        g = self._gen
+        g.manual_seed(_seed(self.seed, epoch, self.rank, 0, block))
+        return torch.rand(2, _UNIFORMS, generator=g, dtype=torch.float64)
+
     def _perm(self, d: int, rnd: int, epoch: int) -> Tensor:
         """The permutation of domain d's local examples for pass ``rnd`` (cached: the latest)."""
         cached = self._perms.get(d)
@@ -202,28 +213,18 @@ class MixtureSampler(Sampler[int]):
         self._perms[d] = (rnd, perm)
         return perm
 
-    def _draw(
-        self, epoch: int, start: int, size: int, probs: list[float], cursors: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """(domains, global indices) of the block of ``size`` draws from position ``start``.
+    def _map(self, u: Tensor, cdf: Tensor, cursors: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        """(domains, global indices) of the draws whose uniform numbers are ``u`` (2, n).
 
-        A handful of tensor ops whatever the size: a block after each weight change costs
-        about what a block of 65536 draws does, so a change per batch stays cheap.
+        ``cdf`` is the weights' cumulative sum divided by the total, so its last positive
+        entry is exactly 1 > u: a zero-weight domain is never picked.
         """
-        g = self._gen
-        g.manual_seed(_seed(self.seed, epoch, self.rank, 0, start))
-        cdf = list(itertools.accumulate(probs))
-        last = max((i for i, p in enumerate(probs) if p > 0), default=-1)
-        if last < 0:
-            raise ConvexMixError(f"the weights have no positive entry: {probs}.")
-        r = torch.rand(2, size, generator=g, dtype=torch.float64)
-        dom = torch.searchsorted(torch.tensor(cdf, dtype=torch.float64), r[0] * cdf[-1], right=True)
-        dom.clamp_(max=last)  # r * total can round up to the total: never a zero-weight domain
+        dom = torch.searchsorted(cdf, u[0], right=True)
         if self.replacement:
-            # r < 1 and n < 2**53 make r * n < n exactly, so the floor is a valid index
-            local = (r[1] * self._local_f[dom]).long()
+            # u < 1 and n < 2**53 make u * n < n exactly, so the floor is a valid index
+            local = (u[1] * self._local_f[dom]).long()
         else:
-            local = torch.empty(size, dtype=torch.int64)
+            local = torch.empty(dom.numel(), dtype=torch.int64)
             present = torch.bincount(dom, minlength=len(self.sizes)).nonzero().flatten()
             for d in present.tolist():
                 where = (dom == d).nonzero().flatten()
@@ -233,7 +234,15 @@ class MixtureSampler(Sampler[int]):
                 for rnd in range(int(rounds[0]), int(rounds[-1]) + 1):  # nondecreasing
                     sel = rounds == rnd
                     local[where[sel]] = self._perm(d, rnd, epoch)[pos[sel] - rnd * n]
-        return dom, self._base[dom] + local * self.world_size
+        if self.world_size > 1:
+            local = local * self.world_size
+        return dom, self._base[dom] + local
+
+    def _cdf(self, probs: list[float]) -> Tensor:
+        cdf = list(itertools.accumulate(probs))
+        if not cdf[-1] > 0:
+            raise ConvexMixError(f"the weights have no positive entry: {probs}.")
+        return torch.tensor(cdf, dtype=torch.float64) / cdf[-1]
 
     def __iter__(self) -> Iterator[int]:
         if self._pending is not None:
@@ -241,48 +250,53 @@ class MixtureSampler(Sampler[int]):
         else:
             st = self._fresh_state()
         self._state = st
-        epoch, live, n_total, k = st["epoch"], self._live, self.num_samples, len(self.sizes)
-        pos, start, size = st["position"], st["block_start"], st["block_size"]
-        cursors, probs = st["cursors"], st["block_probs"]
-        block: list[int] = []
-        dom = torch.empty(0, dtype=torch.int64)
-        changed = False
-        if probs is not None and pos < n_total:
-            # resuming: the saved block again, then a redraw if the weights now differ
-            dom, idx = self._draw(epoch, start, size, probs, cursors)
-            block = idx.tolist()
-            changed = probs != self._current()
-        version = live._version if live is not None else 0
+        epoch, live, n_total = st["epoch"], self._live, self.num_samples
+        pos, cursors = st["position"], st["cursors"]
+        k = len(self.sizes)
+        ublock, u = -1, torch.empty(0)
+        probs: list[float] = []
+        cdf = torch.empty(0)
+        chunk, changed = 0, True
         while pos < n_total:
-            if changed or pos >= start + size:
-                if not self.replacement and size:
-                    cursors = cursors + torch.bincount(dom[: pos - start], minlength=k)
-                # after a weight change a short block, else the next doubling
-                size = _FIRST_BLOCK if changed else min(max(_FIRST_BLOCK, 2 * size), _MAX_BLOCK)
-                size = min(size, n_total - pos)
-                start, probs, changed = pos, self._current(), False
-                version = live._version if live is not None else 0
-                dom, idx = self._draw(epoch, start, size, probs, cursors)
-                block = idx.tolist()
-                st.update(block_start=start, block_size=size, block_probs=probs, cursors=cursors)
+            b = pos // _UNIFORMS
+            if b != ublock:
+                u, ublock = self._uniforms(epoch, b), b
+            # after a weight change a short chunk, then doubling ones
+            chunk = _FIRST_CHUNK if changed else min(2 * chunk, _MAX_CHUNK)
+            end = min(pos + chunk, (b + 1) * _UNIFORMS, n_total)
+            current = self._current()
+            if current is not probs:
+                probs, cdf = current, self._cdf(current)
+            version = live._version if live is not None else 0
+            lo = b * _UNIFORMS
+            dom, idx = self._map(u[:, pos - lo : end - lo], cdf, cursors, epoch)
+            st.update(chunk_start=pos, cursors=cursors, dom=dom)
+            start, changed = pos, False
             if live is None:
-                for index in block[pos - start :]:
+                for index in idx.tolist():
                     pos += 1
                     st["position"] = pos
                     yield index
             else:
-                for index in block[pos - start :]:
+                for index in idx.tolist():
                     if live._version != version:
-                        changed = True  # the weights changed: redraw from this position
+                        changed = True  # map the rest with the new weights
                         break
                     pos += 1
                     st["position"] = pos
                     yield index
+            if not self.replacement:
+                cursors = cursors + torch.bincount(dom[: pos - start], minlength=k)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The position in the current epoch and the block in use (for :meth:`load_state_dict`)."""
+        """The epoch, the position in it and (``replacement=False``) how far each domain's
+        passes have got: all :meth:`load_state_dict` needs."""
         st = self._state
+        cursors = st["cursors"]
+        used = st["position"] - st["chunk_start"]
+        if not self.replacement and used > 0:
+            cursors = cursors + torch.bincount(st["dom"][:used], minlength=len(self.sizes))
         return {
             "seed": self.seed,
             "rank": self.rank,
@@ -292,12 +306,7 @@ class MixtureSampler(Sampler[int]):
             "num_samples": self.num_samples,
             "epoch": st["epoch"],
             "position": st["position"],
-            "block_start": st["block_start"],
-            "block_size": st["block_size"],
-            "block_probs": None
-            if st["block_probs"] is None
-            else torch.tensor(st["block_probs"], dtype=torch.float64),
-            "cursors": st["cursors"].clone(),
+            "cursors": cursors.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -312,17 +321,20 @@ class MixtureSampler(Sampler[int]):
                 raise ConvexMixError(
                     f"the sampler state has {key}={state.get(key)!r}; this sampler has {mine!r}."
                 )
-        probs = state["block_probs"]
+        cursors = torch.as_tensor(state["cursors"], dtype=torch.int64).clone()
+        if cursors.shape != (len(self.sizes),):
+            raise ShapeError(
+                f"state['cursors'] must have shape ({len(self.sizes)},); "
+                f"got {tuple(cursors.shape)}."
+            )
         self.epoch = int(state["epoch"])
+        position = int(state["position"])
         self._pending = {
             "epoch": self.epoch,
-            "position": int(state["position"]),
-            "block_start": int(state["block_start"]),
-            "block_size": int(state["block_size"]),
-            "block_probs": None
-            if probs is None
-            else [float(v) for v in torch.as_tensor(probs, dtype=torch.float64).tolist()],
-            "cursors": torch.as_tensor(state["cursors"], dtype=torch.int64).clone(),
+            "position": position,
+            "chunk_start": position,
+            "cursors": cursors,
+            "dom": torch.empty(0, dtype=torch.int64),
         }
         self._state = dict(self._pending)
 

@@ -249,7 +249,8 @@ class MixtureWeights:
                 (max(x, 0.0) if clip else x) if o else s
                 for x, o, s in zip(excess, observed, self._scores, strict=True)
             ]
-            logits = [_log(p) + lr * s for p, s in zip(w, scores, strict=True)]
+            log, inf = math.log, -math.inf
+            logits = [(log(p) if p > 0 else inf) + lr * s for p, s in zip(w, scores, strict=True)]
         if any(math.isnan(v) or v == math.inf for v in logits):
             raise ConvexMixError(
                 f"the update overflowed (log-weights {logits}) at lr={lr}; "
@@ -325,7 +326,8 @@ class MixtureWeights:
                     raise ConvexMixError(
                         f"{what} names an unknown domain {name!r}; the domains are {self.domains}."
                     )
-                out[i] = v if type(v) is float else _scalar(v, what, name)
+                t = type(v)
+                out[i] = v if t is float else float(v) if t is int else _scalar(v, what, name)
                 seen[i] = True
             return out, seen
         if isinstance(values, Tensor):
