@@ -48,5 +48,6 @@ def test_example_quick_cli(tmp_path: Path) -> None:
     )
     lines = done.stdout.splitlines()
     assert lines[0].startswith("1 seeds x 60 steps")
-    assert [ln.split()[0] for ln in lines[2:]] == ["uniform", "proportional", "doremi", "eg"]
+    assert [ln.split()[0] for ln in lines[2:6]] == ["uniform", "proportional", "doremi", "eg"]
+    assert lines[6] == "worst excess MSE per seed:"
     assert png.stat().st_size > 5_000
