@@ -156,13 +156,22 @@ def evaluate(model: nn.Module, held: list[tuple[Tensor, Tensor]]) -> list[float]
 def main(
     seeds: int = 5, steps: int = 1500, plot: str | None = None, verbose: bool = True
 ) -> dict[str, Any]:
+    """Train every mixture on ``seeds`` seeds; print the table, save the plot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: threads only contend
+    try:
+        return _main(seeds, steps, plot, verbose)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(seeds: int, steps: int, plot: str | None, verbose: bool) -> dict[str, Any]:
     methods = ["uniform", "proportional", "doremi", "eg online"]
     losses: dict[str, list[list[float]]] = {m: [] for m in methods}
     weights_used: dict[str, list[list[float]]] = {m: [] for m in methods}
     histories: dict[str, list[list[float]]] = {}
     uniform = [0.25] * 4
     proportional = [n / sum(SIZES) for n in SIZES]
-    torch.set_num_threads(1)  # small ops: threads only contend
     t0 = time.perf_counter()
     for seed in range(seeds):
         data, held = make_domains(seed)
