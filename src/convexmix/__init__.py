@@ -6,7 +6,7 @@
 tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 """
 
-from convexmix import ensemble, functional, merge, optim
+from convexmix import data, ensemble, functional, merge, optim
 from convexmix._runtime import CacheInfo, cache_info, empty_cache, set_cache_limit
 from convexmix.errors import (
     ConvexMixError,
@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "cache_info",
     "convex_combination",
+    "data",
     "empty_cache",
     "ensemble",
     "functional",
