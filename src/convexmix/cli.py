@@ -31,6 +31,7 @@ import torch
 from convexmix import __version__
 from convexmix.errors import ConvexMixError, ShapeError
 from convexmix.functional._registry import MAPS
+from convexmix.merge import _cli as merge_cli
 
 __all__ = ["main"]
 
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
+    merge_cli.add_parser(sub)  # the merge command's arguments live with its job
     return parser
 
 
