@@ -35,6 +35,13 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConvexMixError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``merge`` command to the CLI's subparsers."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -48,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the output folder")
     p.add_argument(
         "--shard-size",
-        type=parse_size,
+        type=_size_arg,
         default=DEFAULT_SHARD_SIZE,
         metavar="SIZE",
         help="most bytes per output file (default 5GB)",
