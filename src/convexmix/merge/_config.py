@@ -249,7 +249,7 @@ def evaluate(setting: Setting, name: str, t: float) -> Any:
         return setting
     if setting and isinstance(setting[0], dict):
         for rule in setting:
-            f = rule["filter"]
+            f = rule.get("filter")
             if f is None or f == "*" or f in name:
                 return evaluate(rule["value"], name, t)
         return None

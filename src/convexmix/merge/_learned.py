@@ -424,17 +424,19 @@ class LearnedMerge(nn.Module):
         with torch.no_grad():
             coef = self._coefficients().detach().to("cpu", torch.float64)
         start: dict[str, Tensor] = self.__dict__.get("_start_buffers", {})
-        for name, b in self.net.named_buffers():
-            if name in start and not torch.equal(start[name], b):
-                warnings.warn(
-                    f"the merge's buffer {name!r} changed since it was built (training "
-                    f"updates BatchNorm statistics); the configuration gives the "
-                    f"ingredients' ({self.buffer_policy!r}); save_merged writes the current ones.",
-                    ConvexMixWarning,
-                    stacklevel=2,
-                )
+        changed = [
+            n for n, b in self.net.named_buffers() if n in start and not torch.equal(start[n], b)
+        ]
+        if changed:
+            warnings.warn(
+                f"the merge's buffers {changed} changed since it was built (training updates "
+                f"BatchNorm statistics); the configuration gives the ingredients' "
+                f"({self.buffer_policy!r}); save_merged writes the current ones.",
+                ConvexMixWarning,
+                stacklevel=2,
+            )
         values, compact = tensor_values(
-            coef.reshape(-1, coef.shape[-1]).tolist(),
+            coef.reshape(-1, coef.shape[-1])[:, : self.n_models].tolist(),  # no base column
             self.param_names,
             self._group_of,
             self.group_names if self.granularity == "per_module" else None,
