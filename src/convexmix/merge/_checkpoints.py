@@ -202,12 +202,14 @@ def _write_tensor(
     w = torch.tensor([c for c, _ in active], dtype=acc)
     same = all(x.dtype == xs[0].dtype for x in xs)
     direct = same and (xs[0].dtype == acc or xs[0].dtype == out_dtype)
+    # The out= form runs the fused kernel whatever the size (half precision accumulates
+    # in float32 there), into one buffer reused for every chunk of the tensor.
+    buf = torch.empty(min(n, CHUNK), dtype=xs[0].dtype if direct else acc)
     for a in range(0, n, CHUNK):
         parts = [x[a : a + CHUNK] for x in xs]
         if not direct:
             parts = [p.to(acc) for p in parts]
-        with torch.no_grad():
-            res = convex_combination(w, parts)
+        res = convex_combination(w, parts, out=buf[: parts[0].numel()])
         if res.dtype != out_dtype:
             res = res.to(out_dtype)
         f.write(raw_bytes(res))
