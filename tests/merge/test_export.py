@@ -249,3 +249,24 @@ def test_pickles_made_before_the_simplex_route_load() -> None:
     torch.testing.assert_close(clone.weights, torch.tensor([0.7, 0.3]))
     assert clone.buffer_policy == "first"
     assert type(merge).__module__ == "convexmix.merge"
+
+
+def test_digits_adamerging_exports_a_config_that_merges_to_the_same_model(
+    tmp_path: Path,
+) -> None:
+    """The docs' walk-through: learn layer-wise coefficients without labels, export the
+    configuration, merge the checkpoints."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("yaml")
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "examples" / "digits_adamerging.py"
+    spec = importlib.util.spec_from_file_location("digits_adamerging", path)
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.main(seeds=1, epochs=2, steps=10, verbose=False, lr=0.01)
+    diff = example.export(res["runs"][0], str(tmp_path))
+    assert diff < 1e-6
+    assert (tmp_path / "adamerging.yml").read_text().startswith("merge_method: task_arithmetic")
