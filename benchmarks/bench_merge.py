@@ -27,6 +27,15 @@ A second table puts the K ingredients (and the base) on disk as ``.safetensors``
 can drop) resident memory every 0.5 ms during the steps; their peaks above the state
 before the merge is built are printed, with the step time against the same merge built
 from the in-memory models.
+
+``--checkpoints SIZE_MB`` measures :func:`cx.merge.merge_checkpoints` instead: three
+synthetic Llama-shaped bf16 checkpoints of about ``SIZE_MB`` each, in 4 shards, merged by a
+``task_arithmetic`` configuration (one of them the base) into bf16 shards. Each timing
+runs in a fresh process after its imports: reading every input file once (64 MiB
+``readinto``), the merge, and, where mergekit is installed, mergekit's ``run_merge`` on the
+same configuration; interleaved rounds, best of each, with the page cache warm (the files
+read just before) and cold (the inputs' pages dropped with ``posix_fadvise``). The peak
+anonymous memory (``RssAnon``, sampled every 2 ms) is above the state after the imports.
 """
 
 from __future__ import annotations
@@ -34,15 +43,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -202,6 +214,178 @@ def child(method: str, k: int, width: int, depth: int, steps: int) -> dict[str, 
     }
 
 
+H_LAYERS, VOCAB = 8, 32000
+
+
+def llama_shapes(size_mb: float) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama-like model of about ``size_mb`` MB in bf16."""
+    hidden = 64
+    while True:
+        ff = hidden * 11 // 4
+        params = H_LAYERS * (4 * hidden**2 + 3 * hidden * ff + 2 * hidden) + 2 * VOCAB * hidden
+        if 2 * params >= size_mb * 1e6:
+            break
+        hidden += 64
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, hidden)}
+    for i in range(H_LAYERS):
+        p = f"model.layers.{i}."
+        for n in "qkvo":
+            shapes[p + f"self_attn.{n}_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (ff, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (ff, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, ff)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (VOCAB, hidden)
+    return shapes
+
+
+def write_llama(folder: str, seed: int, shapes: dict[str, tuple[int, ...]], shards: int) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder)
+    names = list(shapes)
+    total = sum(math.prod(s) for s in shapes.values())
+    groups: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if groups[-1] and size >= total / shards and len(groups) < shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(n)
+        size += math.prod(shapes[n])
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        state = {n: torch.randn(shapes[n], generator=gen).bfloat16() for n in group}
+        save_file(state, os.path.join(folder, fname))
+        weight_map.update(dict.fromkeys(group, fname))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    hidden = shapes["model.norm.weight"][0]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+        "num_hidden_layers": H_LAYERS,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def input_files(root: str) -> list[str]:
+    return sorted(
+        os.path.join(root, m, f)
+        for m in ("m0", "m1", "m2")
+        for f in os.listdir(os.path.join(root, m))
+        if f.endswith(".safetensors")
+    )
+
+
+def drop_cache(paths: list[str]) -> None:
+    """Evict these files' pages from the page cache (only theirs)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child_checkpoints(mode: str, root: str) -> dict[str, float]:
+    """One timing of ``mode`` (read / convexmix / mergekit) in this fresh process."""
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": os.path.join(root, "m0"),
+        "models": [
+            {"model": os.path.join(root, m), "parameters": {"weight": 0.5}} for m in ("m1", "m2")
+        ],
+        "parameters": {"lambda": 0.8},
+        "dtype": "bfloat16",
+    }
+    out = os.path.join(root, f"out-{mode}")
+    if mode == "mergekit":
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, lazy_unpickle=True)
+        parsed = MergeConfiguration.model_validate(config)
+
+        def run() -> None:
+            run_merge(parsed, out, options=options)
+
+    elif mode == "convexmix":
+
+        def run() -> None:
+            cx.merge.merge_checkpoints(config, out, force=True, progress=False)
+
+    else:
+        buffer = bytearray(64 << 20)
+
+        def run() -> None:
+            for path in input_files(root):
+                with open(path, "rb", buffering=0) as f:
+                    while f.readinto(buffer):
+                        pass
+
+    sampler = PeakSampler()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    anon, _ = sampler.stop()
+    shutil.rmtree(out, ignore_errors=True)
+    return {"s": seconds, "anon_mb": anon}
+
+
+def checkpoint_table(size_mb: float, rounds: int) -> None:
+    import importlib.util
+
+    modes = ["read", "convexmix"]
+    if importlib.util.find_spec("mergekit") is not None:
+        modes.append("mergekit")
+    shapes = llama_shapes(size_mb)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
+        for k in range(3):
+            write_llama(os.path.join(root, f"m{k}"), k, shapes, shards=4)
+        files = input_files(root)
+        total = sum(os.path.getsize(p) for p in files) / 2**20
+        best: dict[tuple[str, str], dict[str, float]] = {}
+        for _ in range(rounds):
+            for cache in ("warm", "cold"):
+                for mode in modes:
+                    if cache == "cold":
+                        drop_cache(files)
+                    else:  # warm: every input page is in memory
+                        child_checkpoints("read", root)
+                    cmd = [sys.executable, __file__, "--child", mode, "--folder", root]
+                    cmd += ["--checkpoints", str(size_mb)]
+                    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    r = json.loads(res.stdout.strip().splitlines()[-1])
+                    key = (cache, mode)
+                    if key not in best or r["s"] < best[key]["s"]:
+                        best[key] = r
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(
+        f"\n3 checkpoints of {total / 3:.0f} MiB (bf16, 4 shards each; inputs {total:.0f} MiB), "
+        f"task_arithmetic to bf16; best of {rounds}; load {' '.join(load)}\n"
+    )
+    print("| page cache | run | time | vs reading the inputs once | peak anonymous memory |")
+    print("|---|---|---|---|---|")
+    for (cache, mode), r in best.items():
+        ratio = r["s"] / best[(cache, "read")]["s"]
+        print(f"| {cache} | {mode} | {r['s']:.2f} s | {ratio:.2f}x | {r['anon_mb']:.0f} MB |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=int, default=8)
@@ -211,7 +395,17 @@ def main() -> None:
     parser.add_argument("--no-disk", action="store_true", help="skip the on-disk table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--checkpoints", type=float, metavar="SIZE_MB", help="merge_checkpoints instead"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --checkpoints")
     args = parser.parse_args()
+    if args.checkpoints and args.child:
+        print(json.dumps(child_checkpoints(args.child, args.folder)))
+        return
+    if args.checkpoints:
+        checkpoint_table(args.checkpoints, args.rounds)
+        return
     sizes = (args.models, args.width, args.depth, args.steps)
     if args.child and args.folder:
         print(json.dumps(child_disk(args.child, *sizes, args.folder)))

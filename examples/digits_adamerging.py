@@ -173,7 +173,29 @@ def run_seed(seed: int, epochs: int, steps: int, lr: float = 0.001) -> dict[str,
         "layers": list(layer_wise.group_names),
         "task_wise": (task_wise.scale * task_wise.weights).detach(),
         "history": history,
+        "checkpoints": (base, models, layer_wise),
     }
+
+
+def export(result: dict[str, Any], folder: str) -> float:
+    """Write the base and the fine-tuned bodies as safetensors checkpoints, the layer-wise
+    coefficients as a mergekit configuration, merge the checkpoints with it, and return
+    the largest difference from the learned merge's own state_dict."""
+    from safetensors.torch import save_file
+
+    base, models, merge = result["checkpoints"]
+    paths = []
+    for name, net in [("base", base), *((f"task{k}", m) for k, m in enumerate(models))]:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        save_file(net.state_dict(), os.path.join(folder, name, "model.safetensors"))
+        paths.append(os.path.join(folder, name))
+    config = merge.save_config(os.path.join(folder, "adamerging.yml"), paths[1:], paths[0])
+    merged = cx.merge.merge_checkpoints(config, os.path.join(folder, "merged"), force=True)
+    from safetensors.torch import load_file
+
+    written = load_file(os.path.join(merged, "model.safetensors"))
+    expected = merge.merged_state_dict()
+    return max(float((written[n] - t).abs().max()) for n, t in expected.items())
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -209,8 +231,17 @@ def main(
     out: str | None = None,
     verbose: bool = True,
     lr: float = 0.001,
+    export_to: str | None = None,
 ) -> dict[str, Any]:
     runs = [run_seed(s, epochs, steps, lr) for s in range(seeds)]
+    if export_to is not None:
+        diff = export(runs[0], export_to)
+        if verbose:
+            print(
+                f"exported seed 0's layer-wise merge to {export_to}/adamerging.yml and merged "
+                f"the checkpoints into {export_to}/merged: largest difference from "
+                f"merged_state_dict() {diff:.1e}\n"
+            )
     names = list(runs[0]["accuracy"])
     table = {
         name: (
@@ -242,5 +273,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.001, help="Adam's step for AdaMerging")
     parser.add_argument("--out", default=None, help="folder for digits_adamerging.png")
+    parser.add_argument(
+        "--export", default=None, metavar="DIR", help="write checkpoints, config and merge"
+    )
     args = parser.parse_args()
-    main(args.seeds, args.epochs, args.steps, args.out, lr=args.lr)
+    main(args.seeds, args.epochs, args.steps, args.out, lr=args.lr, export_to=args.export)

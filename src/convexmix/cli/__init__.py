@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from convexmix import __version__
-from convexmix.cli import _blend, _common, _ensemble, _tools
+from convexmix.cli import _blend, _common, _ensemble, _merge, _tools
 from convexmix.errors import ConvexMixError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -78,6 +78,9 @@ COMMANDS: list[Command] = [
         _blend.SCORE_DESCRIPTION,
         _blend.add_score_arguments,
         _blend.run_score,
+    ),
+    Command(
+        "merge", _merge.HELP, _merge.DESCRIPTION, _merge.add_arguments, _merge.run, needs_rich=False
     ),
     Command(
         "demo",

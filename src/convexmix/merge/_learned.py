@@ -1,174 +1,42 @@
-"""Learned model merging: ``theta = sum_k w_k theta_k`` with learned convex weights,
-and task arithmetic ``theta = theta_base + scale * sum_k w_k (theta_k - theta_base)``.
-
-:class:`LearnedMerge` holds K models that share an architecture (the "ingredients") and
-learns the weights of their convex combination, per model ("global"), per parameter
-tensor ("per_tensor") or per module ("per_module", by the owning module's name). The
-network runs as a parameter-free copy of the template whose parameters are properties:
-each merged tensor is computed with the fused
-:func:`~convexmix.functional.convex_combination` when the network reads it (once per
-forward). Only the weights are parameters.
-
-Memory: the ingredients are kept by reference (``detach()`` views of the given tensors):
-no copies, no gradients, no ``.grad`` buffers. A training step holds the ingredients,
-one merged copy of the parameters and the activations: merging a layer right before it
-runs puts that merge's backward right after the layer's, so each parameter gradient is
-consumed at once. The backward needs no gradient of any ingredient, only
-``<grad, theta_k>`` per weight.
-
-Task arithmetic (``base=``) folds the base into the same fused combination of K + 1
-tensors, ``theta = (1 - scale) theta_base + sum_k scale w_k theta_k``, so it costs no
-more memory than the soup. :func:`entropy_loss` is AdaMerging's label-free objective,
-and :meth:`LearnedMerge.from_safetensors` memory-maps the ingredients from disk.
-
->>> import torch, convexmix as cx
->>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-<torch._C.Generator object at ...>
->>> models = [torch.nn.Linear(3, 2) for _ in range(4)]
->>> merge = cx.merge.LearnedMerge(models, granularity="per_tensor")
->>> merge.weights.shape  # (n_tensors, K): weight, bias
-torch.Size([2, 4])
->>> merge(torch.randn(5, 3)).shape
-torch.Size([5, 2])
->>> [n for n, _ in merge.named_parameters()]  # only the mixing weights are learned
-['free']
-"""
+"""``LearnedMerge``: the learned soup and task arithmetic of K models (private module;
+``convexmix.merge`` exports it)."""
 
 from __future__ import annotations
 
 import copy
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from convexmix._subclass import register_kind, subclass
-from convexmix._validation import check_positive, check_probabilities, is_number
-from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+from convexmix._files import write_text
+from convexmix._optional import require
+from convexmix._subclass import subclass
+from convexmix._validation import check_probabilities
+from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import convex_combination
-from convexmix.functional._registry import get_map
+from convexmix.merge._checkpoints import DEFAULT_SHARD_SIZE
+from convexmix.merge._export import learned_config, tensor_values
+from convexmix.merge._files import atomic_folder, save_state_dict
+from convexmix.merge._ingredients import (
+    PathLike,
+    StateDict,
+    check_dtypes,
+    check_same,
+    init_buffers,
+    map_safetensors,
+    state_of,
+    tied_names,
+)
+from convexmix.merge._settings import Granularity, Scale, check_scale, group_names
+from convexmix.parametrize import Simplex
 
-__all__ = ["LearnedMerge", "entropy_loss"]
-
-Granularity = Literal["global", "per_tensor", "per_module"]
-StateDict = Mapping[str, Tensor]
-Scale = float | Literal["learn", "learn_per_group"]
-PathLike = str | os.PathLike[str]
-
-
-def _state_of(
-    model: nn.Module | StateDict, label: str, buffer_names: set[str]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(parameters, buffers) of one ingredient (or the base), as detached views (no copies)."""
-    if isinstance(model, nn.Module):
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        return params, buffers
-    if isinstance(model, Mapping):
-        tensors = {n: t.detach() for n, t in model.items() if isinstance(t, Tensor)}
-        params = {n: t for n, t in tensors.items() if n not in buffer_names}
-        buffers = {n: t for n, t in tensors.items() if n in buffer_names}
-        return params, buffers
-    raise ConvexMixError(
-        f"{label} must be an nn.Module or a state_dict; got {type(model).__name__}."
-    )
-
-
-def _check_same(template: dict[str, Tensor], other: dict[str, Tensor], label: str) -> None:
-    missing = [n for n in template if n not in other]
-    extra = [n for n in other if n not in template]
-    shapes = [
-        f"{n}: {tuple(other[n].shape)} (expected {tuple(t.shape)})"
-        for n, t in template.items()
-        if n in other and other[n].shape != t.shape
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if extra:
-            parts.append(f"unexpected {extra}")
-        if shapes:
-            parts.append("different shapes " + "; ".join(shapes))
-        raise ShapeError(
-            f"{label} does not match the template architecture: " + ", ".join(parts) + "."
-        )
-
-
-def _check_dtypes(
-    names: list[str], states: list[dict[str, Tensor]], base: dict[str, Tensor] | None
-) -> None:
-    """Every ingredient (and the base) of a tensor must share one floating dtype."""
-    for name in names:
-        dtype = states[0][name].dtype
-        others = [(f"models[{k}]", st[name]) for k, st in enumerate(states)]
-        if base is not None:
-            others.append(("base", base[name]))
-        for label, t in others:
-            if t.dtype != dtype or not t.is_floating_point():
-                raise ConvexMixError(
-                    f"{label}: tensor {name!r} has dtype {t.dtype}, but models[0]'s is "
-                    f"{dtype}; the ingredients and the base must share one floating dtype "
-                    "(convert them first, e.g. model.float())."
-                )
-
-
-def _check_scale(scale: object, scale_init: float, has_base: bool) -> str | None:
-    """Validate ``scale``; return "learn"/"learn_per_group" when it is learned."""
-    if isinstance(scale, str):
-        if scale not in ("learn", "learn_per_group"):
-            raise ConvexMixError(
-                f"scale must be a float, 'learn' or 'learn_per_group'; got {scale!r}."
-            )
-        if not has_base:
-            raise ConvexMixError(
-                f"scale={scale!r} needs base=, the model the task vectors start from."
-            )
-        check_positive(scale_init, "scale_init")
-        return scale
-    if not is_number(scale):
-        raise ConvexMixTypeError(
-            f"scale must be a float, 'learn' or 'learn_per_group'; got {type(scale).__name__}."
-        )
-    if not math.isfinite(scale):
-        raise ConvexMixError(f"scale must be finite; got {scale!r}.")
-    if scale != 1.0 and not has_base:
-        raise ConvexMixError(
-            f"scale={scale!r} needs base=: without a base the merge is the convex soup (scale 1)."
-        )
-    return None
-
-
-def _group_names(names: list[str], granularity: str) -> tuple[list[str], list[int]]:
-    """Group labels and, per tensor, its group index."""
-    if granularity == "global":
-        return ["all"], [0] * len(names)
-    if granularity == "per_tensor":
-        return list(names), list(range(len(names)))
-    if granularity == "per_module":
-        groups: dict[str, int] = {}  # owner module -> group, in order of first appearance
-        index = [
-            groups.setdefault(name.rsplit(".", 1)[0] if "." in name else "", len(groups))
-            for name in names
-        ]
-        return list(groups), index
-    raise ConvexMixError(
-        f"granularity must be 'global', 'per_tensor' or 'per_module'; got {granularity!r}."
-    )
-
-
-def _merged_property(local: str) -> property:
-    def fget(module: nn.Module) -> Tensor:
-        owner: LearnedMerge = module.__dict__["_cx_merge"]
-        return owner._tensor(module.__dict__["_cx_index"][local])
-
-    return property(fget, doc=f"``{local}``: the merged tensor, computed when it is read.")
-
-
-register_kind("Merged", lambda names: {name: _merged_property(name) for name in names})
+__all__ = ["LearnedMerge"]
 
 
 class LearnedMerge(nn.Module):
@@ -257,39 +125,39 @@ class LearnedMerge(nn.Module):
             template = models[0]
         if buffers not in ("first", "mean"):
             raise ConvexMixError(f"buffers must be 'first' or 'mean'; got {buffers!r}.")
-        learn = _check_scale(scale, scale_init, base is not None)
-        self.map = get_map(map).name
+        learn = check_scale(scale, scale_init, base is not None)
+        # The one route to the weights: the same Simplex call as the layers'.
+        self.simplex: Simplex
+        object.__setattr__(self, "simplex", Simplex(map, dim=-1))
+        self.map: str = self.simplex.map
         self.granularity = granularity
+        self.buffer_policy: str = buffers
         t_params = {n: p.detach() for n, p in template.named_parameters()}
         if not t_params:
             raise ConvexMixError("the template has no parameters to merge.")
+        aliases = tied_names(template)
         buffer_names = {n for n, _ in template.named_buffers()}
-        states = [_state_of(m, f"models[{i}]", buffer_names) for i, m in enumerate(models)]
+        states = [state_of(m, f"models[{i}]", buffer_names, aliases) for i, m in enumerate(models)]
         for i, (params, _) in enumerate(states):
-            _check_same(t_params, params, f"models[{i}]")
+            check_same(t_params, params, f"models[{i}]")
         base_params: dict[str, Tensor] | None = None
         if base is not None:
-            base_params = _state_of(base, "base", buffer_names)[0]
-            _check_same(t_params, base_params, "base")
+            base_params = state_of(base, "base", buffer_names, aliases)[0]
+            check_same(t_params, base_params, "base")
         self.param_names = list(t_params)
-        _check_dtypes(self.param_names, [p for p, _ in states], base_params)
-        self.group_names, self._group_of = _group_names(self.param_names, granularity)
+        check_dtypes(self.param_names, [p for p, _ in states], base_params)
+        self.group_names, self._group_of = group_names(self.param_names, granularity)
         # Plain attributes, not parameters or buffers: never trained, never saved.
         self.__dict__["_template"] = template
         self.__dict__["_ingredients"] = {
             n: [states[k][0][n] for k in range(len(models))] for n in self.param_names
         }
         self.__dict__["_base"] = base_params
+        self.__dict__["_aliases"] = aliases
+        self.__dict__["_paths"] = None
         self.n_models = len(models)
         self.net = self._skeleton(template)
-        if buffers == "mean":
-            with torch.no_grad():
-                for name, b in self.net.named_buffers():
-                    parts = [st[1].get(name) for st in states]
-                    if b.is_floating_point() and all(p is not None for p in parts):
-                        b.copy_(
-                            torch.stack([p.to(b.dtype) for p in parts if p is not None]).mean(0)
-                        )
+        self.__dict__["_start_buffers"] = init_buffers(self.net, [st[1] for st in states], buffers)
         self._cx_cache: dict[int, Tensor] | None = None
         self._cx_weights: Tensor | None = None
         self.free = nn.Parameter(self._initial_free(init))
@@ -323,13 +191,14 @@ class LearnedMerge(nn.Module):
                 )
             dtype = init.dtype if isinstance(init, Tensor) and init.is_floating_point() else None
             check_probabilities(p, 1.0, "init", dtype)
-        free = get_map(self.map).inverse(p, -1, 1.0)
+        free: Tensor = self.simplex.right_inverse(p)
         return free.to(torch.get_default_dtype())
 
     @property
     def weights(self) -> Tensor:
         """The current weights: (K,) for "global", (G, K) otherwise (G groups)."""
-        return get_map(self.map).forward(self.free, -1)
+        out: Tensor = self.simplex.forward(self.free)
+        return out
 
     @property
     def scale(self) -> Tensor:
@@ -411,12 +280,21 @@ class LearnedMerge(nn.Module):
         finally:
             self._cx_cache, self._cx_weights = None, None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        if "simplex" not in self.__dict__:  # pickled before the weights went through Simplex
+            object.__setattr__(self, "simplex", Simplex(self.map, dim=-1))
+        self.__dict__.setdefault("buffer_policy", "first")
+
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The merged parameters and this module's buffers, as a template state_dict."""
         state = {n: self._tensor(i).clone() for i, n in enumerate(self.param_names)}
+        for alias, name in self.__dict__.get("_aliases", {}).items():
+            state[alias] = state[name]  # tied: one tensor under both names, as a tied model
         state.update({n: b.detach().clone() for n, b in self.net.named_buffers()})
-        return state
+        order = self.__dict__["_template"].state_dict(keep_vars=True)
+        return {n: state[n] for n in order if n in state} | state
 
     def merged_model(self) -> nn.Module:
         """A plain copy of the template holding the merged parameters (same outputs)."""
@@ -480,10 +358,125 @@ class LearnedMerge(nn.Module):
             raise ConvexMixError(f"template must be an nn.Module; got {type(template).__name__}.")
         expected = dict(template.state_dict(keep_vars=True))
         params = {n for n, _ in template.named_parameters()}
-        models = [_map_safetensors(p, expected, params) for p in paths]
-        if isinstance(base, (str, os.PathLike)):
-            base = _map_safetensors(base, expected, params)
-        return cls(models, template=template, base=base, **kwargs)
+        aliases = tied_names(template)
+        models = [map_safetensors(p, expected, params, aliases) for p in paths]
+        base_path = os.fspath(base) if isinstance(base, (str, os.PathLike)) else None
+        held = base if not isinstance(base, (str, os.PathLike)) else None
+        if base_path is not None:
+            held = map_safetensors(base_path, expected, params, aliases)
+        merge = cls(models, template=template, base=held, **kwargs)
+        merge.__dict__["_paths"] = ([os.fspath(p) for p in paths], base_path)
+        return merge
+
+    # ------------------------------------------------------------------ export
+
+    def to_config(
+        self,
+        models: Sequence[PathLike] | None = None,
+        base: PathLike | None = None,
+        *,
+        dtype: str | None = None,
+    ) -> dict[str, Any]:
+        """The mergekit configuration of what this merge learned, for
+        :func:`~convexmix.merge.merge_checkpoints` (``convexmix merge``) or mergekit.
+
+        The soup is ``merge_method: linear`` with ``normalize: false``; task arithmetic
+        (a base and a scale other than 1) is ``task_arithmetic`` with ``lambda: 1`` and
+        each group's scale folded into its weights, ``s_g w_{g,k}``. Per-tensor and
+        per-module weights become ``filter`` rules (one per module, or per tensor); tied
+        names get their tensor's weights; buffers get model 0's (weight 1 for model 0, 0
+        for the others) or, with ``buffers="mean"``, the mean (integer buffers model 0's),
+        as the merge started from: buffers updated in training (BatchNorm statistics)
+        are written by :meth:`save_merged` only, and a warning says so.
+
+        Args:
+            models: the K ingredients' checkpoints (paths), in order; by default the
+                files :meth:`from_safetensors` read.
+            base: the base model's checkpoint (task arithmetic); by default the file
+                :meth:`from_safetensors` read.
+            dtype: the output dtype to configure (``"bfloat16"``, ...); None keeps the
+                checkpoints' dtypes.
+
+        Returns:
+            A dict with ``merge_method``, ``models``, ``parameters`` (and
+            ``base_model``, ``dtype``), ready for YAML.
+
+        Example:
+            >>> import torch, convexmix as cx
+            >>> merge = cx.merge.LearnedMerge([torch.nn.Linear(2, 1)] * 2, init=[0.25, 0.75])
+            >>> cfg = merge.to_config(["a.safetensors", "b.safetensors"])
+            >>> cfg["merge_method"], [m["parameters"]["weight"] for m in cfg["models"]]
+            ('linear', [0.25, 0.75])
+        """
+        paths = self.__dict__.get("_paths")
+        if models is None:
+            if paths is None:
+                raise ConvexMixError(
+                    "to_config needs the ingredients' checkpoints: pass models=[paths] "
+                    "(and base=), or build the merge with LearnedMerge.from_safetensors."
+                )
+            models = paths[0]
+        if base is None and paths is not None:
+            base = paths[1]
+        use_base = self.base_is_used
+        if use_base and base is None:
+            raise ConvexMixError("this merge is task arithmetic: pass base=, its checkpoint.")
+        with torch.no_grad():
+            coef = self._coefficients().detach().to("cpu", torch.float64)
+        start: dict[str, Tensor] = self.__dict__.get("_start_buffers", {})
+        changed = [
+            n for n, b in self.net.named_buffers() if n in start and not torch.equal(start[n], b)
+        ]
+        if changed:
+            warnings.warn(
+                f"the merge's buffers {changed} changed since it was built (training updates "
+                f"BatchNorm statistics); the configuration gives the ingredients' "
+                f"({self.buffer_policy!r}); save_merged writes the current ones.",
+                ConvexMixWarning,
+                stacklevel=2,
+            )
+        values, compact = tensor_values(
+            coef.reshape(-1, coef.shape[-1])[:, : self.n_models].tolist(),  # no base column
+            self.param_names,
+            self._group_of,
+            self.group_names if self.granularity == "per_module" else None,
+            self.__dict__.get("_aliases", {}),
+            [(n, b.is_floating_point()) for n, b in self.net.named_buffers()],
+            self.buffer_policy,
+        )
+        return learned_config(
+            models=[os.fspath(m) for m in models],
+            base=os.fspath(base) if use_base and base is not None else None,
+            values=values,
+            compact=compact,
+            dtype=dtype,
+        )
+
+    def save_config(
+        self,
+        path: PathLike,
+        models: Sequence[PathLike] | None = None,
+        base: PathLike | None = None,
+        *,
+        dtype: str | None = None,
+    ) -> Path:
+        """Write :meth:`to_config` as YAML to ``path`` (atomically); return the path."""
+        yaml = require("yaml", purpose="LearnedMerge.save_config (writing YAML)")
+        config = self.to_config(models, base, dtype=dtype)
+        return write_text(os.fspath(path), yaml.safe_dump(config, sort_keys=False))
+
+    def save_merged(
+        self, out: PathLike, *, shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False
+    ) -> Path:
+        """Write :meth:`merged_state_dict` to the folder ``out`` as safetensors, in the
+        layout :func:`~convexmix.merge.merge_checkpoints` writes (``model.safetensors``,
+        or shards of at most ``shard_size`` bytes with an index), all at once: ``out``
+        must not exist or be empty (or ``force=True``). Tied tensors are written under
+        each of their names. Returns the folder."""
+        state = self.merged_state_dict()
+        with atomic_folder(out, force=force) as folder:
+            save_state_dict(state, folder, shard_size)
+        return Path(out)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -504,105 +497,3 @@ class LearnedMerge(nn.Module):
             + (", base=True" if self.__dict__["_base"] is not None else "")
             + (f", scale={self._fixed_scale}" if self.log_scale is None else ", scale='learn'")
         )
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _map_safetensors(path: PathLike, expected: dict[str, Tensor], params: set[str]) -> StateDict:
-    """The tensors of one ``.safetensors`` file as views of a memory map, checked against
-    the template's state_dict ``expected`` (every parameter present; names, shapes and
-    dtypes as in the template)."""
-    try:
-        from safetensors import safe_open
-    except ImportError as err:  # pragma: no cover - the [merge] extra is not installed
-        raise ImportError(
-            "LearnedMerge.from_safetensors needs the safetensors package: "
-            "pip install 'convexmix[merge]'."
-        ) from err
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise ConvexMixError(f"{name!r}: no such file (expected a .safetensors file).")
-    try:
-        handle = safe_open(name, framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error types
-        raise ConvexMixError(f"{name!r} is not a readable safetensors file: {err}") from err
-    with handle as f:
-        keys = list(f.keys())
-        missing = [n for n in expected if n in params and n not in keys]
-        unexpected = [n for n in keys if n not in expected]
-        if missing or unexpected:
-            parts = [f"missing tensor(s) {missing}"] if missing else []
-            parts += [f"unexpected tensor(s) {unexpected}"] if unexpected else []
-            raise ShapeError(f"{name!r} does not match the template: " + ", ".join(parts) + ".")
-        state: dict[str, Tensor] = {}
-        for key in [k for k in expected if k in keys]:  # the template's order
-            view = f.get_slice(key)
-            shape, dtype = tuple(view.get_shape()), _ST_DTYPES.get(view.get_dtype())
-            want = expected[key]
-            if shape != tuple(want.shape):
-                raise ShapeError(
-                    f"{name!r}: tensor {key!r} has shape {shape}, but the template's is "
-                    f"{tuple(want.shape)}."
-                )
-            if dtype != want.dtype:
-                raise ShapeError(
-                    f"{name!r}: tensor {key!r} has dtype {dtype or view.get_dtype()}, but "
-                    f"the template's is {want.dtype}; convert the template or the file."
-                )
-            state[key] = f.get_tensor(key)
-    return state
-
-
-def entropy_loss(logits: Tensor) -> Tensor:
-    r"""AdaMerging's label-free objective: the mean Shannon entropy of the predictions.
-
-    .. math::
-
-        \frac{1}{N} \sum_n H(\mathrm{softmax}(z_n)), \qquad
-        H(p) = -\sum_c p_c \log p_c
-
-    over the last dimension (the classes) of ``logits``, averaged over every other
-    entry (N = ``logits.numel() / C``). Computed from ``log_softmax``: stable for any
-    finite logits, and ``-inf`` logits (impossible classes) count as ``0 log 0 = 0`` with
-    zero gradient, never NaN. Float16/bfloat16 logits are computed in float32.
-
-    Args:
-        logits: (..., C) unnormalised scores, floating point, C >= 1, at least one entry.
-
-    Returns:
-        A 0-d tensor of the logits' dtype (float32 for half precisions), differentiable.
-
-    Example:
-        >>> import torch, convexmix as cx
-        >>> cx.merge.entropy_loss(torch.zeros(4, 2))  # uniform over 2 classes: log 2
-        tensor(0.6931)
-        >>> cx.merge.entropy_loss(torch.tensor([[30.0, 0.0]]))  # confident: about 0
-        tensor(...e-12)
-    """
-    if not isinstance(logits, Tensor):
-        raise ConvexMixError(f"logits must be a tensor; got {type(logits).__name__}.")
-    if not logits.is_floating_point():
-        raise ConvexMixError(f"logits must be floating point; got dtype {logits.dtype}.")
-    if logits.dim() == 0 or logits.numel() == 0:
-        raise ShapeError(
-            f"logits must be (..., C) with C >= 1 and at least one row; got shape "
-            f"{tuple(logits.shape)}."
-        )
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    log_p = torch.log_softmax(z, dim=-1)
-    p = log_p.exp()
-    # 0 log 0 = 0: where p == 0 (a -inf logit), use log p = 0 so neither term is NaN.
-    safe = torch.where(p > 0, log_p, torch.zeros((), dtype=z.dtype, device=z.device))
-    return -(p * safe).sum(-1).mean()
