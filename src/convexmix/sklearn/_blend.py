@@ -88,14 +88,44 @@ def _simplex_fit(est: Any, P: Array, y: Any, loss: str, sample_weight: Array | N
     est.loss_ = float(fit.loss)
 
 
+def least_squares_rows(X: Array, y: Array, sample_weight: Array | None) -> tuple[Array, Array]:
+    """K + 1 rows ``(Z, t)`` with the same mean squared error as ``(X, y)`` weighted by
+    ``sample_weight``, for every ``w``:
+    ``mean((Z @ w - t) ** 2) == average((X @ w - y) ** 2, weights=sample_weight)``.
+
+    Least squares sees ``[X y]`` only through its weighted Gram matrix ``G`` ((K + 1)
+    square, one BLAS product over the N rows); ``Z`` and ``t`` are the columns of
+    ``sqrt(K + 1) * diag(sqrt(lambda)) @ V.T`` from ``G = V diag(lambda) V.T``, so that
+    their Gram matrix is ``G`` again (a rank-deficient ``G``, from duplicate columns,
+    is fine). The exact fit then runs on K + 1 rows instead of N.
+    """
+    n, k = X.shape
+    G = np.empty((k + 1, k + 1))
+    if sample_weight is None:
+        G[:k, :k] = X.T @ X / n
+        G[:k, k] = G[k, :k] = X.T @ y / n
+        G[k, k] = y @ y / n
+    else:
+        s = sample_weight / sample_weight.sum()
+        Xs = X * s[:, None]
+        G[:k, :k] = Xs.T @ X
+        G[:k, k] = G[k, :k] = Xs.T @ y
+        G[k, k] = (s * y) @ y
+    lam, V = np.linalg.eigh((G + G.T) / 2)
+    R = (np.sqrt(np.clip(lam, 0.0, None) * (k + 1)))[:, None] * V.T
+    return R[:, :-1], R[:, -1]
+
+
 class ConvexBlendRegressor(_RegressorMixin, _BaseEstimator):  # type: ignore[misc]
     """Least squares on the simplex: ``y ≈ X @ coef_`` with ``coef_ >= 0`` summing to 1.
 
     The columns of ``X`` are the predictions of the models to blend (for instance
     ``StackingRegressor``'s cross-validated predictions); the fit is the exact optimum of
     the (sample-weighted) mean squared error over the simplex, by
-    :func:`convexmix.ensemble.fit_weights` with ``loss="mse"``. It is the final
-    estimator of :class:`ConvexStackingRegressor`.
+    :func:`convexmix.ensemble.fit_weights` with ``loss="mse"``. The fit runs on
+    ``n_features + 1`` rows made from the weighted Gram matrix of ``[X y]`` (one BLAS
+    product over the N rows), which have the same squared error as ``(X, y)`` for every
+    weight vector. It is the final estimator of :class:`ConvexStackingRegressor`.
 
     Args:
         max_weight: a cap on every weight, in (0, 1]; ``fit`` needs
@@ -138,7 +168,11 @@ class ConvexBlendRegressor(_RegressorMixin, _BaseEstimator):  # type: ignore[mis
         check_caps(self)
         X, y = _validation.validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         sw = check_sample_weight(sample_weight, X.shape[0])
-        _simplex_fit(self, X.T, y, "mse", sw)
+        if X.shape[0] > X.shape[1] + 1:  # the same fit on K + 1 rows
+            Z, t = least_squares_rows(X, y, sw)
+            _simplex_fit(self, Z.T, t, "mse", None)
+        else:
+            _simplex_fit(self, X.T, y, "mse", sw)
         return self
 
     def predict(self, X: Any) -> Array:
