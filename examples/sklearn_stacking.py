@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 from sklearn.datasets import load_breast_cancer, load_digits, load_wine
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier, StackingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
@@ -43,7 +44,6 @@ from sklearn.naive_bayes import GaussianNB
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 import convexmix as cx
 from convexmix.sklearn import ConvexStackingClassifier
@@ -59,14 +59,14 @@ METHODS = [
 
 
 def base_models(seed: int, quick: bool) -> list[tuple[str, Any]]:
-    trees = 50 if quick else 200
+    trees = 50 if quick else 100
     models = [
         ("logreg", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))),
         ("nb", GaussianNB()),
         ("knn", make_pipeline(StandardScaler(), KNeighborsClassifier(15))),
         ("forest", RandomForestClassifier(trees, random_state=seed)),
         ("extra", ExtraTreesClassifier(trees, random_state=seed)),
-        ("svc", make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))),
+        ("lda", LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")),
     ]
     return models[:4] if quick else models
 

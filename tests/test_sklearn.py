@@ -98,9 +98,7 @@ else:
         assert expected_failed_checks(small_stack_classifier()) == {}
         assert expected_failed_checks(small_stack_regressor()) == {}
         listed = expected_failed_checks(ConvexBlendClassifier())
-        assert all(
-            reason.startswith("its X is not class probabilities") for reason in listed.values()
-        )
+        assert all("not class probabilities" in reason for reason in listed.values())
         results = check_estimator(ConvexBlendClassifier(), on_fail=None)
         failed = {r["check_name"]: r["exception"] for r in results if r["status"] == "failed"}
         skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
