@@ -83,8 +83,9 @@ class ConvexStackingClassifier(_StackingClassifier):  # type: ignore[misc]
         weights_: ``{name: weight}`` for each estimator not dropped, in order; the
             weights are >= 0 and sum to 1.
         final_estimator_: the fitted :class:`ConvexBlendClassifier` (``coef_``).
-        estimators_, named_estimators_, classes_, stack_method_, n_features_in_,
-            feature_names_in_: as in ``StackingClassifier``.
+        estimators_: the base models, refitted on all the rows; ``named_estimators_``,
+            ``classes_``, ``stack_method_``, ``n_features_in_`` and
+            ``feature_names_in_`` are as in ``StackingClassifier`` too.
 
     >>> from sklearn.datasets import load_breast_cancer
     >>> from sklearn.naive_bayes import GaussianNB
@@ -165,8 +166,9 @@ class ConvexStackingRegressor(_StackingRegressor):  # type: ignore[misc]
         weights_: ``{name: weight}`` for each estimator not dropped, in order; the
             weights are >= 0 and sum to 1.
         final_estimator_: the fitted :class:`ConvexBlendRegressor` (``coef_``).
-        estimators_, named_estimators_, stack_method_, n_features_in_,
-            feature_names_in_: as in ``StackingRegressor``.
+        estimators_: the base models, refitted on all the rows; ``named_estimators_``,
+            ``stack_method_``, ``n_features_in_`` and ``feature_names_in_`` are as in
+            ``StackingRegressor`` too.
 
     >>> from sklearn.datasets import load_diabetes
     >>> from sklearn.linear_model import Ridge
