@@ -171,7 +171,8 @@ else:
     )
     def test_blend_regressor_invariants(seed: int, n: int, K: int) -> None:
         """On the simplex; a column permutation permutes coef_; integer sample weights
-        are repeated rows; scaling the weights changes nothing."""
+        are repeated rows; scaling the weights, or shifting X and y together, changes
+        nothing."""
         rng = np.random.default_rng(seed)
         X = rng.normal(size=(n, K))
         y = X @ rng.dirichlet(np.ones(K)) + 0.3 * rng.normal(size=n)
@@ -189,6 +190,10 @@ else:
         assert obj(w_rep) == pytest.approx(obj(w), rel=1e-7, abs=1e-12)
         w_scaled = ConvexBlendRegressor().fit(X, y, sample_weight=7.5 * sw).coef_
         assert obj(w_scaled) == pytest.approx(obj(w), rel=1e-7, abs=1e-12)
+        # a common offset of the columns and the target changes nothing on the simplex,
+        # even a large one (the fit works on residuals)
+        w_shift = ConvexBlendRegressor().fit(X + 1e6, y + 1e6, sample_weight=sw).coef_
+        assert obj(w_shift) == pytest.approx(obj(w), rel=1e-6, abs=1e-9)
 
     def test_blend_regressor_caps() -> None:
         X, y, _sw = blend_problem(3)

@@ -88,32 +88,27 @@ def _simplex_fit(est: Any, P: Array, y: Any, loss: str, sample_weight: Array | N
     est.loss_ = float(fit.loss)
 
 
-def least_squares_rows(X: Array, y: Array, sample_weight: Array | None) -> tuple[Array, Array]:
-    """K + 1 rows ``(Z, t)`` with the same mean squared error as ``(X, y)`` weighted by
-    ``sample_weight``, for every ``w``:
-    ``mean((Z @ w - t) ** 2) == average((X @ w - y) ** 2, weights=sample_weight)``.
+def least_squares_rows(X: Array, y: Array, sample_weight: Array | None) -> Array:
+    """K rows ``Z`` (K, K) with the same mean squared error as ``(X, y)`` weighted by
+    ``sample_weight``, for every ``w`` on the simplex:
+    ``mean((Z @ w) ** 2) == average((X @ w - y) ** 2, weights=sample_weight)``.
 
-    Least squares sees ``[X y]`` only through its weighted Gram matrix ``G`` ((K + 1)
-    square, one BLAS product over the N rows); ``Z`` and ``t`` are the columns of
-    ``sqrt(K + 1) * diag(sqrt(lambda)) @ V.T`` from ``G = V diag(lambda) V.T``, so that
-    their Gram matrix is ``G`` again (a rank-deficient ``G``, from duplicate columns,
-    is fine). The exact fit then runs on K + 1 rows instead of N.
+    On the simplex ``X @ w - y == D @ w`` with the residuals ``D = X - y[:, None]``, so
+    the loss is ``w @ G @ w`` with the weighted Gram matrix ``G`` of ``D`` (K square,
+    one BLAS product over the N rows; residuals, not raw columns, so that a large common
+    offset of X and y cancels before it can cost precision). ``Z`` is
+    ``sqrt(K) * diag(sqrt(lambda)) @ V.T`` from ``G = V diag(lambda) V.T``, whose Gram
+    matrix is ``G`` again (a rank-deficient ``G``, from duplicate columns, is fine).
     """
     n, k = X.shape
-    G = np.empty((k + 1, k + 1))
+    D = X - y[:, None]
     if sample_weight is None:
-        G[:k, :k] = X.T @ X / n
-        G[:k, k] = G[k, :k] = X.T @ y / n
-        G[k, k] = y @ y / n
+        G = D.T @ D / n
     else:
-        s = sample_weight / sample_weight.sum()
-        Xs = X * s[:, None]
-        G[:k, :k] = Xs.T @ X
-        G[:k, k] = G[k, :k] = Xs.T @ y
-        G[k, k] = (s * y) @ y
+        G = (D * (sample_weight / sample_weight.sum())[:, None]).T @ D
     lam, V = np.linalg.eigh((G + G.T) / 2)
-    R = (np.sqrt(np.clip(lam, 0.0, None) * (k + 1)))[:, None] * V.T
-    return R[:, :-1], R[:, -1]
+    Z: Array = np.sqrt(np.clip(lam, 0.0, None) * k)[:, None] * V.T
+    return Z
 
 
 class ConvexBlendRegressor(_RegressorMixin, _BaseEstimator):  # type: ignore[misc]
@@ -123,9 +118,10 @@ class ConvexBlendRegressor(_RegressorMixin, _BaseEstimator):  # type: ignore[mis
     ``StackingRegressor``'s cross-validated predictions); the fit is the exact optimum of
     the (sample-weighted) mean squared error over the simplex, by
     :func:`convexmix.ensemble.fit_weights` with ``loss="mse"``. The fit runs on
-    ``n_features + 1`` rows made from the weighted Gram matrix of ``[X y]`` (one BLAS
-    product over the N rows), which have the same squared error as ``(X, y)`` for every
-    weight vector. It is the final estimator of :class:`ConvexStackingRegressor`.
+    ``n_features`` rows made from the weighted Gram matrix of the residuals
+    ``X - y[:, None]`` (one BLAS product over the N rows), which have the same squared
+    error as ``(X, y)`` for every weight vector on the simplex. It is the final
+    estimator of :class:`ConvexStackingRegressor`.
 
     Args:
         max_weight: a cap on every weight, in (0, 1]; ``fit`` needs
@@ -168,11 +164,13 @@ class ConvexBlendRegressor(_RegressorMixin, _BaseEstimator):  # type: ignore[mis
         check_caps(self)
         X, y = _validation.validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         sw = check_sample_weight(sample_weight, X.shape[0])
-        if X.shape[0] > X.shape[1] + 1:  # the same fit on K + 1 rows
-            Z, t = least_squares_rows(X, y, sw)
-            _simplex_fit(self, Z.T, t, "mse", None)
+        # On the simplex X @ w - y is (X - y) @ w: the fit runs on residuals against 0,
+        # compressed to K rows with the same Gram matrix where there are more rows.
+        if X.shape[0] > X.shape[1]:
+            P, sw = least_squares_rows(X, y, sw).T, None
         else:
-            _simplex_fit(self, X.T, y, "mse", sw)
+            P = (X - y[:, None]).T
+        _simplex_fit(self, P, np.zeros(P.shape[1]), "mse", sw)
         return self
 
     def predict(self, X: Any) -> Array:
