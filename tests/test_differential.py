@@ -221,6 +221,9 @@ def check_weighted_sum(case: WSCase) -> None:
         "tuple": lambda: layer(tuple(xs)),
         "stacked": lambda: layer(stacked()),
         "checked": lambda: layer._forward_checked(xs),
+        "functional_call": lambda: torch.func.functional_call(
+            layer, {k: p * 1 for k, p in layer.named_parameters()}, (xs,)
+        ),
         "mask (n,) all present": lambda: layer(xs, mask=full),
         "mask (B, n) all present": lambda: layer(stacked(), mask=full.expand(rows, case.n)),
     }

@@ -15,3 +15,7 @@ __all__ = ["LazyWeightedSum", "ScalarMix", "SimplexWeights", "WeightedSum"]
 for _cls in (LazyWeightedSum, ScalarMix, SimplexWeights, WeightedSum):
     _cls.__module__ = __name__
 del _cls
+
+# The classes' ``__module__`` is this module, their methods' is the private one: doctest
+# collects neither module's method examples on its own, so name them here.
+__test__ = {"ScalarMix.from_allennlp": ScalarMix.from_allennlp}

@@ -203,8 +203,10 @@ class ScalarMix(nn.Module):
             >>> sd = {"scalar_parameters.0": torch.tensor([0.5]),
             ...       "scalar_parameters.1": torch.tensor([-0.5]), "gamma": torch.tensor([2.0])}
             >>> mix = cx.ScalarMix.from_allennlp(sd)
-            >>> mix.free.detach(), mix.gamma.detach()
+            >>> mix.mix.free.detach(), mix.gamma.detach()  # the checkpoint's values
             (tensor([ 0.5000, -0.5000]), tensor(2.))
+            >>> mix.weights  # softmax([0.5, -0.5])
+            tensor([0.7311, 0.2689], grad_fn=<...>)
         """
         if "init" in kwargs:
             raise ConvexMixError(
