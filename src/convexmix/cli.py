@@ -308,7 +308,7 @@ def run_blend(args: argparse.Namespace) -> int:
             f"{args.weights} was fitted on ({', '.join(fitted)}) predictions; "
             f"got shape {tuple(predictions.shape)}."
         )
-    out = _io.save_array(args.out, blend.predict(predictions).numpy())
+    out = _io.save_array(args.out, blend.predict(predictions))
     if not args.quiet:
         print(
             f"wrote {out}: the blend of {K} models, shape {tuple(predictions.shape[1:])}",

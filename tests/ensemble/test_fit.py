@@ -196,8 +196,17 @@ def test_degenerate_cases() -> None:
 def test_inputs_from_numpy_and_lists() -> None:
     P, y = class_problem(13, 3, 200, 3)
     ref = fit_weights(P, y)
-    for preds in (P.numpy(), [P[k].numpy() for k in range(3)], list(P)):
-        torch.testing.assert_close(fit_weights(preds, y.numpy()).weights, ref.weights)
+    for preds, numpy in (
+        (P.numpy(), True),
+        ([P[k].numpy() for k in range(3)], True),
+        (list(P), False),
+    ):
+        fit = fit_weights(preds, y.numpy())
+        # numpy predictions give numpy results, tensors (or a list of them) tensors
+        assert isinstance(fit.weights, np.ndarray) == numpy
+        assert isinstance(fit.free, np.ndarray) == numpy
+        assert isinstance(fit.predict(preds), np.ndarray) == numpy
+        torch.testing.assert_close(torch.as_tensor(fit.weights), ref.weights)
     floats = fit_weights(P.float(), y.double())  # float labels that are integers are fine
     torch.testing.assert_close(floats.weights, ref.weights, atol=1e-5, rtol=0)
 

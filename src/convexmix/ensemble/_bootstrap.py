@@ -10,9 +10,11 @@ import torch
 from torch import Tensor
 
 from convexmix._validation import check_int, is_number
+from convexmix.ensemble import _dense
 from convexmix.ensemble._factory import make_objective
-from convexmix.ensemble._fit import check_fit_args, fit_objective
-from convexmix.ensemble._result import EnsembleResult
+from convexmix.ensemble._fit import check_fit_args, dense_route, fit_dense, fit_objective
+from convexmix.ensemble._inputs import wants_numpy
+from convexmix.ensemble._result import EnsembleResult, Weights, as_output
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
 
 __all__ = ["BootstrapResult", "bootstrap"]
@@ -21,6 +23,9 @@ __all__ = ["BootstrapResult", "bootstrap"]
 @dataclass
 class BootstrapResult:
     """The outcome of :func:`bootstrap`: one exact fit per Bayesian-bootstrap draw.
+
+    Its arrays are numpy arrays when the predictions were numpy (as for
+    :class:`EnsembleResult`) and torch tensors otherwise.
 
     Attributes:
         weights: (n, K) float64; row i is the fit with ``sample_weights[i]``.
@@ -31,14 +36,14 @@ class BootstrapResult:
         seed: the seed of the draws.
     """
 
-    weights: Tensor = field(repr=False)
-    sample_weights: Tensor = field(repr=False)
-    loss: Tensor = field(repr=False)
-    converged: Tensor = field(repr=False)
+    weights: Weights = field(repr=False)
+    sample_weights: Weights = field(repr=False)
+    loss: Weights = field(repr=False)
+    converged: Weights = field(repr=False)
     fit: EnsembleResult
     seed: int = 0
 
-    def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
+    def interval(self, level: float = 0.9) -> tuple[Weights, Weights]:
         """Each model's equal-tailed credible interval of its weight.
 
         Args:
@@ -53,8 +58,10 @@ class BootstrapResult:
                 f"level must be a number in (0, 1); got {level!r}."
             )
         qs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        lo, hi = torch.quantile(self.weights, qs, dim=0)
-        return lo, hi
+        lo, hi = torch.quantile(torch.as_tensor(self.weights), qs, dim=0)
+        if isinstance(self.weights, Tensor):
+            return lo, hi
+        return lo.numpy(), hi.numpy()
 
 
 #: fit_weights arguments that bootstrap passes on.
@@ -136,30 +143,52 @@ def bootstrap(
     cv_folds = fit_kwargs.get("cv_folds", 5)
     cv_seed = fit_kwargs.get("cv_seed", 0)
     check_fit_args(map, tol, max_iter, regularization, cv_folds)
-    obj = make_objective(predictions, targets, loss, None, fit_kwargs.get("validate", True))
-    fit = fit_objective(obj, map, regularization, tol, max_iter, cv_folds, cv_seed, None)
-    N = obj.n_samples
+    validate = fit_kwargs.get("validate", True)
+    numpy = wants_numpy(predictions)
+    dense = None
+    if dense_route(None, regularization):
+        dense = _dense.prepare(predictions, targets, loss, None, validate, float(regularization))
+    if dense is not None:
+        fit = fit_dense(dense, map, tol, max_iter, None)
+        K, N = dense.K, dense.s.size
+    else:
+        obj = make_objective(predictions, targets, loss, None, validate)
+        fit = fit_objective(obj, map, regularization, tol, max_iter, cv_folds, cv_seed, None)
+        K, N = obj.K, obj.n_samples
     gen = torch.Generator().manual_seed(seed)
     draws = torch.empty(n, N, dtype=torch.float64).exponential_(generator=gen)
     draws /= draws.sum(1, keepdim=True)
     draws *= N
-    weights = torch.empty(n, obj.K, dtype=torch.float64)
+    weights = torch.empty(n, K, dtype=torch.float64)
     losses = torch.empty(n, dtype=torch.float64)
     converged = torch.empty(n, dtype=torch.bool)
     for i in range(n):
-        s = draws[i] / draws[i].sum()  # exactly what fit_weights does with sample_weight
-        res = fit_objective(
-            obj.with_weights(s),
-            map,
-            regularization,
-            tol,
-            max_iter,
-            cv_folds,
-            cv_seed,
-            None,
-            w0=fit.weights if warm_start else None,
-        )
-        weights[i], losses[i], converged[i] = res.weights, res.loss, res.converged
+        w0 = fit.weights if warm_start else None
+        problem = None if dense is None else dense.with_sample_weight(draws[i])
+        if problem is not None:  # exactly what fit_weights does with sample_weight
+            res = fit_dense(problem, map, tol, max_iter, None, w0)
+        else:
+            if dense is not None:  # pragma: no cover - a draw's sums overflow, the base's not
+                obj = make_objective(predictions, targets, loss, None, validate)
+                dense = None
+            s = draws[i] / draws[i].sum()  # exactly what fit_weights does with sample_weight
+            res = fit_objective(
+                obj.with_weights(s),
+                map,
+                regularization,
+                tol,
+                max_iter,
+                cv_folds,
+                cv_seed,
+                None,
+                w0=None if w0 is None else torch.as_tensor(w0),
+            )
+        weights[i] = torch.as_tensor(res.weights)
+        losses[i], converged[i] = res.loss, res.converged
         if callback is not None:
             callback(i + 1, n)
-    return BootstrapResult(weights, draws, losses, converged, fit, seed)
+    out = BootstrapResult(weights, draws, losses, converged, as_output(fit, numpy), seed)
+    if numpy:
+        out.weights, out.sample_weights = weights.numpy(), draws.numpy()
+        out.loss, out.converged = losses.numpy(), converged.numpy()
+    return out

@@ -21,6 +21,10 @@ class CallableLoss:
         self.K = p.shape[0]
 
     @property
+    def scale(self) -> float:
+        return 1.0
+
+    @property
     def n_samples(self) -> int:
         return int(self.p.shape[1])
 

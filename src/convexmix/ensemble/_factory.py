@@ -57,7 +57,7 @@ def make_objective(
             t = class_targets(t, p.shape[2], N)
             q = true_class_probabilities(p, t, validate)
             return LogLoss(q, s, reduce)
-        t = class_targets(t, 2, N)  # (K, N): probabilities of class 1
+        t = class_targets(t, 2, N, hint=True)  # (K, N): probabilities of class 1
         if validate:
             lo = check_finite_min(p, "predictions")
             hi = float(p.max())

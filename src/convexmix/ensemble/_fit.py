@@ -10,17 +10,24 @@ import torch
 from torch import Tensor
 
 from convexmix._validation import check_int, check_positive, is_number
-from convexmix.ensemble import _capped
+from convexmix.ensemble import _capped, _dense
 from convexmix.ensemble._distributed import reducer
 from convexmix.ensemble._factory import make_objective
-from convexmix.ensemble._inputs import as_predictions
+from convexmix.ensemble._inputs import as_predictions, wants_numpy
 from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, local
-from convexmix.ensemble._result import EnsembleResult, free_weights
+from convexmix.ensemble._result import EnsembleResult, as_output, free_weights
 from convexmix.ensemble._solver import cv_lambda, sample_start, solve
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
 from convexmix.functional._registry import get_map
 
-__all__ = ["check_fit_args", "fit_constrained", "fit_objective", "fit_weights"]
+__all__ = [
+    "check_fit_args",
+    "dense_route",
+    "fit_constrained",
+    "fit_dense",
+    "fit_objective",
+    "fit_weights",
+]
 
 
 def fit_weights(
@@ -105,6 +112,13 @@ def fit_weights(
     tensor([0., 1., 0.], dtype=torch.float64)
     """
     check_fit_args(map, tol, max_iter, regularization, cv_folds)
+    numpy = wants_numpy(predictions)
+    if dense_route(process_group, regularization, max_weight, max_models):
+        dense = _dense.prepare(
+            predictions, targets, loss, sample_weight, validate, float(regularization)
+        )
+        if dense is not None:
+            return as_output(fit_dense(dense, map, tol, max_iter, callback), numpy)
     p = as_predictions(predictions)
     reduce = reducer(process_group, tuple(p.shape))
     if reduce is not local:
@@ -122,10 +136,64 @@ def fit_weights(
             raise ConvexMixError(
                 "a sharded fit (process_group) does not take max_weight/max_models."
             )
-        return fit_constrained(
-            obj, map, regularization, tol, max_iter, callback, max_weight, max_models
+        return as_output(
+            fit_constrained(
+                obj, map, regularization, tol, max_iter, callback, max_weight, max_models
+            ),
+            numpy,
         )
-    return fit_objective(obj, map, regularization, tol, max_iter, cv_folds, seed, callback)
+    return as_output(
+        fit_objective(obj, map, regularization, tol, max_iter, cv_folds, seed, callback), numpy
+    )
+
+
+def _distributed() -> bool:
+    """Whether torch.distributed's default group is up (a fit may then be sharded)."""
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def dense_route(
+    process_group: Any,
+    regularization: float | str,
+    max_weight: float | None = None,
+    max_models: int | None = None,
+) -> bool:
+    """Whether a fit with these settings may take the dense path (its inputs decide the
+    rest: :func:`convexmix.ensemble._dense.prepare`)."""
+    return (
+        max_weight is None
+        and max_models is None
+        and not isinstance(regularization, str)
+        and process_group is None
+        and not _distributed()
+    )
+
+
+def fit_dense(
+    problem: _dense.DenseProblem,
+    map: str,
+    tol: float,
+    max_iter: int,
+    callback: Callable[[int, float, float], None] | None,
+    w0: Any = None,
+) -> EnsembleResult:
+    """The fit of a small problem on the dense (numpy) path; numpy weights."""
+    w, history, n_iter, gap, converged = _dense.solve(
+        problem, float(tol) * problem.scale, max_iter, callback, w0
+    )
+    return EnsembleResult(
+        weights=w,
+        loss=problem.loss(w),
+        history=history,
+        n_iter=n_iter,
+        gap=gap,
+        converged=converged,
+        free=free_weights(w, map),
+        map=map,
+        regularization=problem.lam,
+        method="newton",
+    )
 
 
 def fit_constrained(
@@ -159,7 +227,7 @@ def fit_constrained(
     solved = Regularized(obj, lam) if lam > 0 else obj
     method = "newton"
     if k < K:
-        search = _capped.Search(solved, cap, float(tol), max_iter)
+        search = _capped.Search(solved, cap, float(tol) * obj.scale, max_iter)
         exact = K <= _capped.EXACT_MAX_MODELS
         allowed, proven = _capped.best_support(search, k, exact)
         method = "branch-and-bound" if proven else "forward-swap"
@@ -167,7 +235,7 @@ def fit_constrained(
         u[sorted(allowed)] = cap
     else:
         u = torch.full((K,), cap, dtype=torch.float64)
-    solution = _capped.newton_capped(solved, u, float(tol), max_iter, callback)
+    solution = _capped.newton_capped(solved, u, float(tol) * obj.scale, max_iter, callback)
     return _result(obj, solution, map, lam, method)
 
 
@@ -232,7 +300,7 @@ def fit_objective(
     w0: Tensor | None = None,
 ) -> EnsembleResult:
     if isinstance(regularization, str):
-        lam, start = cv_lambda(obj, cv_folds, tol, max_iter, seed)
+        lam, start = cv_lambda(obj, cv_folds, float(tol) * obj.scale, max_iter, seed)
         if w0 is None:
             w0 = start
     else:
@@ -240,4 +308,5 @@ def fit_objective(
     if w0 is None:
         w0 = sample_start(obj, lam, max_iter)
     solved = Regularized(obj, lam) if lam > 0 else obj
-    return _result(obj, solve(solved, float(tol), max_iter, callback, w0), map, lam, "newton")
+    solution = solve(solved, float(tol) * obj.scale, max_iter, callback, w0)
+    return _result(obj, solution, map, lam, "newton")

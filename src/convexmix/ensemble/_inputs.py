@@ -21,6 +21,7 @@ from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeErr
 
 __all__ = [
     "PROB_ATOL",
+    "REGRESSION_HINT",
     "as_predictions",
     "as_tensor",
     "check_finite_min",
@@ -29,6 +30,7 @@ __all__ = [
     "reading_progress",
     "sample_weights",
     "true_class_probabilities",
+    "wants_numpy",
 ]
 
 #: Rows of class probabilities must sum to 1 within this tolerance.
@@ -110,6 +112,19 @@ def as_tensor(x: Any, name: str) -> Tensor:
     )
 
 
+def wants_numpy(x: Any) -> bool:
+    """Whether results for the input ``x`` should be numpy arrays: ``x`` is a numpy array
+    (a memmap too), the path of a ``.npy`` file, or a list of numpy arrays."""
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    np = sys.modules.get("numpy")
+    if np is None:
+        return False
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(v, np.ndarray) for v in x)
+    return isinstance(x, np.ndarray)
+
+
 def as_predictions(predictions: Any) -> Tensor:
     p = as_tensor(predictions, "predictions")
     if p.dim() not in (2, 3):
@@ -132,7 +147,13 @@ def check_finite_min(p: Tensor, name: str) -> float:
     return float(lo.item())
 
 
-def class_targets(t: Tensor, n_classes: int, n: int) -> Tensor:
+#: The hint of a label error on targets that look like regression targets.
+REGRESSION_HINT = "; they look like regression targets: pass loss='mse'"
+
+
+def class_targets(t: Tensor, n_classes: int, n: int, hint: bool = False) -> Tensor:
+    """(N,) int64 class labels in [0, n_classes); ``hint``: the predictions are (K, N), so
+    labels that are not 0/1 are likely regression targets (the error says loss='mse')."""
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1 or t.shape[0] != n:
@@ -142,14 +163,20 @@ def class_targets(t: Tensor, n_classes: int, n: int) -> Tensor:
         )
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
-            raise ConvexMixError("targets must be integer class labels; got non-integer values.")
+            raise ConvexMixError(
+                "targets must be integer class labels; got non-integer values"
+                + (REGRESSION_HINT if bool(torch.isfinite(t).all()) else "")
+                + "."
+            )
     elif t.dtype == torch.bool:
         t = t.long()
     t = t.long()
     if n and (int(t.min()) < 0 or int(t.max()) >= n_classes):
         raise ConvexMixError(
             f"targets must be class labels in [0, {n_classes - 1}]; "
-            f"got values in [{int(t.min())}, {int(t.max())}]."
+            f"got values in [{int(t.min())}, {int(t.max())}]"
+            + (REGRESSION_HINT if hint else "")
+            + "."
         )
     return t
 

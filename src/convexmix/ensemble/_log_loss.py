@@ -46,6 +46,10 @@ class LogLoss:
         self._sqrt_s: Tensor | None = None
 
     @property
+    def scale(self) -> float:
+        return 1.0
+
+    @property
     def n_samples(self) -> int:
         return int(self.q.shape[1])
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import CountsGreedy, Greedy, Reduce, local
 
-__all__ = ["Quadratic"]
+__all__ = ["Quadratic", "quadratic_scale"]
+
+
+def quadratic_scale(M: Any, c: float) -> float:
+    """The scale of a squared-error loss, for a stopping rule that does not depend on the
+    units of the targets: the larger of the weighted mean square of the targets (``c``)
+    and of the largest model's predictions (the largest diagonal entry of ``M``, a tensor
+    or an array); 1 when both are 0 (then every blend has loss 0)."""
+    scale = max(float(c), float(M.diagonal().max()))
+    return scale if scale > 0 else 1.0
 
 
 class Quadratic:
@@ -47,6 +57,10 @@ class Quadratic:
         self.M, self.r, self.c = reduce(M), reduce(r), float(reduce(c))
 
     @property
+    def scale(self) -> float:
+        return quadratic_scale(self.M, self.c)
+
+    @property
     def n_samples(self) -> int:
         return int(self.p.shape[1])
 
@@ -60,11 +74,11 @@ class Quadratic:
         N, D = self.p.shape[1], self.p.shape[2]
         rows = max(1, (1 << 21) // max(1, self.K * D * 8))
         total = torch.zeros((), dtype=torch.float64)
-        wp = w.to(self.p.dtype)
         for a in range(0, N, rows):
             b = min(a + rows, N)
-            resid = torch.tensordot(wp, self.p[:, a:b], dims=1) - self.y[a:b]
-            total += self.s[a:b] @ (resid.double() ** 2).sum(-1)
+            # in float64 whatever the predictions' dtype: the reported loss is exact
+            resid = torch.tensordot(w, self.p[:, a:b].double(), dims=1) - self.y[a:b].double()
+            total += self.s[a:b] @ (resid**2).sum(-1)
         return float(self.reduce(total))
 
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:

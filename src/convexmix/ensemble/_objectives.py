@@ -99,6 +99,12 @@ class DataObjective(Objective, Protocol):
         """N, the number of samples."""
         ...
 
+    @property
+    def scale(self) -> float:
+        """The loss's scale: ``tol`` is relative to it (1 for the log-loss, whose values
+        do not depend on units; the mean square of the targets and predictions for mse)."""
+        ...
+
     def loss(self, w: Tensor) -> float:
         """The loss at w, as accurate as the data allow (the value reported to users)."""
         ...

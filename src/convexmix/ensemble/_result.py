@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from convexmix.ensemble._files import read_weights_file
-from convexmix.ensemble._inputs import as_predictions
+from convexmix.ensemble._inputs import as_predictions, wants_numpy
 from convexmix.errors import ShapeError
 from convexmix.functional._registry import get_map
 
-__all__ = ["EnsembleResult", "free_weights", "load_weights"]
+#: A (K,) float64 vector: a numpy array for numpy inputs, a tensor for torch inputs (typed
+#: as Any: numpy is not a dependency of the library, and callers index either alike).
+Weights = Any
+
+__all__ = ["EnsembleResult", "Weights", "as_output", "free_weights", "load_weights"]
 
 
 @dataclass
 class EnsembleResult:
     """The outcome of :func:`fit_weights` or :func:`ensemble_selection`.
+
+    ``weights`` and ``free`` are numpy arrays when the predictions were numpy (an array, a
+    memmap, a ``.npy`` path or a list of arrays) and torch tensors otherwise.
 
     Attributes:
         weights: (K,) float64 weights, >= 0, summing to 1.
@@ -38,19 +46,19 @@ class EnsembleResult:
         models: the models' names, when known (:func:`load_weights` reads them).
     """
 
-    weights: Tensor
+    weights: Weights
     loss: float
     history: list[float] = field(repr=False)
     n_iter: int
     gap: float
     converged: bool
-    free: Tensor = field(repr=False)
+    free: Weights = field(repr=False)
     map: str = "softmax"
     regularization: float = 0.0
     method: str = "newton"
     models: list[str] | None = None
 
-    def predict(self, predictions: Any) -> Tensor:
+    def predict(self, predictions: Any) -> Any:
         """The blend ``sum_k weights[k] * predictions[k]`` of (K, N) or (K, N, C) predictions.
 
         Args:
@@ -58,27 +66,45 @@ class EnsembleResult:
                 ``.npy`` path too); typically the models' predictions on new data.
 
         Returns:
-            (N,) or (N, C) in the predictions' dtype.
+            (N,) or (N, C) in the predictions' dtype: a numpy array for numpy predictions
+            (an array, a memmap, a ``.npy`` path or a list of arrays), a tensor otherwise.
 
-        >>> import torch, convexmix as cx
+        >>> import numpy as np, torch, convexmix as cx
         >>> p = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 5.0, 5.0]])
         >>> fit = cx.ensemble.fit_weights(p, 0.25 * p[0] + 0.75 * p[1], loss="mse")
         >>> fit.predict(torch.tensor([[4.0], [0.0], [9.0]]))
         tensor([1.])
+        >>> fit.predict(np.array([[4.0], [0.0], [9.0]]))
+        array([1.])
         """
         p = as_predictions(predictions)
-        if p.shape[0] != self.weights.numel():
+        w = torch.as_tensor(self.weights)
+        if p.shape[0] != w.numel():
             raise ShapeError(
-                f"predictions must hold {self.weights.numel()} models along dim 0; "
-                f"got shape {tuple(p.shape)}."
+                f"predictions must hold {w.numel()} models along dim 0; got shape {tuple(p.shape)}."
             )
-        blend: Tensor = torch.tensordot(self.weights.to(p.dtype), p, dims=1)
-        return blend
+        blend: Tensor = torch.tensordot(w.to(p.dtype), p, dims=1)
+        return blend.numpy() if wants_numpy(predictions) else blend
 
 
-def free_weights(weights: Tensor, map: str) -> Tensor:
+def as_output(result: EnsembleResult, numpy: bool) -> EnsembleResult:
+    """``result`` with ``weights`` and ``free`` as numpy arrays (``numpy``) or tensors."""
+    if numpy == isinstance(result.weights, Tensor):
+        convert = _to_numpy if numpy else torch.as_tensor
+        return replace(result, weights=convert(result.weights), free=convert(result.free))
+    return result
+
+
+def _to_numpy(x: Any) -> Any:
+    return x.numpy() if isinstance(x, Tensor) else sys.modules["numpy"].asarray(x)
+
+
+def free_weights(weights: Weights, map: str) -> Weights:
+    """Pre-weights that ``map`` takes to ``weights``, of the same type as ``weights``."""
     spec = get_map(map)
-    return spec.inverse(weights, -1, 1.0)
+    if isinstance(weights, Tensor):
+        return spec.inverse(weights, -1, 1.0)
+    return spec.inverse(torch.from_numpy(weights), -1, 1.0).numpy()
 
 
 def load_weights(path: str | os.PathLike[str]) -> EnsembleResult:
