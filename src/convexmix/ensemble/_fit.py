@@ -11,10 +11,10 @@ from torch import Tensor
 
 from convexmix._validation import check_int, check_positive, is_number
 from convexmix.ensemble import _capped, _dense
-from convexmix.ensemble._distributed import reducer
+from convexmix.ensemble._distributed import Sharded, reducer
 from convexmix.ensemble._factory import make_objective
 from convexmix.ensemble._inputs import as_predictions, wants_numpy
-from convexmix.ensemble._objectives import DataObjective, Loss, Regularized, local
+from convexmix.ensemble._objectives import DataObjective, Loss, Regularized
 from convexmix.ensemble._result import EnsembleResult, as_output, free_weights
 from convexmix.ensemble._solver import cv_lambda, sample_start, solve
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
@@ -111,31 +111,25 @@ def fit_weights(
     >>> cx.ensemble.fit_weights(p, y, loss="mse", max_models=1).weights
     tensor([0., 1., 0.], dtype=torch.float64)
     """
-    check_fit_args(map, tol, max_iter, regularization, cv_folds)
     numpy = wants_numpy(predictions)
+    reduce = reducer(process_group)
+    if isinstance(reduce, Sharded):
+        return as_output(
+            _fit_sharded(
+                reduce, predictions, targets, loss, map, sample_weight, regularization, tol,
+                max_iter, validate, callback, max_weight, max_models,
+            ),
+            numpy,
+        )  # fmt: skip
+    check_fit_args(map, tol, max_iter, regularization, cv_folds)
     if dense_route(process_group, regularization, max_weight, max_models):
         dense = _dense.prepare(
             predictions, targets, loss, sample_weight, validate, float(regularization)
         )
         if dense is not None:
             return as_output(fit_dense(dense, map, tol, max_iter, callback), numpy)
-    p = as_predictions(predictions)
-    reduce = reducer(process_group, tuple(p.shape))
-    if reduce is not local:
-        if callable(loss):
-            raise ConvexMixError(
-                "a sharded fit (process_group) takes loss='log_loss' or 'mse'; got a callable loss."
-            )
-        if isinstance(regularization, str):
-            raise ConvexMixError(
-                "a sharded fit (process_group) takes a number for regularization; got 'cv'."
-            )
-    obj = make_objective(p, targets, loss, sample_weight, validate, reduce)
+    obj = make_objective(predictions, targets, loss, sample_weight, validate)
     if max_weight is not None or max_models is not None:
-        if reduce is not local:
-            raise ConvexMixError(
-                "a sharded fit (process_group) does not take max_weight/max_models."
-            )
         return as_output(
             fit_constrained(
                 obj, map, regularization, tol, max_iter, callback, max_weight, max_models
@@ -145,6 +139,51 @@ def fit_weights(
     return as_output(
         fit_objective(obj, map, regularization, tol, max_iter, cv_folds, seed, callback), numpy
     )
+
+
+def _fit_sharded(
+    reduce: Sharded,
+    predictions: Any,
+    targets: Any,
+    loss: Loss,
+    map: str,
+    sample_weight: Any,
+    regularization: float | str,
+    tol: float,
+    max_iter: int,
+    validate: bool,
+    callback: Callable[[int, float, float], None] | None,
+    max_weight: float | None,
+    max_models: int | None,
+) -> EnsembleResult:
+    """A fit whose rows are sharded over ``reduce``'s ranks. Every check runs before the
+    collective that depends on it, and a failure on any rank raises the same
+    ShardedFitError on every rank (see ``_distributed``), never a hang."""
+    try:
+        check_fit_args(map, tol, max_iter, regularization, 2)
+        if callable(loss):
+            raise ConvexMixError(
+                "a sharded fit (process_group) takes loss='log_loss' or 'mse'; got a callable loss."
+            )
+        if isinstance(regularization, str):
+            raise ConvexMixError(
+                "a sharded fit (process_group) takes a number for regularization; got 'cv'."
+            )
+        if max_weight is not None or max_models is not None:
+            raise ConvexMixError(
+                "a sharded fit (process_group) does not take max_weight/max_models."
+            )
+        p = as_predictions(predictions)
+        reduce.settings = (
+            loss, map, float(regularization), float(tol), max_iter, bool(validate),
+            sample_weight is None, p.dim(), p.shape[0], p.shape[2] if p.dim() == 3 else 0,
+        )  # fmt: skip
+        obj = make_objective(p, targets, loss, sample_weight, validate, reduce)
+        reduce.agree()
+    except Exception as err:  # a torch error too: the other ranks must not wait
+        reduce.fail(err if isinstance(err, ConvexMixError) else ConvexMixError(repr(err)))
+        raise  # pragma: no cover - fail() raises
+    return fit_objective(obj, map, regularization, tol, max_iter, 2, 0, callback)
 
 
 def _distributed() -> bool:
