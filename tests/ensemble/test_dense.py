@@ -88,6 +88,24 @@ def test_dense_path_equals_the_torch_path(
     torch.testing.assert_close(torch.as_tensor(dense.free), torch.as_tensor(ref.free).double())
 
 
+@pytest.mark.parametrize("loss", ["log_loss", "mse"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_validated_guard_is_the_same_on_both_paths(
+    loss: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    P, y = mixed_problem(6, 120, 3, seed=seed)
+    dense = fit_weights(P.numpy(), y.numpy(), loss=loss, regularization="cv", seed=seed)
+    torch_path(monkeypatch)
+    ref = fit_weights(P.numpy(), y.numpy(), loss=loss, regularization="cv", seed=seed)
+    assert dense.regularization == ref.regularization  # the same lambda chosen
+    assert dense.converged
+    assert ref.converged
+    assert dense.loss == pytest.approx(ref.loss, abs=1e-9)
+    np.testing.assert_allclose(dense.weights, ref.weights, atol=1e-6)
+    with pytest.raises(cx.ConvexMixError, match="needs at least 10 samples"):
+        fit_weights(P[:, :9].numpy(), y[:9].numpy(), regularization="cv")
+
+
 def test_the_dense_path_takes_small_fits_only(monkeypatch: pytest.MonkeyPatch) -> None:
     taken = spy_dense(monkeypatch)
     P, y = mixed_problem(4, 300, 3, seed=0)

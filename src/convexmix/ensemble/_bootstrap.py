@@ -147,9 +147,9 @@ def bootstrap(
     numpy = wants_numpy(predictions)
     dense = None
     if dense_route(None, regularization):
-        dense = _dense.prepare(predictions, targets, loss, None, validate, float(regularization))
+        dense = _dense.prepare(predictions, targets, loss, None, validate)
     if dense is not None:
-        fit = fit_dense(dense, map, tol, max_iter, None)
+        fit = fit_dense(dense, map, regularization, tol, max_iter, None, None, cv_folds, cv_seed)
         K, N = dense.K, dense.s.size
     else:
         obj = make_objective(predictions, targets, loss, None, validate)
@@ -166,7 +166,9 @@ def bootstrap(
         w0 = fit.weights if warm_start else None
         problem = None if dense is None else dense.with_sample_weight(draws[i])
         if problem is not None:  # exactly what fit_weights does with sample_weight
-            res = fit_dense(problem, map, tol, max_iter, None, w0)
+            res = fit_dense(
+                problem, map, regularization, tol, max_iter, None, w0, cv_folds, cv_seed
+            )
         else:
             if dense is not None:  # pragma: no cover - a draw's sums overflow, the base's not
                 obj = make_objective(predictions, targets, loss, None, validate)

@@ -26,7 +26,7 @@ from torch import Tensor
 from convexmix.ensemble._inputs import PROB_ATOL
 from convexmix.ensemble._mse import quadratic_scale
 from convexmix.ensemble._objectives import LOG_LOSS_EPS
-from convexmix.ensemble._solver import PRUNE_BELOW
+from convexmix.ensemble._solver import CV_TOL, PRUNE_BELOW
 from convexmix.errors import ConvexMixError
 
 if TYPE_CHECKING:
@@ -37,7 +37,14 @@ if TYPE_CHECKING:
 else:
     Vec = Any
 
-__all__ = ["DENSE_MAX_MODELS", "DENSE_MAX_VALUES", "DenseProblem", "prepare", "solve"]
+__all__ = [
+    "DENSE_MAX_MODELS",
+    "DENSE_MAX_VALUES",
+    "DenseProblem",
+    "cv_lambda",
+    "prepare",
+    "solve",
+]
 
 #: The dense path takes fits of at most this many models ...
 DENSE_MAX_MODELS = 128
@@ -116,6 +123,18 @@ class DenseProblem:
         ``sample_weight`` (the same arithmetic: bit for bit the same fit)."""
         s = _sample_weights(sample_weight, self.s.size, _np())
         return None if s is None else self.weighted(s)
+
+    def subset(self, rows: Any) -> DenseProblem:
+        """The same problem on the samples ``rows`` (cross-validation), as the torch
+        objectives' ``subset``: the sample weights renormalised over them."""
+        s = self.s[rows]
+        s = s / s.sum()
+        if self.kind == "log_loss":
+            assert self.q is not None
+            return replace(self, q=self.q[:, rows], s=s, sqrt_s=None)
+        sub = replace(self, p=self.p[:, rows], y=self.y[rows]).weighted(s)
+        assert sub is not None  # the rows' sums are at most the whole's
+        return sub
 
     def value(self, w: Vec) -> tuple[float, Vec]:
         """The objective (with the pull towards equal weights) and its gradient."""
@@ -205,7 +224,6 @@ def prepare(
     loss: Any,
     sample_weight: Any,
     validate: bool,
-    lam: float,
 ) -> DenseProblem | None:
     """The checked small problem, or None where the torch path must take the fit: a size
     above :data:`DENSE_MAX_VALUES` or :data:`DENSE_MAX_MODELS`, inputs it does not read
@@ -249,7 +267,7 @@ def prepare(
                 return None
             q = np.where(labels.astype(bool), P, 1 - P).astype(np.float64)
         np.maximum(q, LOG_LOSS_EPS, out=q)
-        return DenseProblem(K, "log_loss", s, q=q, lam=lam)
+        return DenseProblem(K, "log_loss", s, q=q)
     if validate and not bool(np.isfinite(P).all()):
         return None
     if P.ndim == 3:  # the Brier score on class probabilities
@@ -266,7 +284,7 @@ def prepare(
         if not bool(np.isfinite(y).all()):
             return None
         p = P.astype(np.float64)[..., None]
-    return DenseProblem(K, "mse", s, p=p, y=y, lam=lam).weighted(s)
+    return DenseProblem(K, "mse", s, p=p, y=y).weighted(s)
 
 
 def _eqp(kkt: Vec, rhs: Vec, F: Any) -> tuple[Vec, float]:
@@ -394,6 +412,58 @@ def _newton(
             callback(it, f, gap)
     w = np.maximum(w, 0.0)
     return w / w.sum(), history, it, gap, gap <= tol
+
+
+def cv_lambda(
+    problem: DenseProblem, folds: int, tol: float, max_iter: int, seed: int
+) -> tuple[float, Vec]:
+    """:func:`convexmix.ensemble._solver.cv_lambda` on the dense path: the same folds
+    (torch's permutation of the same seed), grid and warm starts along the lambda path;
+    the fits start from the previous fold's optima and use exact Hessians."""
+    import torch
+
+    np = _np()
+    n = problem.s.size
+    if n < 2 * folds:
+        raise ConvexMixError(
+            f"regularization='cv' needs at least {2 * folds} samples for {folds} folds; got {n}."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    shuffled = problem.subset(order)
+    bounds = [0]
+    for part in torch.arange(n).chunk(folds):
+        bounds.append(bounds[-1] + part.numel())
+    grid = [0.0, *(float(x) for x in torch.logspace(-4, 1, 11, dtype=torch.float64))]
+    scores = np.zeros(len(grid))
+    optima = np.zeros((len(grid), problem.K))
+    before: list[Vec] = []
+    for i in range(folds):
+        a, b = bounds[i], bounds[i + 1]
+        kept = np.concatenate([np.arange(0, a), np.arange(b, n)])
+        train, test = shuffled.subset(kept), shuffled.subset(np.arange(a, b))
+        w: Vec | None = None
+        prev: Vec | None = None
+        here: list[Vec] = []
+        for j in reversed(range(len(grid))):
+            start: Vec | None
+            if before:
+                start = before[len(here)]
+                if w is not None:  # this fold's shift from the previous fold
+                    start = np.maximum(start + (w - before[len(here) - 1]), 0.0)
+                    start /= start.sum()
+            else:
+                start = w
+                if w is not None and prev is not None and grid[j] > 0:
+                    start = np.maximum(2 * w - prev, 0.0)  # a secant step along the path
+                    start /= start.sum()
+            prev = w
+            w = solve(replace(train, lam=grid[j]), max(tol, CV_TOL), max_iter, None, start)[0]
+            here.append(w)
+            scores[j] += test.value(w)[0] * (b - a) / n
+            optima[j] += w
+        before = here
+    best = int(scores.argmin())
+    return grid[best], optima[best] / optima[best].sum()
 
 
 def solve(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -123,11 +124,14 @@ def fit_weights(
         )  # fmt: skip
     check_fit_args(map, tol, max_iter, regularization, cv_folds)
     if dense_route(process_group, regularization, max_weight, max_models):
-        dense = _dense.prepare(
-            predictions, targets, loss, sample_weight, validate, float(regularization)
-        )
+        dense = _dense.prepare(predictions, targets, loss, sample_weight, validate)
         if dense is not None:
-            return as_output(fit_dense(dense, map, tol, max_iter, callback), numpy)
+            return as_output(
+                fit_dense(
+                    dense, map, regularization, tol, max_iter, callback, None, cv_folds, seed
+                ),
+                numpy,
+            )
     obj = make_objective(predictions, targets, loss, sample_weight, validate)
     if max_weight is not None or max_models is not None:
         return as_output(
@@ -201,26 +205,32 @@ def dense_route(
     """Whether a fit with these settings may take the dense path (its inputs decide the
     rest: :func:`convexmix.ensemble._dense.prepare`)."""
     return (
-        max_weight is None
-        and max_models is None
-        and not isinstance(regularization, str)
-        and process_group is None
-        and not _distributed()
+        max_weight is None and max_models is None and process_group is None and not _distributed()
     )
 
 
 def fit_dense(
     problem: _dense.DenseProblem,
     map: str,
+    regularization: float | str,
     tol: float,
     max_iter: int,
     callback: Callable[[int, float, float], None] | None,
     w0: Any = None,
+    cv_folds: int = 5,
+    seed: int = 0,
 ) -> EnsembleResult:
-    """The fit of a small problem on the dense (numpy) path; numpy weights."""
-    w, history, n_iter, gap, converged = _dense.solve(
-        problem, float(tol) * problem.scale, max_iter, callback, w0
-    )
+    """:func:`fit_objective` on the dense (numpy) path, for a problem without the pull
+    (``lam`` 0); numpy weights."""
+    tol_abs = float(tol) * problem.scale
+    if isinstance(regularization, str):
+        lam, start = _dense.cv_lambda(problem, cv_folds, tol_abs, max_iter, seed)
+        if w0 is None:
+            w0 = start
+    else:
+        lam = float(regularization)
+    problem = replace(problem, lam=lam)
+    w, history, n_iter, gap, converged = _dense.solve(problem, tol_abs, max_iter, callback, w0)
     return EnsembleResult(
         weights=w,
         loss=problem.loss(w),
