@@ -135,11 +135,11 @@ def build_methods(
 ) -> dict[str, tuple[Callable[[], np.ndarray], int]]:
     Pt, yt = torch.from_numpy(P), torch.from_numpy(y)
     return {
-        "convexmix fit_weights": (lambda: fit_weights(Pt, yt).weights.numpy(), repeats),
+        "convexmix fit_weights": (lambda: np.asarray(fit_weights(Pt, yt).weights), repeats),
         "SLSQP, finite differences": (lambda: slsqp_finite_differences(P, y), fd_repeats),
         "SLSQP, analytic gradient": (lambda: slsqp_analytic(P, y), repeats),
         "SLSQP, reduced, ftol 1e-12": (lambda: slsqp_reduced(P, y), repeats),
-        "Caruana (50)": (lambda: ensemble_selection(Pt, yt, size=50).weights.numpy(), repeats),
+        "Caruana (50)": (lambda: np.asarray(ensemble_selection(Pt, yt, size=50).weights), repeats),
     }
 
 

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
+from convexmix.ensemble import _dense
 from convexmix.ensemble._factory import make_objective
-from convexmix.ensemble._fit import check_fit_args, fit_constrained, fit_objective
+from convexmix.ensemble._fit import (
+    check_fit_args,
+    dense_route,
+    fit_constrained,
+    fit_dense,
+    fit_objective,
+)
+from convexmix.ensemble._inputs import wants_numpy
 from convexmix.ensemble._objectives import Loss
-from convexmix.ensemble._result import EnsembleResult
+from convexmix.ensemble._result import EnsembleResult, Weights, as_output
 from convexmix.ensemble._selection import check_size, select_result
 
 __all__ = ["Comparison", "compare"]
@@ -26,14 +33,14 @@ class Comparison:
         fit: the exact optimum (:func:`fit_weights`).
         caruana: greedy ensemble selection (:func:`ensemble_selection`).
         equal_loss: the loss of equal weights.
-        single_losses: (K,) the loss of each model alone.
+        single_losses: (K,) the loss of each model alone (numpy for numpy predictions).
         best_single: the index of the best model alone.
     """
 
     fit: EnsembleResult
     caruana: EnsembleResult
     equal_loss: float
-    single_losses: Tensor
+    single_losses: Weights
     best_single: int
 
     def losses(self) -> dict[str, float]:
@@ -80,8 +87,17 @@ def compare(
     """
     check_fit_args(map, tol, max_iter, regularization, cv_folds)
     check_size(size)
+    numpy = wants_numpy(predictions)
+    dense = None
+    if dense_route(None, regularization, max_weight, max_models):
+        # the fit that fit_weights gives for the same arguments: the same path
+        dense = _dense.prepare(predictions, targets, loss, sample_weight, validate)
     obj = make_objective(predictions, targets, loss, sample_weight, validate)
-    if max_weight is not None or max_models is not None:
+    if dense is not None:
+        fit = fit_dense(
+            dense, map, regularization, tol, max_iter, fit_callback, None, cv_folds, seed
+        )
+    elif max_weight is not None or max_models is not None:
         fit = fit_constrained(
             obj, map, regularization, tol, max_iter, fit_callback, max_weight, max_models
         )
@@ -92,4 +108,10 @@ def compare(
     eye = torch.eye(K, dtype=torch.float64)
     singles = torch.tensor([obj.loss(eye[k]) for k in range(K)], dtype=torch.float64)
     equal = obj.loss(torch.full((K,), 1.0 / K, dtype=torch.float64))
-    return Comparison(fit, caruana, equal, singles, int(singles.argmin()))
+    return Comparison(
+        as_output(fit, numpy),
+        as_output(caruana, numpy),
+        equal,
+        singles.numpy() if numpy else singles,
+        int(singles.argmin()),
+    )

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from convexmix._validation import check_int
 from convexmix.ensemble._factory import make_objective
+from convexmix.ensemble._inputs import wants_numpy
 from convexmix.ensemble._objectives import DataObjective, Loss
-from convexmix.ensemble._result import EnsembleResult, free_weights
+from convexmix.ensemble._result import EnsembleResult, as_output, free_weights
 from convexmix.ensemble._solver import fw_gap
 from convexmix.functional._registry import get_map
 
@@ -91,7 +92,7 @@ def ensemble_selection(
     get_map(map)
     check_size(size)
     obj = make_objective(predictions, targets, loss, sample_weight, validate)
-    return select_result(obj, size, best_prefix, map, callback)
+    return as_output(select_result(obj, size, best_prefix, map, callback), wants_numpy(predictions))
 
 
 def check_size(size: int) -> None:
