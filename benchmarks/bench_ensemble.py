@@ -2,6 +2,11 @@
 
     python benchmarks/bench_ensemble.py [--repeats 3] [--sizes 50x100000x10 100x100000x10]
         [--no-fd] [--cv-size 20x20000x10] [--stream-size 50x100000x10]
+    python benchmarks/bench_ensemble.py --grid [options of bench_ensemble_grid.py]
+
+``--grid`` runs the grid from the sizes people start with (K in {2, 8, 20, 50, 100}, N in
+{300, 1000, 10^4, 10^5}, 2 or 10 classes or mse; cold and warm; one thread and each at
+its faster setting) against SLSQP: ``bench_ensemble_grid.py``, whose options narrow it.
 
 For each size K x N x C (K models, N samples, C classes; float64 class probabilities of
 synthetic models of mixed quality, made by a softmax of a class signal plus independent
@@ -305,6 +310,14 @@ def thread_settings(P: np.ndarray, y: np.ndarray, repeats: int) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["--grid"]:
+        import bench_ensemble_grid
+
+        sys.argv = [bench_ensemble_grid.__file__, *sys.argv[2:]]
+        bench_ensemble_grid.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     parser.add_argument("--sizes", nargs="+", default=["50x100000x10", "100x100000x10"])
