@@ -313,11 +313,11 @@ def test_progress_callback_and_history() -> None:
     assert seen[-1][2] == fit.gap <= 1e-10
 
 
-# ------------------------------------------------------- issue 14: hardening regressions
+# ------------------------------------------------------------------ hardening regressions
 
 
 def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
-    """Issue 14.11: predictions >= 1e154 raised IndexError from argmin (or gave uniform)."""
+    """Predictions >= 1e154 raised IndexError from argmin (or gave uniform)."""
     rng = np.random.default_rng(0)
     for scale in (1e155, 1e200):
         P, y = rng.random((3, 50)) * scale, rng.random(50) * scale
@@ -328,7 +328,7 @@ def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
 
 
 def test_callable_loss_returning_nan_is_a_clear_error() -> None:
-    """Issue 14.11: a callable loss returning NaN gave uniform weights, converged=False."""
+    """A callable loss returning NaN gave uniform weights, converged=False."""
     rng = np.random.default_rng(1)
     P, y = rng.random((3, 40)), (rng.random(40) > 0.5).astype(float)
 
