@@ -2,6 +2,11 @@
 
     python benchmarks/bench_ensemble.py [--repeats 3] [--sizes 50x100000x10 100x100000x10]
         [--no-fd] [--cv-size 20x20000x10] [--stream-size 50x100000x10]
+    python benchmarks/bench_ensemble.py --grid [options of bench_ensemble_grid.py]
+
+``--grid`` runs the grid from the sizes people start with (K in {2, 8, 20, 50, 100}, N in
+{300, 1000, 10^4, 10^5}, 2 or 10 classes or mse; cold and warm; one thread and each at
+its faster setting) against SLSQP: ``bench_ensemble_grid.py``, whose options narrow it.
 
 For each size K x N x C (K models, N samples, C classes; float64 class probabilities of
 synthetic models of mixed quality, made by a softmax of a class signal plus independent
@@ -33,7 +38,8 @@ Then, against the code they replaced (kept here as references, measured in the s
 * Caruana's selection (50 picks): today's incremental running sum with a lower bound
   that skips most models' logarithms, against the full K x N recomputation per pick;
 * the ``regularization="cv"`` guard: fits warm-started along the lambda path, against
-  60 cold starts (the code of commit 93cfb56, in ``_ensemble_before.py``);
+  60 cold starts (the module ``src/convexmix/ensemble.py`` of commit 93cfb56, read with
+  ``git show`` into a temporary module: ``--before-ref``; skipped outside a git checkout);
 * a streamed fit of a float32 ``.npy`` file: time, and the growth of the anonymous RSS
   against the file's size;
 * ``bootstrap(n=200)``, cold and warm-started, against 200 ``fit_weights`` calls.
@@ -52,8 +58,8 @@ import torch
 from scipy.optimize import minimize
 
 from convexmix.ensemble import bootstrap, ensemble_selection, fit_weights
-from convexmix.ensemble._inputs import make_objective
-from convexmix.ensemble._objectives import LogLoss
+from convexmix.ensemble._factory import make_objective
+from convexmix.ensemble._log_loss import LogLoss
 from convexmix.ensemble._selection import select
 
 
@@ -134,11 +140,11 @@ def build_methods(
 ) -> dict[str, tuple[Callable[[], np.ndarray], int]]:
     Pt, yt = torch.from_numpy(P), torch.from_numpy(y)
     return {
-        "convexmix fit_weights": (lambda: fit_weights(Pt, yt).weights.numpy(), repeats),
+        "convexmix fit_weights": (lambda: np.asarray(fit_weights(Pt, yt).weights), repeats),
         "SLSQP, finite differences": (lambda: slsqp_finite_differences(P, y), fd_repeats),
         "SLSQP, analytic gradient": (lambda: slsqp_analytic(P, y), repeats),
         "SLSQP, reduced, ftol 1e-12": (lambda: slsqp_reduced(P, y), repeats),
-        "Caruana (50)": (lambda: ensemble_selection(Pt, yt, size=50).weights.numpy(), repeats),
+        "Caruana (50)": (lambda: np.asarray(ensemble_selection(Pt, yt, size=50).weights), repeats),
     }
 
 
@@ -153,14 +159,44 @@ def caruana_before(obj: LogLoss, size: int = 50) -> np.ndarray:
     return (counts / size).numpy()
 
 
-def cv_before(P: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The cross-validated guard as it was (commit 93cfb56, kept in _ensemble_before.py):
-    every fit of the path from a cold start, to tol."""
-    import _ensemble_before
+#: The commit whose single-module ensemble is the cv guard's "before" reference.
+BEFORE_REF = "93cfb56"
 
-    fit = _ensemble_before.fit_weights(
-        torch.from_numpy(P), torch.from_numpy(y), regularization="cv"
-    )
+
+def load_before(ref: str) -> Any:
+    """The ensemble module of commit ``ref`` (``git show REF:src/convexmix/ensemble.py``)
+    as a module of its own, or None outside a git checkout. It imports only
+    ``convexmix.errors`` and the map registry, which today's package still has."""
+    import importlib.util
+    import os
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        source = subprocess.run(
+            ["git", "-C", root, "show", f"{ref}:src/convexmix/ensemble.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location("_convexmix_ensemble_before", fh.name)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(fh.name)
+    return module
+
+
+def cv_before(before: Any, P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The cross-validated guard as it was (``BEFORE_REF``): every fit of the path from a
+    cold start, to tol."""
+    fit = before.fit_weights(torch.from_numpy(P), torch.from_numpy(y), regularization="cv")
     return np.asarray(fit.weights.numpy())
 
 
@@ -274,6 +310,14 @@ def thread_settings(P: np.ndarray, y: np.ndarray, repeats: int) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["--grid"]:
+        import bench_ensemble_grid
+
+        sys.argv = [bench_ensemble_grid.__file__, *sys.argv[2:]]
+        bench_ensemble_grid.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     parser.add_argument("--sizes", nargs="+", default=["50x100000x10", "100x100000x10"])
@@ -281,6 +325,9 @@ def main() -> None:
         "--fd-repeats", type=int, default=1, help="runs of the (slow) finite-difference SLSQP"
     )
     parser.add_argument("--no-fd", action="store_true", help="skip finite-difference SLSQP")
+    parser.add_argument(
+        "--before-ref", default=BEFORE_REF, help="git ref of the cv guard's 'before' code"
+    )
     parser.add_argument("--cv-size", default="20x20000x10", help="K x N x C of the cv guard")
     parser.add_argument("--stream-size", default="50x100000x10", help="the streamed file")
     parser.add_argument("--boot-size", default="8x2000x10", help="K x N x C of bootstrap")
@@ -352,21 +399,27 @@ def main() -> None:
 
     K, N, C = (int(v) for v in args.cv_size.split("x"))
     P, y = make_problem(K, N, C)
-    cv = interleaved(
-        {
-            "before": lambda: cv_before(P, y),
-            "after": lambda: fit_weights(P, y, regularization="cv").weights.numpy(),
-        },
-        args.repeats,
-    )
-    print(
-        f"cv guard, K={K} N={N} C={C} (5 folds x 12 lambdas): cold starts {cv['before']:.3f}s, "
-        f"warm-started path {cv['after']:.3f}s: {cv['after'] / cv['before']:.2f} of before "
-        "(target <= 0.33)"
-    )
-    np.testing.assert_allclose(
-        cv_before(P, y), fit_weights(P, y, regularization="cv").weights.numpy(), atol=1e-7
-    )
+    before_module = load_before(args.before_ref)
+    if before_module is None:
+        print(f"cv guard: no git checkout with {args.before_ref}: no 'before' reference")
+    else:
+        cv = interleaved(
+            {
+                "before": lambda: cv_before(before_module, P, y),
+                "after": lambda: np.asarray(fit_weights(P, y, regularization="cv").weights),
+            },
+            args.repeats,
+        )
+        print(
+            f"cv guard, K={K} N={N} C={C} (5 folds x 12 lambdas): cold starts "
+            f"{cv['before']:.3f}s, warm-started path {cv['after']:.3f}s: "
+            f"{cv['after'] / cv['before']:.2f} of before (target <= 0.33)"
+        )
+        np.testing.assert_allclose(
+            cv_before(before_module, P, y),
+            np.asarray(fit_weights(P, y, regularization="cv").weights),
+            atol=1e-7,
+        )
 
     K, N, C = (int(v) for v in args.boot_size.split("x"))
     P, y = make_problem(K, N, C)

@@ -23,7 +23,7 @@ import torch
 from scipy.optimize import minimize
 
 from convexmix.ensemble import _capped, fit_weights
-from convexmix.ensemble._inputs import make_objective
+from convexmix.ensemble._factory import make_objective
 
 
 def problem(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

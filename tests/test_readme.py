@@ -70,6 +70,6 @@ def test_readme_ensemble_block_and_cli_line(
     )
     assert main([*shlex.split(line)[1:], "--quiet"]) == 0
     out = json.loads((tmp_path / "w.json").read_text())
-    np.testing.assert_allclose(out["weights"], fit.weights.numpy(), atol=1e-12)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(out["weights"], np.asarray(fit.weights), atol=1e-12)  # type: ignore[attr-defined]
     assert (tmp_path / "w.png").stat().st_size > 5_000
     assert "Caruana" in capsys.readouterr().out

@@ -75,3 +75,70 @@ def test_process_group_without_init_is_a_clear_error() -> None:
     P, y = mixed_problem(3, 50, 3)
     with pytest.raises(cx.ConvexMixError, match="not initialised"):
         fit_weights(P, y, process_group=object())
+
+
+#: What rank 1 does differently in each failure case (rank 0 is always well-formed).
+FAILURES = ["empty", "nan", "labels", "regularization", "models", "sample_weight", "tol"]
+
+
+def failing_fits(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Each case: rank 1 breaks one thing; every rank must raise the same error, at once."""
+    import time
+
+    out = {}
+    for case in FAILURES:
+        P, y = _half(rank, world)
+        kw: dict[str, object] = {}
+        if rank == 1:
+            if case == "empty":
+                P, y = P[:, :0], y[:0]
+            elif case == "nan":
+                P = P.clone()
+                P[2, 5, 1] = float("nan")
+            elif case == "labels":
+                y = y + 4
+            elif case == "regularization":
+                kw["regularization"] = 0.1
+            elif case == "models":
+                P = P[:5]
+            elif case == "sample_weight":
+                kw["sample_weight"] = torch.ones(P.shape[1], dtype=torch.float64)
+            elif case == "tol":
+                kw["tol"] = -1.0
+        start = time.perf_counter()
+        try:
+            fit_weights(P, y, **kw)  # type: ignore[arg-type]
+            message = "no error"
+        except cx.ConvexMixError as err:
+            message = f"{type(err).__name__}: {err}"
+        out[case] = torch.tensor(list(message.encode()))
+        out[case + "_seconds"] = torch.tensor(time.perf_counter() - start)
+    # after every failure the group still works: a good fit on both ranks
+    out["after"] = fit_weights(*_half(rank, world)).weights
+    return out
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_failure_on_one_rank_raises_the_same_error_on_every_rank(tmp_path: Path) -> None:
+    ranks = run_ranks(failing_fits, tmp_path)
+    expected = {
+        "empty": "must not be empty",
+        "nan": "finite",
+        "labels": r"class labels in [0, 3]",
+        "regularization": "different settings",
+        "models": "different settings",
+        "sample_weight": "different settings",
+        "tol": "tol must be a number > 0",
+    }
+    for case, fragment in expected.items():
+        messages = [bytes(r[case].tolist()).decode() for r in ranks]
+        assert messages[0] == messages[1], case  # the same error on every rank
+        assert messages[0].startswith("ShardedFitError: sharded fit"), messages[0]
+        assert isinstance(messages[0], str)
+        assert fragment in messages[0], (case, messages[0])
+        if fragment != "different settings":
+            assert "rank 1 of 2" in messages[0]
+        for r in ranks:
+            assert float(r[case + "_seconds"]) < 60  # promptly, not at the gloo timeout
+    single = fit_weights(*_half(0, 1))
+    torch.testing.assert_close(ranks[0]["after"], single.weights, rtol=0, atol=1e-10)

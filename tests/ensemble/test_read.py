@@ -9,8 +9,10 @@ import torch
 import convexmix as cx
 from convexmix._kernels import alloc, native
 from convexmix.ensemble import _objectives, fit_weights
-from convexmix.ensemble._inputs import make_objective, true_class_probabilities
-from convexmix.ensemble._objectives import LOG_LOSS_EPS, LogLoss
+from convexmix.ensemble._factory import make_objective
+from convexmix.ensemble._inputs import true_class_probabilities
+from convexmix.ensemble._log_loss import LogLoss
+from convexmix.ensemble._objectives import LOG_LOSS_EPS
 
 from .problems import mixed_problem
 

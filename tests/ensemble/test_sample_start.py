@@ -8,10 +8,17 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from convexmix.ensemble import _objectives, bootstrap, fit_weights
-from convexmix.ensemble._objectives import LogLoss
+from convexmix.ensemble import _dense, _log_loss, bootstrap, fit_weights
+from convexmix.ensemble._log_loss import LogLoss
 
 from .problems import mixed_problem
+
+
+@pytest.fixture(autouse=True)
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row-sample start belongs to the torch path: these fits take it whatever their size."""
+    monkeypatch.setattr(_dense, "DENSE_MAX_VALUES", 0)
+
 
 N = 40_000  # above SAMPLE_MIN_ROWS: a sample of 40 runs of 64 rows (2560 rows)
 
@@ -20,7 +27,7 @@ N = 40_000  # above SAMPLE_MIN_ROWS: a sample of 40 runs of 64 rows (2560 rows)
 def sampled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the samples the fits solved on (their row counts); the problems here are
     below SAMPLE_MIN_VALUES (K * N), which is lowered so that they take the sample."""
-    monkeypatch.setattr(_objectives, "SAMPLE_MIN_VALUES", 0)
+    monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 0)
     seen: list[int] = []
     original = LogLoss.sample
 
@@ -37,7 +44,7 @@ def sampled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def cold_fit(monkeypatch: pytest.MonkeyPatch, fit: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The same fit without the sample start (from equal weights)."""
     with monkeypatch.context() as m:
-        m.setattr(_objectives, "SAMPLE_MIN_ROWS", 1 << 62)
+        m.setattr(_log_loss, "SAMPLE_MIN_ROWS", 1 << 62)
         return fit()
 
 
@@ -122,16 +129,16 @@ def test_no_sample_below_the_thresholds_or_when_sharded(monkeypatch: pytest.Monk
     P, y = mixed_problem(3, N, 4, seed=6)
     q = P[:, torch.arange(N), y]
     s = torch.full((N,), 1.0 / N, dtype=torch.float64)
-    assert 3 * N < _objectives.SAMPLE_MIN_VALUES
+    assert 3 * N < _log_loss.SAMPLE_MIN_VALUES
     assert LogLoss(q, s).sample() is None  # too few values to gain
-    monkeypatch.setattr(_objectives, "SAMPLE_MIN_VALUES", 3 * N)
+    monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 3 * N)
     sub = LogLoss(q, s).sample()
     assert sub is not None
     # the sample is every 16th run of 64 rows, with its weights renormalised
     rows = torch.arange(N // 64 * 64).view(-1, 64)[::16].reshape(-1)
     torch.testing.assert_close(sub.q, q[:, rows], rtol=0, atol=0)
     torch.testing.assert_close(sub.s, s[rows] / s[rows].sum(), rtol=0, atol=0)
-    monkeypatch.setattr(_objectives, "SAMPLE_MIN_VALUES", 0)
+    monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 0)
     assert LogLoss(q[:, :30000], s[:30000]).sample() is None  # too few rows to sample
     # each rank of a sharded fit would sample its own rows
     assert LogLoss(q, s, reduce=lambda x: x.clone()).sample() is None

@@ -1,4 +1,4 @@
-"""Input coercion and checks for the ensemble job: tensors, arrays and files in, objectives out."""
+"""Input coercion and checks for the ensemble job: arrays and files in, tensors out (private)."""
 
 from __future__ import annotations
 
@@ -16,28 +16,21 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import alloc, native
-from convexmix.ensemble._objectives import (
-    LOG_LOSS_EPS,
-    CallableLoss,
-    DataObjective,
-    LogLoss,
-    Loss,
-    Quadratic,
-    Reduce,
-    local,
-)
+from convexmix.ensemble._objectives import LOG_LOSS_EPS, Reduce, local
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
 
 __all__ = [
     "PROB_ATOL",
+    "REGRESSION_HINT",
     "as_predictions",
     "as_tensor",
     "check_finite_min",
     "class_targets",
-    "make_objective",
     "read_progress",
+    "reading_progress",
     "sample_weights",
     "true_class_probabilities",
+    "wants_numpy",
 ]
 
 #: Rows of class probabilities must sum to 1 within this tolerance.
@@ -48,6 +41,11 @@ PROB_ATOL = 1e-3
 _READ_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar(
     "convexmix_read_progress", default=None
 )
+
+
+def reading_progress() -> Callable[[int, int], None] | None:
+    """The progress callback of the enclosing :func:`read_progress` block, or None."""
+    return _READ_PROGRESS.get()
 
 
 @contextmanager
@@ -114,6 +112,19 @@ def as_tensor(x: Any, name: str) -> Tensor:
     )
 
 
+def wants_numpy(x: Any) -> bool:
+    """Whether results for the input ``x`` should be numpy arrays: ``x`` is a numpy array
+    (a memmap too), the path of a ``.npy`` file, or a list of numpy arrays."""
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    np = sys.modules.get("numpy")
+    if np is None:
+        return False
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(v, np.ndarray) for v in x)
+    return isinstance(x, np.ndarray)
+
+
 def as_predictions(predictions: Any) -> Tensor:
     p = as_tensor(predictions, "predictions")
     if p.dim() not in (2, 3):
@@ -136,7 +147,13 @@ def check_finite_min(p: Tensor, name: str) -> float:
     return float(lo.item())
 
 
-def class_targets(t: Tensor, n_classes: int, n: int) -> Tensor:
+#: The hint of a label error on targets that look like regression targets.
+REGRESSION_HINT = "; they look like regression targets: pass loss='mse'"
+
+
+def class_targets(t: Tensor, n_classes: int, n: int, hint: bool = False) -> Tensor:
+    """(N,) int64 class labels in [0, n_classes); ``hint``: the predictions are (K, N), so
+    labels that are not 0/1 are likely regression targets (the error says loss='mse')."""
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1 or t.shape[0] != n:
@@ -146,14 +163,20 @@ def class_targets(t: Tensor, n_classes: int, n: int) -> Tensor:
         )
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
-            raise ConvexMixError("targets must be integer class labels; got non-integer values.")
+            raise ConvexMixError(
+                "targets must be integer class labels; got non-integer values"
+                + (REGRESSION_HINT if bool(torch.isfinite(t).all()) else "")
+                + "."
+            )
     elif t.dtype == torch.bool:
         t = t.long()
     t = t.long()
     if n and (int(t.min()) < 0 or int(t.max()) >= n_classes):
         raise ConvexMixError(
             f"targets must be class labels in [0, {n_classes - 1}]; "
-            f"got values in [{int(t.min())}, {int(t.max())}]."
+            f"got values in [{int(t.min())}, {int(t.max())}]"
+            + (REGRESSION_HINT if hint else "")
+            + "."
         )
     return t
 
@@ -270,70 +293,3 @@ def sample_weights(sample_weight: Any, n: int, reduce: Reduce = local) -> Tensor
     if total <= 0:
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
     return s / total
-
-
-def make_objective(
-    predictions: Any,
-    targets: Any,
-    loss: Loss,
-    sample_weight: Any,
-    validate: bool,
-    reduce: Reduce = local,
-) -> DataObjective:
-    """Check the inputs and build the objective.
-
-    ``predictions`` may be memory-mapped: they are read in row chunks, in their own dtype,
-    and never copied whole. ``reduce`` sums over the rows of every rank (sharded fits).
-    """
-    p = as_predictions(predictions)
-    N = p.shape[1]
-    t = as_tensor(targets, "targets")
-    if t.dim() == 0 or t.shape[0] != N:
-        raise ShapeError(
-            f"targets must have N={N} rows like the predictions {tuple(p.shape)}; "
-            f"got shape {tuple(t.shape)}."
-        )
-    s = sample_weights(sample_weight, N, reduce)
-    if callable(loss):
-        if validate:
-            check_finite_min(p, "predictions")
-        tt = t if not t.is_floating_point() else t.to(p.dtype)
-        return CallableLoss(loss, p, tt, None if sample_weight is None else s)
-    if loss == "log_loss":
-        if p.dim() == 3:
-            t = class_targets(t, p.shape[2], N)
-            q = true_class_probabilities(p, t, validate)
-            return LogLoss(q, s, reduce)
-        t = class_targets(t, 2, N)  # (K, N): probabilities of class 1
-        if validate:
-            lo = check_finite_min(p, "predictions")
-            hi = float(p.max())
-            if lo < 0 or hi > 1:
-                raise InvalidProbabilitiesError(
-                    "binary predictions (K, N) must be probabilities of class 1 in [0, 1]; "
-                    f"got values in [{lo:.3g}, {hi:.3g}]."
-                )
-        q = alloc.empty(tuple(p.shape), p.dtype)
-        positive = t.bool()
-        rows = max(256, (1 << 20) // (p.shape[0] * p.element_size()))
-        for a in range(0, N, rows):
-            b = min(a + rows, N)
-            part = p[:, a:b]
-            torch.where(positive[None, a:b], part, 1 - part, out=q[:, a:b])
-        return LogLoss(q.clamp_min_(LOG_LOSS_EPS), s, reduce)
-    if loss == "mse":
-        if validate:
-            check_finite_min(p, "predictions")
-        if p.dim() == 3:  # Brier score on class probabilities
-            t = class_targets(t, p.shape[2], N)
-            y = torch.nn.functional.one_hot(t, p.shape[2]).to(p.dtype)
-            return Quadratic(p, y, s, reduce, _READ_PROGRESS.get())
-        if t.dim() != 1:
-            raise ShapeError(
-                f"regression targets must be (N,) with N={N}; got shape {tuple(t.shape)}."
-            )
-        y = t.to(p.dtype)
-        if validate and not bool(torch.isfinite(y).all()):
-            raise ConvexMixError("targets must be finite; got NaN or infinite values.")
-        return Quadratic(p[..., None], y[:, None], s, reduce, _READ_PROGRESS.get())
-    raise ConvexMixError(f"loss must be 'log_loss', 'mse' or a callable; got {loss!r}.")

@@ -196,8 +196,17 @@ def test_degenerate_cases() -> None:
 def test_inputs_from_numpy_and_lists() -> None:
     P, y = class_problem(13, 3, 200, 3)
     ref = fit_weights(P, y)
-    for preds in (P.numpy(), [P[k].numpy() for k in range(3)], list(P)):
-        torch.testing.assert_close(fit_weights(preds, y.numpy()).weights, ref.weights)
+    for preds, numpy in (
+        (P.numpy(), True),
+        ([P[k].numpy() for k in range(3)], True),
+        (list(P), False),
+    ):
+        fit = fit_weights(preds, y.numpy())
+        # numpy predictions give numpy results, tensors (or a list of them) tensors
+        assert isinstance(fit.weights, np.ndarray) == numpy
+        assert isinstance(fit.free, np.ndarray) == numpy
+        assert isinstance(fit.predict(preds), np.ndarray) == numpy
+        torch.testing.assert_close(torch.as_tensor(fit.weights), ref.weights)
     floats = fit_weights(P.float(), y.double())  # float labels that are integers are fine
     torch.testing.assert_close(floats.weights, ref.weights, atol=1e-5, rtol=0)
 
@@ -304,11 +313,11 @@ def test_progress_callback_and_history() -> None:
     assert seen[-1][2] == fit.gap <= 1e-10
 
 
-# ------------------------------------------------------- issue 14: hardening regressions
+# ------------------------------------------------------------------ hardening regressions
 
 
 def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
-    """Issue 14.11: predictions >= 1e154 raised IndexError from argmin (or gave uniform)."""
+    """Predictions >= 1e154 raised IndexError from argmin (or gave uniform)."""
     rng = np.random.default_rng(0)
     for scale in (1e155, 1e200):
         P, y = rng.random((3, 50)) * scale, rng.random(50) * scale
@@ -319,7 +328,7 @@ def test_mse_on_overflowing_predictions_is_a_clear_error() -> None:
 
 
 def test_callable_loss_returning_nan_is_a_clear_error() -> None:
-    """Issue 14.11: a callable loss returning NaN gave uniform weights, converged=False."""
+    """A callable loss returning NaN gave uniform weights, converged=False."""
     rng = np.random.default_rng(1)
     P, y = rng.random((3, 40)), (rng.random(40) > 0.5).astype(float)
 
