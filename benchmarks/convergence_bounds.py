@@ -389,7 +389,7 @@ def run(
         loss = problem.loss(cur, None)
         t1 = time.perf_counter()
         if i:
-            gaps.append(gap(cur.detach(), float(loss)))
+            gaps.append(gap(cur.detach(), float(loss.detach())))
         if i == steps:
             break
         t2 = time.perf_counter()
