@@ -1,6 +1,6 @@
 """Convergence study under bounds: capped and k-sparse weights, and a small weight.
 
-    python benchmarks/convergence_bounds.py [--steps 1500] [--out docs/figures]
+    python benchmarks/convergence_bounds.py [--steps 1500] [--jobs 4] [--out docs/figures]
 
 Problems (float64):
   (e) capped least squares: a portfolio-style mixture of K = 8 sources whose unconstrained
@@ -10,9 +10,12 @@ Problems (float64):
   (g) k-sparse least squares: the best 3 of 12 sources;
   (h) a small weight: least squares on K = 3 sources with true weights [0.6, 0.3, 0.1]
       (no bound): the case where a sparse map can lose the 0.1 weight early.
-Exact optima from independent solvers: (e) and (h) scipy's SLSQP with the bounds, to
-1e-14; (f) ``cx.ensemble.fit_weights(max_weight=0.3)`` checked against SLSQP; (g) brute
-force over all 220 supports of size 3, each solved by SLSQP.
+Exact optima from independent solvers, printed with how far each is from the best:
+(e) and (h) a brute force over the active sets (each weight at 0, at the cap or free; the
+KKT system of each), scipy's SLSQP and projected FISTA (``project_simplex(upper=)``, to a
+step of 1e-12); (f) SLSQP, projected FISTA and ``cx.ensemble.fit_weights(max_weight=)``;
+(g) a brute force over every support of size <= 3, SLSQP on the best support and
+``fit_weights(loss="mse", max_models=3)``. The reference is the best of them.
 
 Methods (each over a grid of learning rates and 3 seeds that set the start): the
 constrained softmax (``SimplexWeights(upper=)``) with Adam and SGD; ``sparsemax(upper=)``
@@ -23,7 +26,9 @@ entmax15 maps with Adam, and projected SGD.
 
 Printed: the table of :mod:`convergence` per problem and method at its best learning rate,
 then per method the learning rates at which every run on every problem it applies to
-reaches a gap of 1e-6 (the range to document).
+reaches a gap of 1e-6 (the range to document); then the recovery experiment
+(:func:`recipe`): sparsemax + Adam at rates too large for it, then projected SGD or a
+softmax layer from the weights it reached. ``--jobs`` runs the cells in worker processes.
 """
 
 from __future__ import annotations
