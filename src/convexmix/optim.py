@@ -93,6 +93,9 @@ class ExponentiatedGradient(Optimizer):
     is exactly 0 stays 0 forever (its log is -inf): start from the interior, e.g. uniform
     weights, unless you want an entry switched off for good.
 
+    Where to start (docs/convergence.md): lr 0.3 to 1 reached the exact optimum in every
+    capped run of the study (gradients of order 1); 0.1 in half of them in 1000 steps.
+
     Args:
         params: parameters (or groups) whose slices along ``dim`` lie on the simplex.
         lr: the step size eta, > 0.
@@ -189,6 +192,9 @@ class Projected(Optimizer):
     not move (problem b of the convergence study, docs/convergence.md). Prefer SGD or
     :class:`ExponentiatedGradient`; wrapping an adaptive optimizer (Adam, AdamW, Adagrad,
     RMSprop and kin) warns.
+
+    With ``upper=``, projected SGD reached the exact optimum in every run at lr 0.01 to 0.3
+    (docs/convergence.md); with ``k=`` it can lock onto a wrong support (not convex).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over (at least) ``params``.

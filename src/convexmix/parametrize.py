@@ -132,6 +132,9 @@ class Simplex(nn.Module):
     the sampler's ``tau``, and the free values are the logits of the categorical that
     the samples follow (``right_inverse(p)`` gives ``log p``).
 
+    Learning rate (docs/convergence.md): with Adam on the free values, ``"sparsemax"`` is
+    exact at 3e-3 to 0.03 but can zero a weight for good above; softmax held 0.01 to 1.
+
     Args:
         map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``,
             ``"gumbel"`` or ``"gumbel_soft"``.

@@ -74,6 +74,9 @@ class WeightedSum(nn.Module):
     them: for softmax, the softmax over the present logits). A sample with no input
     present gives zeros (plus the bias), with finite gradients.
 
+    Learning rate (docs/convergence.md): with Adam, softmax weights reached the optimum at
+    0.01 to 1, sparsemax only at 3e-3 to 0.03; faster, a sparse weight can be lost for good.
+
     Args:
         n: the number of inputs.
         map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``, or a
