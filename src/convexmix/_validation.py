@@ -223,12 +223,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to exactly ``target``."""
-    try:
-        out = torch.broadcast_shapes(tuple(shape), tuple(target))  # type: ignore[no-untyped-call]
-    except RuntimeError:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``: no more dims, and
+    each trailing size 1 or equal. (``torch.broadcast_shapes`` would say the same, but its
+    first call imports sympy through torch._refs: a second or more on a cold process.)"""
+    if len(shape) > len(target):
         return False
-    return bool(tuple(out) == tuple(target))
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 def apply_mask(z: Tensor, mask: Tensor | None, name: str = "x") -> Tensor:

@@ -11,7 +11,6 @@ The capped simplex lives in :mod:`._capped` (the Euclidean projection) and
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from torch import Tensor
@@ -68,7 +67,7 @@ def project_sparse_simplex(x: Tensor, k: int, dim: int = -1, *, total: float = 1
     kk = min(k, z.shape[d])
     if kk == 0:
         return x.clone()
-    out = cast(Tensor, _KSPARSE.function.apply(z, d, kk, total))
+    out = _KSPARSE(z, d, kk, total)
     return out.to(x.dtype)
 
 

@@ -24,7 +24,7 @@ special values.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -319,4 +319,4 @@ def capped_projection(
         present = z.detach() > -math.inf
         lo = torch.where(present, lo, 0.0)
         up = torch.where(present, up, 0.0)
-    return cast(Tensor, _CAPPED.function.apply(z, lo, up, d, total, CAPPED_BISECT_STEPS))
+    return _CAPPED(z, lo, up, d, total, CAPPED_BISECT_STEPS)

@@ -22,7 +22,7 @@ others get 0). The checks run inside the custom op, so ``torch.compile`` and
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,4 +120,4 @@ _CSOFTMAX = register_map(
 def constrained_softmax(z: Tensor, d: int, total: float, upper: float | Tensor) -> Tensor:
     """The constrained softmax of the prepared, temperature-scaled ``z`` along ``d``."""
     up = as_bound(upper, z, "upper", math.inf)
-    return cast(Tensor, _CSOFTMAX.function.apply(z, up, d, total))
+    return _CSOFTMAX(z, up, d, total)
