@@ -57,7 +57,7 @@ def _present(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @given(
     special_logits(),
     st.sampled_from(DTYPES),
-    st.sampled_from([0.0, 1e-45, 1e-20, 0.1, 1.0, 7.0, 1e30]),
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-45, 1e-20, 0.1, 1.0, 7.0, 1e30, math.inf]),
     st.booleans(),
     st.integers(0, 2**31),
 )
@@ -88,7 +88,7 @@ def test_gumbel_softmax_special_values(case, dtype, tau, hard, seed):
 @given(
     special_logits(),
     st.sampled_from(DTYPES),
-    st.sampled_from([0.0, 1e-45, 1e-20, 0.1, 1.0, 1e30]),
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-45, 1e-20, 0.1, 1.0, 1e30, math.inf]),
     st.booleans(),
     st.integers(1, 6),
     st.integers(0, 2**31),
