@@ -238,6 +238,11 @@ def test_errors():
         F.sample_topk(x, 1.0)  # type: ignore[arg-type]
     with pytest.raises(cx.ConvexMixError, match=r"floating-point"):
         F.gumbel_softmax(torch.ones(3, dtype=torch.long))
+    for bad in (42, "seed"):
+        with pytest.raises(cx.ConvexMixTypeError, match=r"generator must be None or a torch"):
+            F.gumbel_softmax(x, generator=bad)  # type: ignore[arg-type]
+        with pytest.raises(cx.ConvexMixTypeError, match=r"generator must be None or a torch"):
+            F.sample_topk(x, 0, generator=bad)  # type: ignore[arg-type]
 
 
 def test_empty_inputs():

@@ -47,6 +47,14 @@ def _check_tau(tau: object) -> float:
     return value
 
 
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConvexMixTypeError(
+            f"generator must be None or a torch.Generator; got {type(generator).__name__} "
+            "(for a seed, pass torch.Generator().manual_seed(seed))."
+        )
+
+
 def _effective_tau(tau: float, dtype: torch.dtype) -> float:
     """``tau``, or 0 where it rounds to 0 in the compute ``dtype`` (a Python float such
     as 1e-300 is 0 in float32, and ``0 / 0`` would be NaN): the hard sample, the limit."""
@@ -190,6 +198,7 @@ def gumbel_softmax(
         tensor([0., 1.])
     """
     tau = _check_tau(tau)
+    _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
     tau = _effective_tau(tau, z.dtype)
     if z.shape[d] == 0 or z.numel() == 0:
@@ -260,6 +269,7 @@ def sample_topk(
         (2.0, [0.0, 1.0])
     """
     tau = _check_tau(tau)
+    _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
     tau = _effective_tau(tau, z.dtype)
     size = z.shape[d]
