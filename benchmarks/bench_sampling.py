@@ -27,14 +27,14 @@ SIZES = [(4096, 10), (64, 1000), (256, 100), (16, 16)]
 
 
 def naive_topk(x: torch.Tensor, k: int, tau: float) -> torch.Tensor:
-    """The relaxed top-k as usually written: torch's noise, k softmaxes, log(1 - a)."""
-    g = -torch.empty_like(x).exponential_().log()
-    s = (x + g) / tau
+    """The relaxed top-k as usually written (ermongroup/subsets): torch's noise, k
+    softmaxes of ``w / tau``, ``w += log(1 - a)`` on the unscaled keys."""
+    w = x - torch.empty_like(x).exponential_().log()
     out = torch.zeros_like(x)
     for _ in range(k):
-        a = torch.softmax(s, -1)
+        a = torch.softmax(w / tau, -1)
         out = out + a
-        s = s + torch.log((1 - a).clamp_min(1e-20))
+        w = w + torch.log((1 - a).clamp_min(1e-20))
     return out
 
 

@@ -368,7 +368,9 @@ def simplex_(
     Args:
         module: any module with a parameter ``name``.
         name: the parameter to constrain.
-        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or ``"stick_breaking"``.
+        map: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"stick_breaking"``, or a
+            sampling map, ``"gumbel"`` or ``"gumbel_soft"`` (a sample at each access while
+            ``module`` is in training mode; see :class:`Simplex`).
         dim: the dimension of the parameter that sums to ``total``.
         total: the sum, > 0.
         temperature: divides the free values before the map, > 0.

@@ -57,7 +57,7 @@ def _present(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @given(
     special_logits(),
     st.sampled_from(DTYPES),
-    st.sampled_from([0.0, 1e-45, 1e-20, 0.1, 1.0, 7.0, 1e30]),
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-45, 1e-20, 0.1, 1.0, 7.0, 1e30, math.inf]),
     st.booleans(),
     st.integers(0, 2**31),
 )
@@ -88,7 +88,7 @@ def test_gumbel_softmax_special_values(case, dtype, tau, hard, seed):
 @given(
     special_logits(),
     st.sampled_from(DTYPES),
-    st.sampled_from([0.0, 1e-45, 1e-20, 0.1, 1.0, 1e30]),
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-45, 1e-20, 0.1, 1.0, 1e30, math.inf]),
     st.booleans(),
     st.integers(1, 6),
     st.integers(0, 2**31),
@@ -238,6 +238,11 @@ def test_errors():
         F.sample_topk(x, 1.0)  # type: ignore[arg-type]
     with pytest.raises(cx.ConvexMixError, match=r"floating-point"):
         F.gumbel_softmax(torch.ones(3, dtype=torch.long))
+    for bad in (42, "seed"):
+        with pytest.raises(cx.ConvexMixTypeError, match=r"generator must be None or a torch"):
+            F.gumbel_softmax(x, generator=bad)  # type: ignore[arg-type]
+        with pytest.raises(cx.ConvexMixTypeError, match=r"generator must be None or a torch"):
+            F.sample_topk(x, 0, generator=bad)  # type: ignore[arg-type]
 
 
 def test_empty_inputs():
@@ -274,3 +279,54 @@ def test_long_no_nan_in_1e8_draws(dtype):
             assert torch.isfinite(y).all()
             z = F.sample_topk(x, 3, 0.5, hard=hard, mask=mask, generator=g)
             assert torch.isfinite(z).all()
+
+
+def _xie_ermon_reference(x: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
+    """ermongroup/subsets' continuous_topk in float64, on the same noise: the update
+    ``w += log(1 - a)`` on the unscaled keys, then ``a = softmax(w / tau)``."""
+    u = torch.rand(x.shape, dtype=torch.float64, generator=gen(seed))
+    w = x - torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+    a, out = torch.zeros_like(w), torch.zeros_like(w)
+    for _ in range(k):
+        w = w + torch.log((1 - a).clamp_min(1e-300))
+        a = torch.softmax(w / tau, -1)
+        out = out + a
+    return out
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 0.1, 2.0])
+def test_relaxed_topk_matches_xie_ermon_and_tends_to_k_hot(tau):
+    x = torch.tensor([[10.0, 0.0, -5.0, -8.0], [0.3, -0.2, 1.0, 0.0]], dtype=torch.float64)
+    y = F.sample_topk(x, 2, tau, generator=gen(0))
+    torch.testing.assert_close(y, _xie_ermon_reference(x, 2, tau, 0), rtol=1e-9, atol=1e-12)
+    cold = F.sample_topk(x, 2, 1e-3, generator=gen(0))
+    torch.testing.assert_close(cold, F.sample_topk(x, 2, 0.0, generator=gen(0)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [1e-300, 5e-324])
+def test_tau_below_the_compute_dtype_is_the_hard_sample(dtype, tau):
+    x = torch.tensor([[3.0, 1e4, -1e4, 0.0], [0.5, 0.0, -0.5, 2.0]], dtype=dtype)
+    y = F.gumbel_softmax(x, tau, generator=gen(1))
+    assert torch.equal(y, F.gumbel_softmax(x, 0.0, generator=gen(1)))
+    top = F.sample_topk(x, 2, tau, generator=gen(1))
+    assert torch.equal(top, F.sample_topk(x, 2, 0.0, generator=gen(1)))
+
+
+def test_tau_inf_is_uniform_over_the_present_entries():
+    x = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, -math.inf, 1.0, 3.0]])
+    mask = torch.tensor([True, False, True, True])
+    y = F.gumbel_softmax(x, math.inf, mask=mask, generator=gen(0))
+    expected = torch.tensor([[1 / 3, 0, 1 / 3, 1 / 3], [1 / 3, 0, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(y, expected)
+    top = F.sample_topk(x, 2, math.inf, mask=mask, generator=gen(0))
+    torch.testing.assert_close(top, 2 * expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relaxed_topk_takes_every_inf_entry_before_a_finite_one(dtype):
+    x = torch.tensor([math.inf, math.inf, 0.0, -1.0], dtype=dtype).expand(64, -1)
+    for tau in (1e-6, 1e-4, 1e-2, 0.5):
+        y = F.sample_topk(x, 2, tau, generator=gen(3))
+        assert (y[:, 2:] <= 1e-30).all(), tau  # the finite entries wait for both +inf ones
+        torch.testing.assert_close(y.sum(-1), torch.full((64,), 2.0, dtype=dtype))

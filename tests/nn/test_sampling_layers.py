@@ -109,3 +109,9 @@ def test_jobs_refuse_sampling_maps():
         cx.ensemble.fit_weights(torch.rand(2, 10), torch.randint(0, 2, (10,)), map="gumbel")
     with pytest.raises(cx.ConvexMixError, match=r"upper= needs map='softmax'.*got map='gumbel'"):
         cx.SimplexWeights(3, map="gumbel", upper=0.5)
+
+
+def test_learned_merge_refuses_sampling_maps():
+    models = [torch.nn.Linear(2, 2) for _ in range(2)]
+    with pytest.raises(cx.UnknownMapError, match=r"draws samples; only SimplexWeights"):
+        cx.merge.LearnedMerge(models, map="gumbel")

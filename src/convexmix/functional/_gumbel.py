@@ -47,6 +47,21 @@ def _check_tau(tau: object) -> float:
     return value
 
 
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConvexMixTypeError(
+            f"generator must be None or a torch.Generator; got {type(generator).__name__} "
+            "(for a seed, pass torch.Generator().manual_seed(seed))."
+        )
+
+
+def _effective_tau(tau: float, dtype: torch.dtype) -> float:
+    """``tau``, or 0 where it rounds to 0 in the compute ``dtype`` (a Python float such
+    as 1e-300 is 0 in float32, and ``0 / 0`` would be NaN): the hard sample, the limit."""
+    info = torch.finfo(dtype)
+    return 0.0 if tau <= info.tiny * info.eps / 2 else tau
+
+
 def _gumbel(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Gumbel(0, 1) noise, finite: U from the open interval (tiny, 1 - eps/2)."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -86,7 +101,8 @@ def _keys(z: Tensor, g: Tensor, d: int, tau: float) -> Tensor:
     finite = torch.isfinite(z)
     m = torch.where(finite, z, -math.inf).amax(d, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, 0.0)
-    s = torch.where(finite, z - m, z) / tau  # +inf / tau stays +inf, -inf stays -inf
+    # only finite entries are divided: -inf / inf would be NaN at tau = inf
+    s = torch.where(finite, (z - m) / tau, z)
     posinf = z == math.inf
     g_inf = torch.where(posinf, g, -math.inf)
     g_max = g_inf.amax(d, keepdim=True)
@@ -182,7 +198,9 @@ def gumbel_softmax(
         tensor([0., 1.])
     """
     tau = _check_tau(tau)
+    _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
+    tau = _effective_tau(tau, z.dtype)
     if z.shape[d] == 0 or z.numel() == 0:
         return torch.zeros_like(logits)
     g = _gumbel(z.shape, z, generator)
@@ -220,11 +238,11 @@ def sample_topk(
     The hard sample (``hard=True`` forward, or ``tau = 0``) is the k-hot of the k largest
     :math:`x + g`: an exact draw of a k-subset from the Plackett-Luce model of
     ``softmax(x)``. The relaxed sample (Xie & Ermon 2019) sums k successive softmaxes,
-    :math:`a_j = \mathrm{softmax}(s_j)`, :math:`s_{j+1} = s_j + \log(1 - a_j)`, from
-    :math:`s_1 = (x + g)/\tau`: entries ``>= 0`` summing to ``k`` (as in the paper, an
-    entry can exceed 1 at a high ``tau``), which tend to the k-hot sample as
-    ``tau -> 0``. ``hard=True`` is the straight-through estimator (k-hot forward, the
-    relaxed gradient backward).
+    :math:`a_j = \mathrm{softmax}(\alpha_j / \tau)`,
+    :math:`\alpha_{j+1} = \alpha_j + \log(1 - a_j)`, from :math:`\alpha_1 = x + g`:
+    entries ``>= 0`` summing to ``k`` (as in the paper, an entry can exceed 1 at a high
+    ``tau``), which tend to the k-hot sample as ``tau -> 0``. ``hard=True`` is the
+    straight-through estimator (k-hot forward, the relaxed gradient backward).
 
     Special values as in :func:`gumbel_softmax`; a slice with fewer than ``k`` present
     entries selects all of them (its sum is their count). A slice whose keys
@@ -251,7 +269,9 @@ def sample_topk(
         (2.0, [0.0, 1.0])
     """
     tau = _check_tau(tau)
+    _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
+    tau = _effective_tau(tau, z.dtype)
     size = z.shape[d]
     if k.__class__ is not int or isinstance(k, bool):
         raise ConvexMixTypeError(f"k must be an int; got {type(k).__name__}.")
@@ -268,6 +288,10 @@ def sample_topk(
     # range of its logits' spread) loses the order of the entries after the first pick:
     # it takes its limit, the hard sample. (Eager calls skip both when neither is needed.)
     overflow = ((s == -math.inf) & torch.isfinite(z)).any(d, keepdim=True)
+    # So does a slice whose +inf entries' keys spread so far (beyond exp(-_INF_KEY / 2),
+    # already their hard order) that one could fall below a finite entry's key, which
+    # would then be taken before it.
+    overflow = overflow | ((z == math.inf) & (s < _INF_KEY / 2)).any(d, keepdim=True)
     # a slice with fewer than k present entries takes as many steps as it has entries
     present = (s != -math.inf).sum(d, keepdim=True)
     soft = torch.zeros_like(s)
@@ -275,7 +299,17 @@ def sample_topk(
         a = safe_softmax(s, d)
         soft = soft + (a if step == 0 else torch.where(present > step, a, 0.0))
         if step + 1 < k:
-            s = s + _log1m_softmax(s, a, d)
+            # Xie & Ermon's update is on the unscaled keys, alpha += log(1 - a), so on the
+            # scaled ones s = alpha / tau it is s += log(1 - a) / tau (without the 1 / tau
+            # a taken entry comes back level with the next one and the sample never
+            # tends to the k-hot one as tau -> 0). At tau = inf the update is 0 (and
+            # -inf, an entry with nothing left beside it, stays -inf).
+            pen = _log1m_softmax(s, a, d)
+            if tau == math.inf:
+                pen = torch.where(pen == -math.inf, pen, 0.0)
+            elif tau != 1.0:
+                pen = pen / tau
+            s = s + pen
     if not hard and not traced() and not any_true(overflow):
         return soft.to(logits.dtype)
     sample = _hard_topk(z.detach(), g, d, k)

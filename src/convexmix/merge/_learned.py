@@ -20,6 +20,7 @@ from convexmix._subclass import subclass
 from convexmix._validation import check_probabilities
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import convex_combination
+from convexmix.functional._registry import get_map
 from convexmix.merge._checkpoints import DEFAULT_SHARD_SIZE
 from convexmix.merge._export import learned_config, tensor_values
 from convexmix.merge._files import atomic_folder, save_state_dict
@@ -128,6 +129,7 @@ class LearnedMerge(nn.Module):
         learn = check_scale(scale, scale_init, base is not None)
         # The one route to the weights: the same Simplex call as the layers'.
         self.simplex: Simplex
+        get_map(map)  # a deterministic map: a merge has no sampling mode
         object.__setattr__(self, "simplex", Simplex(map, dim=-1))
         self.map: str = self.simplex.map
         self.granularity = granularity
