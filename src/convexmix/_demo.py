@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from convexmix._optional import require
 from convexmix.ensemble import ensemble_selection, fit_weights
-from convexmix.errors import ConvexMixError
 
 __all__: list[str] = []
 
@@ -33,13 +33,7 @@ DATASETS = ("digits", "breast_cancer")
 
 
 def _sklearn() -> Any:
-    try:
-        import sklearn
-    except ImportError:
-        raise ConvexMixError(
-            "convexmix demo needs scikit-learn: pip install 'convexmix[demo]'"
-        ) from None
-    return sklearn
+    return require("sklearn", extra="demo", purpose="convexmix demo")
 
 
 def models(seed: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import alloc, native
+from convexmix._optional import require
 from convexmix.ensemble._objectives import LOG_LOSS_EPS, Reduce, local
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
 
@@ -64,10 +65,7 @@ def read_progress(progress: Callable[[int, int], None]) -> Iterator[None]:
 
 def _load_npy(path: str | os.PathLike[str], name: str) -> Any:
     """A ``.npy`` file memory-mapped copy-on-write: nothing is read until it is used."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
-        raise ConvexMixError(f"{name}: reading a .npy file needs numpy.") from None
+    np = require("numpy", extra="cli", purpose=f"{name}: reading a .npy file")
     p = Path(path)
     if p.suffix.lower() != ".npy":
         raise ConvexMixError(f"{name}: a path must name a .npy file; got {str(p)!r}.")
