@@ -287,7 +287,7 @@ def test_compile_fullgraph_as_the_first_native_call(expr: str) -> None:
 def test_bounds_out_of_order_at_absent_entries_take_no_part(dim: int) -> None:
     """Bounds at masked entries are ignored (a cap of 0 under a lower bound there raised,
     then, once ignored by the checks, misled the native kernel: 0.4453 for 0.4375)."""
-    x = torch.tensor([[-20.0, -20.0, -20.0, -19.625, -20.0]] * 3)
+    x = torch.tensor([[-20.0, -20.0, -20.0, -19.609375, -20.0]] * 3)
     m = torch.tensor([[False] * 5, [False] * 5, [False, False, False, True, True]])
     up = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.125])
     if dim == 0:
