@@ -250,6 +250,11 @@ def _capped_fwd(
     up_r = rows_of(upper, shape, dim)
     rows = x.movedim(dim, -1).reshape(-1, k)
     check_order(rows, lo_r, up_r)
+    if bool(((lo_r > up_r) | (lo_r == math.inf) | (up_r == -math.inf)).any()):
+        # out of order only at absent entries (checked above): they take no part
+        present = rows > -math.inf
+        lo_r = torch.where(present, lo_r, 0.0)
+        up_r = torch.where(present, up_r, 0.0)
     # a lower bound of -inf (or beyond the dtype) is the dtype's lowest value: the same
     # projection, and the search's bracket stays finite
     lo_r = lo_r.clamp_min(-torch.finfo(x.dtype).max)
