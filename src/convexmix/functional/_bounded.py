@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import capped as native
 from convexmix._validation import any_true, broadcasts_to, check_int, is_number, prepare
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
 from convexmix.functional._ops import register_map
