@@ -16,7 +16,7 @@ import convexmix as cx
 from convexmix.functional import _combine, convex_combination
 
 #: "stack_mid" is the (K, N) layout of the stacked contraction (K >= 3, larger inputs).
-PATHS = ["stack", "stack_mid", "mv", "composite", "fused", "op", None]
+PATHS = ["stack", "stack_mid", "composite", "fused", "op", None]
 
 
 @pytest.fixture(params=PATHS)
@@ -88,14 +88,11 @@ def _chosen(
 def test_every_threshold_from_both_sides(k: int, grad_x: bool) -> None:
     """The one path choice at each size threshold, just below/at it and just above."""
     c = _combine
-    mv_or = (lambda other: other) if grad_x else (lambda other: "mv")
     stack_mid = "stack" if k >= 3 else "composite"
     expected = {
-        1: mv_or("stack"),
-        c.STACK_MAX: mv_or("stack"),
-        c.STACK_MAX + 1: mv_or(stack_mid),
-        c.MV_MAX: mv_or(stack_mid),
-        c.MV_MAX + 1: stack_mid,
+        1: "stack",
+        c.STACK_MAX: "stack",
+        c.STACK_MAX + 1: stack_mid,
         c.STACK_MID_MAX: stack_mid,
         c.STACK_MID_MAX + 1: "composite",
         c.COMPOSITE_MAX - 1: "composite",
@@ -135,7 +132,7 @@ def test_the_choice_beyond_size() -> None:
         _combine._force = forced
         try:
             assert _chosen(8, 3) == forced
-            if forced in ("stack", "mv"):
+            if forced == "stack":
                 assert _chosen(8, 3, wshape=(3, 8)) == "composite"
         finally:
             _combine._force = None
@@ -144,21 +141,22 @@ def test_the_choice_beyond_size() -> None:
 def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The chosen path is the one that runs: a spy on each path's function."""
     calls: list[str] = []
-    for name in ("_mv", "_contract", "_composite", "_fused"):
+    for name in ("_contract", "_composite", "_fused"):
         real = getattr(_combine, name)
         monkeypatch.setattr(
             _combine, name, lambda *a, name=name, real=real: calls.append(name) or real(*a)
         )
     c = _combine
     w = torch.rand(3, requires_grad=True)
-    sizes = (1, c.MV_MAX, c.MV_MAX + 1, c.STACK_MID_MAX + 1, c.COMPOSITE_MAX)
+    sizes = (1, c.STACK_MID_MAX, c.STACK_MID_MAX + 1, c.COMPOSITE_MAX)
     for n in sizes:
         convex_combination(w, [torch.randn(n) for _ in range(3)])
-    assert calls == ["_mv", "_mv", "_contract", "_composite", "_fused"]
+    assert calls == ["_contract", "_contract", "_composite", "_fused"]
     calls.clear()
-    for n in sizes:
-        convex_combination(w, tuple(torch.randn(n, requires_grad=True) for _ in range(3)))
-    assert calls == ["_contract", "_contract", "_contract", "_composite", "_fused"]
+    w2 = torch.rand(2, requires_grad=True)
+    for n in (c.STACK_MAX, c.STACK_MAX + 1, c.COMPOSITE_MAX - 1, c.COMPOSITE_MAX):
+        convex_combination(w2, tuple(torch.randn(n, requires_grad=True) for _ in range(2)))
+    assert calls == ["_contract", "_composite", "_composite", "_fused"]
 
 
 @pytest.mark.parametrize("wshape", [(3,), (3, 2)])
@@ -296,7 +294,7 @@ def test_autocast_keeps_the_inputs_dtype(n: int, layout: str) -> None:
 
 def _sizes() -> list[int]:
     c = _combine
-    edges = [1, c.STACK_MAX, c.MV_MAX, c.STACK_MID_MAX, c.COMPOSITE_MAX - 1]
+    edges = [1, c.STACK_MAX, c.STACK_MID_MAX, c.COMPOSITE_MAX - 1]
     return sorted({n + d for n in edges for d in (0, 1)})
 
 

@@ -2,10 +2,10 @@
 
 A call is checked (:func:`_everyday`, a few attribute reads for the usual call, else
 :func:`_parse`, which says what is wrong), its path chosen once (:func:`_choose`), then
-run (:func:`_apply`). Five paths, one answer:
+run (:func:`_apply`). Four paths, one answer:
 
-* ``"mv"`` / ``"stack"``: one ``stack`` and one matrix-vector product, for ``(K,)``
-  weights of small inputs (``mv`` where only the weights need a gradient);
+* ``"stack"``: one ``stack`` and one matrix-vector product, for ``(K,)`` weights of
+  tiny inputs, and of small ones from K = 3 on;
 * ``"composite"``: ``mul`` then K-1 ``addcmul`` (a GEMV for one stacked tensor). Up to
   a few MiB an input, any fused call costs more in fixed overhead than it saves;
 * ``"fused"``: ``_Fused``, a plain ``autograd.Function`` around the kernels of
@@ -50,10 +50,6 @@ __all__ = ["convex_combination"]
 #: contracted with the (K,) weights: two ATen calls forward and a few backward whatever
 #: K, where ``mul`` + ``addcmul`` cost K dispatches on a few elements.
 STACK_MAX = 64
-#: With no input that needs a gradient, inputs of at most this many elements are stacked
-#: as (K, N) and contracted by ``mv`` (``"mv"``): its backward is one matrix-vector
-#: product for the weights, where the ``matmul`` of ``"stack"`` runs a matrix product.
-MV_MAX = 1 << 12
 #: From 3 inputs on, inputs of at most this many elements are stacked as (K, N) and
 #: contracted with ``matmul`` (``"stack"``): a copy of the inputs buys one
 #: matrix-vector product forward and two backward, against 2K - 1 kernels each way.
@@ -65,17 +61,17 @@ STACK_MID_MAX = 1 << 17
 COMPOSITE_MAX = 1 << 21
 
 #: Forces one path for every eager call (tests and benchmarks): ``"stack"`` (the stacked
-#: contraction by ``matmul``), ``"mv"`` (by ``mv``), both where the weights are ``(K,)``
-#: of the inputs' dtype, ``"composite"``, ``"fused"`` (the ``autograd.Function``) or
-#: ``"op"`` (the custom op that ``torch.compile`` sees); None chooses by size.
+#: contraction, where the weights are ``(K,)`` of the inputs' dtype), ``"composite"``,
+#: ``"fused"`` (the ``autograd.Function``) or ``"op"`` (the custom op that
+#: ``torch.compile`` sees); None chooses by size.
 _force: str | None = None
-PATHS = ("stack", "mv", "composite", "fused", "op")
+PATHS = ("stack", "composite", "fused", "op")
 
 
 class _Call(NamedTuple):
     """A checked call (the recipe): the weights in their accumulation dtype, the K inputs
     as a list (``xs``) or as one tensor with K along ``d`` (``full``), one input's shape,
-    and whether an input needs a gradient."""
+    dtype and device type."""
 
     w: Tensor
     xs: Sequence[Tensor] | None
@@ -84,8 +80,7 @@ class _Call(NamedTuple):
     k: int
     shape: torch.Size
     dtype: torch.dtype
-    device: torch.device
-    grad_x: bool
+    device_type: str
 
     def inputs(self) -> list[Tensor]:
         """The K inputs as a list."""
@@ -96,33 +91,39 @@ class _Call(NamedTuple):
         return list(self.xs) if self.full is None else [self.full]  # type: ignore[arg-type]
 
 
+_new_call = tuple.__new__  # a _Call without the keyword handling of its __new__
+
+
 def _choose(call: _Call) -> str:
     """The path of an eager call, chosen once: one of :data:`PATHS`.
 
-    Measured on a loaded 2-core machine, forward + backward of ``WeightedSum`` against
-    the seed loop (``benchmarks/bench_sweep.py``, docs/benchmarks.md): fixed costs rule
-    up to about 2^14 elements an input, where the stacked contraction's two or three
-    ATen calls beat K ``mul``/``addcmul`` (``mv`` for the weights' gradient alone up to
-    2^12: 0.5-0.7x where ``matmul`` gives 0.8-1.05x); up to 2^21 the composite code's
-    passes stay mostly in the last-level cache, and the fused kernels' fixed costs (the
-    Function, its Python backward, the ctypes calls) are not yet paid back; from 2^21 on
-    the fused kernels read each input once and win (0.15-0.6x). Autocast would run the
-    contraction's GEMV in its lower precision, so it takes the composite code; transforms,
-    dispatch modes and subclasses too (:func:`_native_ok`); ``torch.compile`` the op.
+    Why these sizes (forward + backward against the seed loop, docs/benchmarks.md): up
+    to 64 elements, and up to 2^17 from K = 3 on, fixed costs rule and the stacked
+    contraction's two or three ATen calls beat K ``mul``/``addcmul`` whatever K (K = 8 on
+    2^14-2^16 elements: 0.35-0.6x); up to 2^21 the composite code's passes stay mostly in
+    the last-level cache while the fused kernels' fixed costs (the Function, its Python
+    backward, the ctypes calls, the weights' partial sums) are not yet paid back (one
+    thread, 2^17-2^18: fused 1.0-1.4x where composite is 0.6-0.95x); from 2^21 the fused
+    kernels read each input once and win (0.15-0.6x). Autocast would run the
+    contraction's GEMV in its lower precision, so it takes the composite code, as do
+    transforms, dispatch modes and subclasses (:func:`_native_ok`); ``torch.compile``
+    the op. The contraction needs ``(K,)`` weights of the inputs' dtype.
     """
     if torch.compiler.is_compiling():
         return "op"
-    w, n = call.w, call.shape.numel()
-    path = _force
+    w, n, path = call.w, call.shape.numel(), _force
     if path is None:
-        contract = w.dim() == 1 and not torch.is_autocast_enabled(call.device.type)
-        if contract and n <= MV_MAX and not call.grad_x and call.full is None:
-            path = "mv"
-        elif contract and (n <= STACK_MAX or (call.k >= 3 and n <= STACK_MID_MAX)):
-            path = "stack"
-        else:
-            path = "composite" if n < COMPOSITE_MAX else "fused"
-    if path in ("stack", "mv") and (w.dim() != 1 or w.dtype != call.dtype):
+        if (
+            (n <= STACK_MAX or (n <= STACK_MID_MAX and call.k >= 3))
+            and w.dim() == 1
+            and w.dtype == call.dtype
+            and not torch.is_autocast_enabled(call.device_type)
+        ):
+            return "stack"
+        if n < COMPOSITE_MAX:
+            return "composite"
+        path = "fused"
+    elif path == "stack" and (w.dim() != 1 or w.dtype != call.dtype):
         return "composite"
     if path == "fused" and not _native_ok([w, *call.tensors()]):
         return "composite"
@@ -139,14 +140,6 @@ def _contract(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
     if x0.numel() <= STACK_MAX:
         return torch.matmul(torch.stack(inputs, -1), w)
     return torch.matmul(w, torch.stack(inputs).view(len(inputs), x0.numel())).view(x0.shape)
-
-
-def _mv(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
-    """The same as :func:`_contract` by ``mv`` on the (N, K) view of the (K, N) stack:
-    the weights' gradient is one ``mv`` of the stack with the output gradient."""
-    x0 = xs[0]
-    stacked = torch.stack(cast("list[Tensor]", xs)).view(len(xs), x0.numel())
-    return torch.mv(stacked.t(), w).view(x0.shape)
 
 
 def _composite(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
@@ -196,8 +189,6 @@ def _apply(path: str, call: _Call) -> Tensor:
     if full is not None:  # one tensor: its own contraction, no stack needed
         return _composite_stacked(w, full, call.d)
     assert xs is not None
-    if path == "mv":
-        return _mv(w, xs)
     if path == "stack":
         return _contract(w, xs)
     return _composite(w, xs)
@@ -219,9 +210,8 @@ def convex_combination(
     are usually on the simplex (the output of a map), but any weights work (a ScalarMix
     gamma is folded in this way); they are not checked, so nothing synchronises.
 
-    With ``(K,)`` weights, inputs of at most 2^12 elements (when no input needs a
-    gradient), tiny inputs (at most 64 elements) and K >= 3 inputs of at most 2^17
-    elements are stacked and contracted in one matrix-vector product (its weights'
+    With ``(K,)`` weights, tiny inputs (at most 64 elements) and K >= 3 inputs of at most
+    2^17 elements are stacked and contracted in one matrix-vector product (its weights'
     gradient: a few ulps of ``sum |g x|`` for float32); other calls of fewer than 2^21
     elements run K ATen kernels (``mul``, then ``addcmul``), which at these sizes cost
     less than a fused call; larger ones the fused kernels. Under ``torch.compile`` the
@@ -282,7 +272,7 @@ def _everyday(weights: Tensor, xs: object) -> _Call | None:
     x0 = xs[0]
     if x0.__class__ not in PLAIN:
         return None
-    shape, grad_x = x0.shape, False
+    shape = x0.shape
     for x in xs:
         if not (
             x.__class__ in PLAIN
@@ -292,8 +282,7 @@ def _everyday(weights: Tensor, xs: object) -> _Call | None:
             and x.shape == shape
         ):
             return None
-        grad_x = grad_x or x.requires_grad
-    return _Call(w, xs, None, 0, k, shape, dtype, x0.device, grad_x)
+    return _new_call(_Call, (w, xs, None, 0, k, shape, dtype, "cpu"))
 
 
 def _parse(weights: object, inputs: object, dim: int) -> _Call:
@@ -316,12 +305,10 @@ def _parse(weights: object, inputs: object, dim: int) -> _Call:
             raise ConvexMixError(
                 f"inputs must be dense (strided) tensors; got layout {full.layout}."
             )
-        grad_x = full.requires_grad
     else:
         xs = _check_list(inputs)
         x0 = xs[0]
         k, shape, dtype, device = len(xs), x0.shape, x0.dtype, x0.device
-        grad_x = any(x.requires_grad for x in xs)
     if not isinstance(weights, Tensor):
         raise ConvexMixError(f"weights must be a tensor; got {type(weights).__name__}.")
     if weights.layout != torch.strided or weights.dtype.is_complex:
@@ -351,7 +338,7 @@ def _parse(weights: object, inputs: object, dim: int) -> _Call:
     else:
         acc = torch.promote_types(compute_dtype(dtype), wdtype)
         w = weights if wdtype == acc else weights.to(acc)
-    return _Call(w, xs, full, d, k, shape, dtype, device, grad_x)
+    return _Call(w, xs, full, d, k, shape, dtype, device.type)
 
 
 def _check_list(inputs: object) -> list[Tensor]:
