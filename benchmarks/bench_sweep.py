@@ -24,7 +24,9 @@ Cases whose inputs (and their gradients) would exceed ``--max-gib`` GiB are skip
 ``--quick`` runs K in {2, 8}, p in {10, 14, 17, 18, 20, 22}, float32 only. The whole
 grid is long (about an hour on two loaded cores); ``--json`` keeps the figures and
 ``--plot`` draws the heat maps (matplotlib) from them; ``--from-json`` redraws without
-measuring. The machine's load (``/proc/loadavg``) is printed before and after.
+measuring. The machine's load (``/proc/loadavg``) is printed before and after. On a
+machine with more runnable processes than cores, ``--threads 1`` keeps ATen's OpenMP
+teams from waiting on descheduled threads (steps 100-1000x their quiet time).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def grid(args: argparse.Namespace) -> list[tuple[int, int, str, str]]:
 def fresh(case: tuple[int, int, str, str], rounds: int) -> dict[str, Any]:
     k, p, d, g = case
     cmd = [sys.executable, __file__, "--one", str(k), str(p), d, g, "--rounds", str(rounds)]
+    cmd += ["--threads", str(torch.get_num_threads())]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
@@ -177,19 +180,21 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     plt = require("matplotlib.pyplot", purpose="the sweep's heat maps")
     import numpy as np
 
+    order = {"seed": 0, "compiled": 1, "fresh": 0, "warm": 1, "w": 0, "wx": 1}
     panels = sorted(
         {
             (r["dtype"], r["grad"], r["state"], c)
             for r in results
             for c in ("seed", "compiled")
             if r.get(c)
-        }
+        },
+        key=lambda p: (order[p[3]], p[0], order[p[1]], order[p[2]]),
     )
     ks = sorted({r["k"] for r in results})
     ps = sorted({r["p"] for r in results})
     cols = 4
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.0 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.4 * rows + 0.6), squeeze=False)
     for ax, (dtype, grad, state, col) in zip(axes.flat, panels, strict=False):
         m = np.full((len(ks), len(ps)), np.nan)
         for r in results:
@@ -204,11 +209,12 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
         ax.set_yticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
         who = "seed loop" if col == "seed" else "compiled seed loop"
         grads = "inputs with grad" if grad == "wx" else "weights' grad only"
-        ax.set_title(f"vs {who}: {dtype}, {grads}, {state}", fontsize=8)
+        ax.set_title(f"vs {who}, {state} process\n{dtype}, {grads}", fontsize=8)
         ax.set_xlabel("log2 elements an input", fontsize=7)
         ax.set_ylabel("K", fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    fig.tight_layout()
     fig.colorbar(im, ax=axes, shrink=0.6, label="time ratio convexmix / reference")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
@@ -227,11 +233,16 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled seed loop")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-gib", type=float, default=1.0, help="skip larger cases")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (and the kernels' threads)"
+    )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--from-json", help="plot these figures, measure nothing")
     parser.add_argument("--plot", help="draw the heat maps to this PNG")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # K P DTYPE GRAD (fresh)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         k, p, d, g = args.one
         print(json.dumps(run_case(int(k), int(p), d, g, args.rounds, compiled=False)))
