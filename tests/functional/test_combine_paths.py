@@ -102,6 +102,14 @@ def test_every_threshold_from_both_sides(k: int, grad_x: bool) -> None:
     assert got == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_take_the_fused_kernels_earlier(dtype: torch.dtype) -> None:
+    edge = _combine.HALF_FUSED_MIN
+    assert _chosen(edge - 1, 2, dtype=dtype) == "composite"
+    assert _chosen(edge, 2, dtype=dtype) == "fused"
+    assert _chosen(edge, 2, dtype=torch.float32) == "composite"
+
+
 def test_the_choice_beyond_size() -> None:
     n = _combine.COMPOSITE_MAX
     # per-channel weights: no contraction, the composite code until the fused size
@@ -294,7 +302,7 @@ def test_autocast_keeps_the_inputs_dtype(n: int, layout: str) -> None:
 
 def _sizes() -> list[int]:
     c = _combine
-    edges = [1, c.STACK_MAX, c.STACK_MID_MAX, c.COMPOSITE_MAX - 1]
+    edges = [1, c.STACK_MAX, c.STACK_MID_MAX, c.HALF_FUSED_MIN - 1, c.COMPOSITE_MAX - 1]
     return sorted({n + d for n in edges for d in (0, 1)})
 
 

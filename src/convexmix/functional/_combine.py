@@ -59,6 +59,10 @@ STACK_MID_MAX = 1 << 17
 #: ``addcmul``); from here on the fused kernels, whose fixed costs (the Function, the
 #: ctypes calls) no longer outweigh the memory traffic they save.
 COMPOSITE_MAX = 1 << 21
+#: Half-precision inputs (float16, bfloat16) take the fused kernels from this size: they
+#: read each input once and accumulate in float32, where the composite code converts
+#: each input to float32 (twice its bytes) and the sum back.
+HALF_FUSED_MIN = 1 << 18
 
 #: Forces one path for every eager call (tests and benchmarks): ``"stack"`` (the stacked
 #: contraction, where the weights are ``(K,)`` of the inputs' dtype), ``"composite"``,
@@ -104,7 +108,9 @@ def _choose(call: _Call) -> str:
     the last-level cache while the fused kernels' fixed costs (the Function, its Python
     backward, the ctypes calls, the weights' partial sums) are not yet paid back (one
     thread, 2^17-2^18: fused 1.0-1.4x where composite is 0.6-0.95x); from 2^21 the fused
-    kernels read each input once and win (0.15-0.6x). Autocast would run the
+    kernels read each input once and win (0.15-0.6x); for half-precision inputs from
+    2^18 (bfloat16, one thread: K = 2 at 2^18 fused 0.99x, composite 1.54x; K = 8 at
+    2^16 0.77x against 1.24x), as the composite code converts them. Autocast would run the
     contraction's GEMV in its lower precision, so it takes the composite code, as do
     transforms, dispatch modes and subclasses (:func:`_native_ok`); ``torch.compile``
     the op. The contraction needs ``(K,)`` weights of the inputs' dtype.
@@ -120,7 +126,7 @@ def _choose(call: _Call) -> str:
             and not torch.is_autocast_enabled(call.device_type)
         ):
             return "stack"
-        if n < COMPOSITE_MAX:
+        if n < (HALF_FUSED_MIN if call.dtype.itemsize == 2 else COMPOSITE_MAX):
             return "composite"
         path = "fused"
     elif path == "stack" and (w.dim() != 1 or w.dtype != call.dtype):
@@ -213,8 +219,9 @@ def convex_combination(
     With ``(K,)`` weights, tiny inputs (at most 64 elements) and K >= 3 inputs of at most
     2^17 elements are stacked and contracted in one matrix-vector product (its weights'
     gradient: a few ulps of ``sum |g x|`` for float32); other calls of fewer than 2^21
-    elements run K ATen kernels (``mul``, then ``addcmul``), which at these sizes cost
-    less than a fused call; larger ones the fused kernels. Under ``torch.compile`` the
+    elements (2^18 for float16/bfloat16) run K ATen kernels (``mul``, then
+    ``addcmul``), which at these sizes cost less than a fused call; larger ones the
+    fused kernels. Under ``torch.compile`` the
     call is one opaque custom op (no graph break); under torch.func transforms
     (``grad``, ``vmap``, ``jacrev``, ``jacfwd``) it is composite ATen code, and double
     backward works everywhere but inside a compiled graph.
