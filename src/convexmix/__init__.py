@@ -8,6 +8,7 @@ tensor([0.3333, 0.3333, 0.3333], grad_fn=<...>)
 
 from convexmix import data, ensemble, functional, merge, optim
 from convexmix._runtime import CacheInfo, cache_info, empty_cache, set_cache_limit
+from convexmix._version import __version__
 from convexmix.errors import (
     ConvexMixError,
     ConvexMixTypeError,
@@ -21,8 +22,6 @@ from convexmix.functional import convex_combination
 from convexmix.nn import LazyWeightedSum, ScalarMix, SimplexWeights, WeightedSum
 from convexmix.parametrize import Simplex, remove_simplex_, simplex_
 from convexmix.record import WeightRecorder
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CacheInfo",

@@ -12,12 +12,16 @@ changes the limit (also as a context manager).
 from __future__ import annotations
 
 import importlib.util
+import threading
 import types
+import weakref
 from typing import Any, NamedTuple
 
 import torch
 
+from convexmix._kernels import alloc, native
 from convexmix._validation import is_int
+from convexmix._version import __version__
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
 
 __all__ = ["CacheInfo", "cache_info", "empty_cache", "info", "set_cache_limit"]
@@ -49,8 +53,6 @@ def cache_info() -> CacheInfo:
         >>> 0 <= held <= limit or limit == 0
         True
     """
-    from convexmix._kernels import alloc
-
     limit = alloc.cache_limit()
     return CacheInfo(alloc.cached_bytes(), limit)
 
@@ -69,9 +71,49 @@ def empty_cache() -> None:
         >>> cx.cache_info().bytes
         0
     """
-    from convexmix._kernels import alloc
-
     alloc.empty_cache()
+
+
+class _Call:
+    """One call of :class:`set_cache_limit` still in force (see there)."""
+
+    __slots__ = ("block", "owner", "value")
+
+    def __init__(self, value: int, owner: set_cache_limit) -> None:
+        self.value = value
+        self.owner = weakref.ref(owner)
+        self.block = False  # entered as a with block: ends with the block
+
+
+_calls_lock = threading.Lock()
+#: The calls in force, oldest first: the last one's limit is the limit.
+_calls: list[_Call] = []
+#: [the limit when no call is in force, the limit these calls last set]; a limit set
+#: past them (``alloc.set_limit``, a changed environment) starts afresh from it.
+_floor: list[int] = []
+
+
+def _compact() -> None:
+    """A plain call (gone, never entered as a block) stays in force for good: the calls
+    before it can no longer matter, and its limit becomes the floor."""
+    current = alloc.cache_limit()
+    if not _floor or current != _floor[1]:  # the first call, or a limit set past them
+        _floor[:] = [current, current]
+        _calls.clear()
+        return
+    for i in range(len(_calls) - 1, -1, -1):
+        call = _calls[i]
+        if not call.block and call.owner() is None:
+            _floor[0] = call.value
+            del _calls[: i + 1]
+            return
+
+
+def _apply(limit: int) -> int:
+    """Sets the limit (under ``_calls_lock``); returns the one before."""
+    previous = alloc.set_limit(limit)
+    _floor[1] = limit
+    return previous
 
 
 class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_grad_enabled
@@ -80,6 +122,14 @@ class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_gr
     Cached blocks beyond a lower limit go back to the OS at once. The limit starts as
     ``CONVEXMIX_OUTPUT_CACHE_MB`` (MiB) or the default (1 GiB, or a sixteenth of the
     machine's memory where that is less).
+
+    The limit is process-wide, and threads may nest blocks in any order: the limit in
+    force is the one of the latest call still in force, whichever thread made it. A
+    plain call stays in force; a ``with`` block's call ends with its block. So when a
+    block ends, the limit goes back to the latest call still in force (another thread's
+    block that began later, a plain call made during the block) or, with none, to the
+    limit before the first of them; two threads' overlapping blocks leave the limit
+    they found, whatever order they end in.
 
     Args:
         limit: bytes (an int >= 0; 0 turns the cache off and empties it), or None for the
@@ -100,18 +150,21 @@ class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_gr
     """
 
     def __init__(self, limit: int | None) -> None:
-        from convexmix._kernels import alloc
-
         if limit is None:
             limit = alloc.default_limit()
         if not is_int(limit) or limit < 0:
             raise (ConvexMixError if is_int(limit) else ConvexMixTypeError)(
                 f"set_cache_limit expects a number of bytes >= 0 (an int) or None, got {limit!r}"
             )
-        #: The limit before this call, put back when a ``with`` block ends.
-        self.previous = alloc.set_limit(limit)
+        with _calls_lock:
+            _compact()
+            self._call = _Call(int(limit), self)
+            _calls.append(self._call)
+            #: The limit before this call.
+            self.previous = _apply(int(limit))
 
     def __enter__(self) -> set_cache_limit:
+        self._call.block = True
         return self
 
     def __exit__(
@@ -120,9 +173,10 @@ class set_cache_limit:  # noqa: N801 - a function to the user, like torch.set_gr
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
-        from convexmix._kernels import alloc
-
-        alloc.set_limit(self.previous)
+        with _calls_lock:
+            if self._call in _calls:
+                _calls.remove(self._call)
+                _apply(_calls[-1].value if _calls else _floor[0])
 
 
 def info() -> dict[str, Any]:
@@ -134,12 +188,9 @@ def info() -> dict[str, Any]:
         imports), ``cuda`` (torch sees a CUDA device), ``output_cache_bytes`` and
         ``output_cache_limit`` (the CPU output cache, bytes).
     """
-    import convexmix
-    from convexmix._kernels import native
-
     held, limit = cache_info()
     return {
-        "version": convexmix.__version__,
+        "version": __version__,
         "torch": torch.__version__,
         "native_cpu": native.library() is not None,
         "native_isa": native.isa(),

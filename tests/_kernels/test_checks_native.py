@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from convexmix._kernels import native
+from convexmix._kernels import checks, native
 from convexmix.functional import _softmax, softmax
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no native kernels")
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no native kern
 def test_first_nan_reads_the_first_entry_of_each_slice(
     dtype: torch.dtype, shape: tuple[int, int, int]
 ) -> None:
-    scan = native.first_nan(dtype)
+    scan = checks.first_nan(dtype)
     assert scan is not None
     outer, k, inner = shape
     rng = np.random.default_rng(sum(shape))
@@ -34,8 +34,8 @@ def test_first_nan_reads_the_first_entry_of_each_slice(
 
 
 def test_first_nan_is_there_for_float32_and_float64_only() -> None:
-    assert native.first_nan(torch.float16) is None
-    assert native.first_nan(torch.bfloat16) is None
+    assert checks.first_nan(torch.float16) is None
+    assert checks.first_nan(torch.bfloat16) is None
 
 
 def reference_softmax(x: np.ndarray, dim: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convexmix._kernels import alloc, native
+from convexmix._kernels import alloc, cpu, native
 from convexmix.errors import ConvexMixWarning
 from convexmix.functional import _combine, convex_combination
 
@@ -121,9 +121,9 @@ def test_native_and_aten_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("no C compiler")
     w, xs = data(6, 5000, torch.float32)
     out = torch.empty(5000)
-    assert native.forward(w, xs, out)
+    assert cpu.forward(w, xs, out)
     monkeypatch.setattr(native, "_state", {"lib": None})
-    assert not native.forward(w, xs, torch.empty(5000))
+    assert not cpu.forward(w, xs, torch.empty(5000))
     torch.testing.assert_close(convex_combination(w, xs), out)
 
 
@@ -139,12 +139,12 @@ def test_thread_split_and_streaming_stores_change_nothing(monkeypatch: pytest.Mo
         return (out, *torch.autograd.grad(out, [wg, *xs], g))
 
     single = run()
-    monkeypatch.setattr(native, "PARALLEL_MIN", 0)
-    monkeypatch.setattr(native, "NT_BYTES", 0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(cpu, "NT_BYTES", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)  # three ranges, even on a 2-core machine
     try:
-        assert len(native._ranges(100_003, 5)) == 3
+        assert len(cpu.ranges(100_003, 5)) == 3
         split = run()
     finally:
         torch.set_num_threads(threads)
@@ -158,7 +158,7 @@ def test_thread_split_and_streaming_stores_change_nothing(monkeypatch: pytest.Mo
 
 @needs_native
 def test_misaligned_inputs_and_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "NT_BYTES", 0)  # streaming stores wherever aligned
+    monkeypatch.setattr(cpu, "NT_BYTES", 0)  # streaming stores wherever aligned
     base = torch.randn(3, 10_001)
     xs = [base[j, 1:] for j in range(3)]  # contiguous, 4 bytes off a 64-byte line
     w = torch.tensor([0.2, 0.3, 0.5])
@@ -328,7 +328,7 @@ def test_an_unknown_isa_name_warns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_native
 def test_four_threads_fifty_calls_each_match_a_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "PARALLEL_MIN", 0)  # every call splits over the pool too
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)  # every call splits over the pool too
     monkeypatch.setattr(native, "_pool", None)  # created by the racing threads
     sizes = [1000, 70_001, 200_000]
     cases = [data(3 + i, n, torch.float32, seed=i) for i, n in enumerate(sizes)]
@@ -367,7 +367,7 @@ def _child() -> None:
 @needs_native
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
 def test_a_forked_child_gets_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: no pool")
     w, xs = data(3, 400_000, torch.float32)

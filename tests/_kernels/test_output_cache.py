@@ -210,3 +210,69 @@ def test_the_default_limit() -> None:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert alloc.default_limit() == min(memory // 16, 1 << 30)
+
+
+def _block(limit: int, entered: threading.Event, release: threading.Event) -> None:
+    with cx.set_cache_limit(limit):
+        entered.set()
+        assert release.wait(10)
+
+
+@pytest.mark.parametrize("first_out", ["first_in", "second_in"])
+def test_overlapping_blocks_in_two_threads_restore_the_limit(cache: object, first_out: str) -> None:
+    """Two threads' blocks that overlap: whichever ends first, the limit in force is the
+    latest block still open, and the limit they found comes back once both end (the
+    block that ended last used to put back the other's 0: the cache stayed off)."""
+    start = cx.cache_info().limit
+    events = [(threading.Event(), threading.Event()) for _ in range(2)]
+    threads = [
+        threading.Thread(target=_block, args=(limit, *ev))
+        for limit, ev in zip((0, 16 << 20), events, strict=True)
+    ]
+    threads[0].start()
+    assert events[0][0].wait(10)
+    assert cx.cache_info().limit == 0
+    threads[1].start()
+    assert events[1][0].wait(10)
+    assert cx.cache_info().limit == 16 << 20  # the latest block in force
+    order = [0, 1] if first_out == "first_in" else [1, 0]
+    events[order[0]][1].set()
+    threads[order[0]].join(10)
+    still = order[1]
+    assert cx.cache_info().limit == (0, 16 << 20)[still]  # the other block is in force
+    events[still][1].set()
+    threads[still].join(10)
+    assert cx.cache_info().limit == start
+
+
+def test_many_threads_nesting_blocks_leave_the_limit(cache: object) -> None:
+    start = cx.cache_info().limit
+    barrier = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        for i in range(50):
+            with cx.set_cache_limit((t * 50 + i) % 3 << 20):
+                if i % 10 == 0:
+                    barrier.wait(10)
+                with cx.set_cache_limit(t << 20):
+                    pass
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert cx.cache_info().limit == start
+
+
+def test_a_plain_call_inside_a_block_stays_in_force(cache: object) -> None:
+    with cx.set_cache_limit(0):
+        with cx.set_cache_limit(1 << 20):
+            assert cx.cache_info().limit == 1 << 20
+        assert cx.cache_info().limit == 0  # nesting in one thread: the outer block again
+        cx.set_cache_limit(32 << 20)  # plain: from now on, past the block's end
+        assert cx.cache_info().limit == 32 << 20
+    assert cx.cache_info().limit == 32 << 20
+    with cx.set_cache_limit(2 << 20):
+        pass
+    assert cx.cache_info().limit == 32 << 20

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from convexmix._kernels import native
+from convexmix._kernels import native, rows
 from convexmix.functional import entmax15, project_simplex, sparsemax
 from tests.spies import results_of
 
@@ -32,19 +32,19 @@ ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
 @pytest.fixture
 def aten() -> Iterator[None]:
     """The sort-based ATen path (the native kernel turned off)."""
-    native.rows_enabled = False
+    rows.rows_enabled = False
     try:
         yield
     finally:
-        native.rows_enabled = True
+        rows.rows_enabled = True
 
 
 def on_aten(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    native.rows_enabled = False
+    rows.rows_enabled = False
     try:
         return fn()
     finally:
-        native.rows_enabled = True
+        rows.rows_enabled = True
 
 
 def exact_row(row: list[float], total: float, alpha: float) -> list[float]:
@@ -209,7 +209,7 @@ def test_every_dim_and_shape(name: str) -> None:
 
 
 def test_strided_input_keeps_the_aten_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    kernels = results_of(monkeypatch, native, "_rows_kernels")
+    kernels = results_of(monkeypatch, rows, "_rows_kernels")
     x = torch.randn(6, 5, dtype=torch.float64)
     out = sparsemax(x.T, 0)
     assert [k is not None for k in kernels] == [False]
@@ -218,7 +218,7 @@ def test_strided_input_keeps_the_aten_path(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_project_simplex_auto_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = results_of(monkeypatch, native, "rows_forward")
+    calls = results_of(monkeypatch, rows, "rows_forward")
     x = torch.randn(50, 700, dtype=torch.float64)
     out = project_simplex(x)
     assert calls
@@ -234,8 +234,8 @@ def test_threads_give_the_single_thread_result(monkeypatch: pytest.MonkeyPatch) 
         out = fn(xr)
         out.backward(g)
         with monkeypatch.context() as m:
-            m.setattr(native, "ROWS_PARALLEL_MIN", 1 << 62)
-            m.setattr(native, "ROWS_BWD_PARALLEL_MIN", 1 << 62)
+            m.setattr(rows, "ROWS_PARALLEL_MIN", 1 << 62)
+            m.setattr(rows, "ROWS_BWD_PARALLEL_MIN", 1 << 62)
             xs = x.clone().requires_grad_()
             one = fn(xs)
             one.backward(g)
@@ -314,9 +314,9 @@ def test_without_the_kernels_the_aten_path_runs() -> None:
     """CONVEXMIX_NATIVE=0: the maps run their ATen code, with the same values."""
     code = (
         "import json, torch, convexmix as cx\n"
-        "from convexmix._kernels import native\n"
+        "from convexmix._kernels import native, rows\n"
         "x = torch.randn(64, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
-        "assert native.library() is None and not native.rows_apply(x)\n"
+        "assert native.library() is None and not rows.rows_apply(x)\n"
         "p = cx.functional.entmax15(x, total=2.0)\n"
         "print(json.dumps([p.sum().item(), cx.functional.sparsemax(x)[0, :5].tolist()]))\n"
     )

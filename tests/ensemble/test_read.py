@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import convexmix as cx
-from convexmix._kernels import alloc, native
+from convexmix._kernels import alloc, gather, native
 from convexmix.ensemble import _objectives, fit_weights
 from convexmix.ensemble._factory import make_objective
 from convexmix.ensemble._inputs import true_class_probabilities
@@ -26,7 +26,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
         if native.library() is None:
             pytest.skip("installed without kernels")
     else:
-        monkeypatch.setattr(native, "true_class", lambda *args: None)
+        monkeypatch.setattr(gather, "true_class", lambda *args: None)
     return str(request.param)
 
 
@@ -56,7 +56,7 @@ def test_native_and_fallback_give_the_same_fit(
 ) -> None:
     P, y = mixed_problem(9, 20011, 6, seed=5, dtype=dtype)
     fit = fit_weights(P, y)
-    monkeypatch.setattr(native, "true_class", lambda *args: None)
+    monkeypatch.setattr(gather, "true_class", lambda *args: None)
     slow = fit_weights(P, y)
     torch.testing.assert_close(fit.weights, slow.weights, rtol=0, atol=0)
     assert fit.loss == slow.loss
@@ -65,15 +65,15 @@ def test_native_and_fallback_give_the_same_fit(
 @needs_native
 def test_native_read_splits_models_over_threads() -> None:
     P, y = mixed_problem(12, 40000, 10, seed=6)  # 4.8M values: above GATHER_PARALLEL_MIN
-    assert P.numel() >= native.GATHER_PARALLEL_MIN
+    assert P.numel() >= gather.GATHER_PARALLEL_MIN
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         q = alloc.empty((12, 40000), P.dtype)
-        assert native.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
+        assert gather.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
         torch.testing.assert_close(q, _reference(P, y), rtol=0, atol=0)
         P[10, 123, 4] = float("nan")
-        assert native.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == 10
+        assert gather.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == 10
     finally:
         torch.set_num_threads(threads)
 
@@ -88,21 +88,21 @@ def test_native_check_finds_every_bad_value(dtype: torch.dtype, C: int) -> None:
     K, N = 3, 1003  # 1003 = 125 * 8 + 3: full groups of 4 and 8 rows, then single rows
     P, y = mixed_problem(K, N, C, seed=C, dtype=dtype)
     q = torch.empty(K, N, dtype=dtype)
-    assert native.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
+    assert gather.true_class(P, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
     torch.testing.assert_close(q, _reference(P, y), rtol=0, atol=0)
     for row in (0, 5, 999, 1000, 1002):
         for col in sorted({0, C // 2, C - 1}):
             for value in (float("nan"), float("inf"), -float("inf"), -1e-6, 2e-3):
                 bad = P.clone()
                 bad[1, row, col] = value if value != 2e-3 else bad[1, row, col] + value
-                assert native.true_class(bad, y, q, LOG_LOSS_EPS, True, 1e-3) == 1, (
+                assert gather.true_class(bad, y, q, LOG_LOSS_EPS, True, 1e-3) == 1, (
                     row,
                     col,
                     value,
                 )
             fine = P.clone()
             fine[1, row, col] += 5e-4  # within the tolerance
-            assert native.true_class(fine, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
+            assert gather.true_class(fine, y, q, LOG_LOSS_EPS, True, 1e-3) == -1
 
 
 @needs_native
@@ -110,10 +110,10 @@ def test_native_read_declines_what_it_does_not_handle() -> None:
     P, y = mixed_problem(3, 100, 4)
     q = torch.empty(3, 100, dtype=P.dtype)
     strided = P.transpose(1, 2).contiguous().transpose(1, 2)
-    assert native.true_class(strided, y, q, 0, True, 1e-3) is None
-    assert native.true_class(P.half(), y, q.half(), 0, True, 1e-3) is None
-    assert native.true_class(P, y.int(), q, 0, True, 1e-3) is None
-    assert native.true_class(P, y, q.float(), 0, True, 1e-3) is None
+    assert gather.true_class(strided, y, q, 0, True, 1e-3) is None
+    assert gather.true_class(P.half(), y, q.half(), 0, True, 1e-3) is None
+    assert gather.true_class(P, y.int(), q, 0, True, 1e-3) is None
+    assert gather.true_class(P, y, q.float(), 0, True, 1e-3) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -355,7 +355,7 @@ def logged(name: str, check: Callable[[], None], problem: dict[str, Any]) -> Non
 @pytest.mark.parametrize("name", list(MAPS))
 @given(case=st.data())
 def test_map_on_hostile_inputs(name: str, case: st.DataObject) -> None:
-    from convexmix._kernels import native
+    from convexmix._kernels import rows as native
 
     problem = case.draw(CASES[MAPS[name][2]])
     native.rows_enabled = not name.endswith("_aten")

@@ -209,7 +209,7 @@ def test_out_overlapping_an_input_is_correct(path: str, monkeypatch: pytest.Monk
 
 
 def test_empty_inputs_give_empty_outputs() -> None:
-    """Issue 14.6: empty inputs raised "range() arg 3 must not be zero" (native._ranges)."""
+    """Issue 14.6: empty inputs raised "range() arg 3 must not be zero" (the range splitter)."""
     w = torch.tensor([0.5, 0.5], requires_grad=True)
     xs = [torch.zeros(0, 4, requires_grad=True) for _ in range(2)]
     out = convex_combination(w, xs)

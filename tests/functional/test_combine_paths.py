@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state, vmap
 
 import convexmix as cx
@@ -63,33 +65,106 @@ def test_every_path_keeps_dtype(path: str | None, dtype: torch.dtype) -> None:
     assert ((out.double() - exact).abs() <= eps * exact.abs() + 1e-6).all()
 
 
+def _chosen(
+    n: int,
+    k: int,
+    *,
+    grad_x: bool = False,
+    wshape: tuple[int, ...] | None = None,
+    stacked: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    w = torch.rand(wshape or (k,), dtype=dtype, requires_grad=True)
+    if stacked:
+        inputs: object = torch.randn(k, n, dtype=dtype, requires_grad=grad_x)
+    else:
+        inputs = [torch.randn(n, dtype=dtype, requires_grad=grad_x) for _ in range(k)]
+    call = _combine._everyday(w, inputs) or _combine._parse(w, inputs, 0)
+    return _combine._choose(call)
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+@pytest.mark.parametrize("grad_x", [False, True])
+def test_every_threshold_from_both_sides(k: int, grad_x: bool) -> None:
+    """The one path choice at each size threshold, just below/at it and just above."""
+    c = _combine
+    stack_mid = "stack" if k >= 3 else "composite"
+    expected = {
+        1: "stack",
+        c.STACK_MAX: "stack",
+        c.STACK_MAX + 1: stack_mid,
+        c.STACK_MID_MAX: stack_mid,
+        c.STACK_MID_MAX + 1: "composite",
+        c.COMPOSITE_MAX - 1: "composite",
+        c.COMPOSITE_MAX: "fused",
+    }
+    got = {n: _chosen(n, k, grad_x=grad_x) for n in expected}
+    assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_take_the_fused_kernels_earlier(dtype: torch.dtype) -> None:
+    edge = _combine.HALF_FUSED_MIN
+    assert _chosen(edge - 1, 2, dtype=dtype) == "composite"
+    assert _chosen(edge, 2, dtype=dtype) == "fused"
+    assert _chosen(edge, 2, dtype=torch.float32) == "composite"
+
+
+def test_the_choice_beyond_size() -> None:
+    n = _combine.COMPOSITE_MAX
+    # per-channel weights: no contraction, the composite code until the fused size
+    assert _chosen(8, 3, wshape=(3, 8)) == "composite"
+    assert _chosen(n, 3, wshape=(3, 1)) == "fused"
+    # weights of another dtype than the inputs: no contraction either
+    w = torch.rand(3, dtype=torch.float64)
+    call = _combine._parse(w, [torch.randn(8) for _ in range(3)], 0)
+    assert _combine._choose(call) == "composite"
+    # one stacked tensor: its own contraction below the fused size
+    assert _chosen(8, 3, stacked=True) == "stack"
+    assert _chosen(n, 3, stacked=True) == "fused"
+    # autocast: never the contraction (its GEMV would run in the lower precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _chosen(8, 3) == "composite"
+    # under a torch.func transform: never the fused kernels
+    big = [torch.randn(n) for _ in range(3)]
+    seen: list[str] = []
+    torch.func.grad(
+        lambda w: (
+            seen.append(_combine._choose(_combine._parse(w, big, 0)))
+            or convex_combination(w, big).sum()
+        )
+    )(torch.rand(3))
+    assert seen == ["composite"]
+    # forced paths stay forced where they apply, and fall back where they cannot
+    for forced in _combine.PATHS:
+        _combine._force = forced
+        try:
+            assert _chosen(8, 3) == forced
+            if forced == "stack":
+                assert _chosen(8, 3, wshape=(3, 8)) == "composite"
+        finally:
+            _combine._force = None
+
+
 def test_size_picks_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chosen path is the one that runs: a spy on each path's function."""
     calls: list[str] = []
-    for name in ("_contract", "_composite"):
+    for name in ("_contract", "_composite", "_fused"):
         real = getattr(_combine, name)
         monkeypatch.setattr(
             _combine, name, lambda *a, name=name, real=real: calls.append(name) or real(*a)
         )
-    real_apply = _combine._Fused.apply
-    monkeypatch.setattr(
-        _combine._Fused, "apply", lambda *a: calls.append("fused") or real_apply(*a)
-    )
-    w = torch.rand(2, requires_grad=True)
-    for n in (1, _combine.STACK_MAX, _combine.STACK_MAX + 1, _combine.COMPOSITE_MAX):
-        for inputs in ([torch.randn(n), torch.randn(n)], (torch.randn(n), torch.randn(n))):
-            convex_combination(w, inputs)
-    assert calls == ["_contract"] * 4 + ["_composite"] * 2 + ["fused"] * 2
-    # from three inputs on, the stacked contraction reaches further
+    c = _combine
+    w = torch.rand(3, requires_grad=True)
+    sizes = (1, c.STACK_MID_MAX, c.STACK_MID_MAX + 1, c.COMPOSITE_MAX)
+    for n in sizes:
+        convex_combination(w, [torch.randn(n) for _ in range(3)])
+    assert calls == ["_contract", "_contract", "_composite", "_fused"]
     calls.clear()
-    w3 = torch.rand(3, requires_grad=True)
-    for n in (_combine.STACK_MID_MAX, _combine.STACK_MID_MAX + 1):
-        convex_combination(w3, [torch.randn(n) for _ in range(3)])
-    assert calls == ["_contract", "_composite"]
-    # per-channel weights and mixed dtypes take the checked path, which still picks by size
-    calls.clear()
-    convex_combination(torch.rand(2, 3), [torch.randn(2, 3), torch.randn(2, 3)])
-    convex_combination(torch.rand(2, dtype=torch.float64), [torch.randn(4), torch.randn(4)])
-    assert calls == ["_composite", "_composite"]
+    w2 = torch.rand(2, requires_grad=True)
+    for n in (c.STACK_MAX, c.STACK_MAX + 1, c.COMPOSITE_MAX - 1, c.COMPOSITE_MAX):
+        convex_combination(w2, tuple(torch.randn(n, requires_grad=True) for _ in range(2)))
+    assert calls == ["_contract", "_composite", "_composite", "_fused"]
 
 
 @pytest.mark.parametrize("wshape", [(3,), (3, 2)])
@@ -223,3 +298,74 @@ def test_autocast_keeps_the_inputs_dtype(n: int, layout: str) -> None:
     ref = (w.detach().double()[:, None] * x.detach().double()).sum(0)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(gw.double(), x.detach().double().sum(1), rtol=1e-5, atol=1e-3)
+
+
+def _sizes() -> list[int]:
+    c = _combine
+    edges = [1, c.STACK_MAX, c.STACK_MID_MAX, c.HALF_FUSED_MIN - 1, c.COMPOSITE_MAX - 1]
+    return sorted({n + d for n in edges for d in (0, 1)})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 5),
+    n=st.sampled_from(_sizes()),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    wkind=st.sampled_from(["k", "k1", "other_dtype"]),
+    layout=st.sampled_from(["list", "tuple", "stacked"]),
+    grad_w=st.booleans(),
+    grad_x=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_chosen_path_equals_every_forced_path(
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    wkind: str,
+    layout: str,
+    grad_w: bool,
+    grad_x: bool,
+    seed: int,
+) -> None:
+    """Differential: the path each call chooses against every forced path, over drawn
+    configurations on both sides of every size threshold: equal values and gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, n, generator=gen).to(dtype)
+    wdtype = (
+        torch.float64
+        if wkind == "other_dtype"
+        else (torch.float64 if dtype == torch.float64 else torch.float32)
+    )
+    w = torch.softmax(torch.randn(k, generator=gen), 0).to(wdtype)
+    if wkind == "k1":
+        w = w[:, None]
+    g = torch.randn(n, generator=gen).to(dtype)
+
+    def run(path: str | None) -> list[torch.Tensor]:
+        _combine._force = path
+        try:
+            wl = w.clone().requires_grad_(grad_w)
+            xl = x.clone().requires_grad_(grad_x)
+            inputs: object = (
+                xl
+                if layout == "stacked"
+                else list(xl.unbind(0))
+                if layout == "list"
+                else tuple(xl.unbind(0))
+            )
+            out = convex_combination(wl, inputs)  # type: ignore[arg-type]
+            res = [out.detach().double()]
+            wanted = [t for t in (wl, xl) if t.requires_grad]
+            if wanted:
+                res += [t.double() for t in torch.autograd.grad((out * g).sum(), wanted)]
+            return res
+        finally:
+            _combine._force = None
+
+    chosen = run(None)
+    eps = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    scale = x.double().abs().amax().item() + 1.0
+    for path in _combine.PATHS:
+        for a, b in zip(chosen, run(path), strict=True):
+            tol = eps * scale * (n if a.numel() == k else 1) ** 0.5
+            torch.testing.assert_close(a, b, rtol=eps, atol=tol, msg=f"path {path}")

@@ -1,5 +1,5 @@
 """The ATen back end of ``convex_combination``: blocked ATen code for what the Triton
-(:mod:`.gpu`) and native (:mod:`.native`) kernels do not take (strided inputs, broadcast
+(:mod:`.gpu`) and native (:mod:`.cpu`) kernels do not take (strided inputs, broadcast
 weights, weights wider than the accumulation dtype, no C compiler); it always applies.
 
 Forward, ``out = sum_k w_k x_k``:

@@ -1,5 +1,5 @@
 """The one interface of the combine back ends: Triton (:mod:`.gpu`), native CPU
-(:mod:`.native`) and blocked ATen (:mod:`.aten`) (private).
+(:mod:`.cpu`) and blocked ATen (:mod:`.aten`) (private).
 
 Each back end is a module with
 

@@ -2,7 +2,7 @@
 
 Three back ends share one interface (:mod:`.backend`) and are tried in turn: contiguous
 inputs with scalar weights run the Triton kernels of :mod:`.gpu` on CUDA and the native
-kernels of :mod:`.native` (``combine.c``) on the CPU: one vectorised pass, several
+kernels of :mod:`.cpu` (``combine.c``) on the CPU: one vectorised pass, several
 threads. Everything else runs the blocked ATen code of :mod:`.aten`.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from convexmix._kernels import alloc, aten, gpu, native
+from convexmix._kernels import alloc, aten, cpu, gpu
 from convexmix._kernels.backend import Grads
 
 __all__: list[str] = []
@@ -21,8 +21,8 @@ __all__: list[str] = []
 if TYPE_CHECKING:  # every back end implements the one interface (mypy checks it here)
     from convexmix._kernels.backend import Backward, Forward
 
-    _forwards: tuple[Forward, ...] = (gpu.forward, native.forward, aten.forward)
-    _backwards: tuple[Backward, ...] = (gpu.backward, native.backward, aten.backward)
+    _forwards: tuple[Forward, ...] = (gpu.forward, cpu.forward, aten.forward)
+    _backwards: tuple[Backward, ...] = (gpu.backward, cpu.backward, aten.backward)
 
 #: A contiguous output; large CPU ones from the output cache (see :mod:`.alloc`).
 empty = alloc.empty
@@ -32,7 +32,7 @@ def forward(weights: Tensor, xs: list[Tensor], out: Tensor) -> None:
     """``out[...] = sum_k weights[k] * xs[k]``; ``weights`` is in the accumulation dtype."""
     if out.numel() == 0:  # nothing to write (the native kernel splits no empty range)
         return
-    if not (gpu.forward(weights, xs, out) or native.forward(weights, xs, out)):
+    if not (gpu.forward(weights, xs, out) or cpu.forward(weights, xs, out)):
         aten.forward(weights, xs, out)
 
 
@@ -50,6 +50,6 @@ def backward(
         return Grads(gw, [torch.empty_like(x) for x, n in zip(xs, need_x, strict=True) if n])
     return (
         gpu.backward(grad, weights, xs, need_w, need_x)
-        or native.backward(grad, weights, xs, need_w, need_x)
+        or cpu.backward(grad, weights, xs, need_w, need_x)
         or aten.backward(grad, weights, xs, need_w, need_x)
     )

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import alloc, native
+from convexmix._kernels import alloc
+from convexmix._kernels import gather as native
 from convexmix._optional import require
 from convexmix.ensemble._objectives import LOG_LOSS_EPS, Reduce, local
 from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError

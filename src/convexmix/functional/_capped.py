@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import capped as native
 from convexmix._validation import any_true, traced
 from convexmix.functional._bounds import as_bound, check_order, check_sums, rows_of, special_rows
 from convexmix.functional._ops import register_map

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import rows as native
 from convexmix._validation import PROJECTION_METHODS, check_choice, prepare
 from convexmix.functional._capped import capped_projection
 from convexmix.functional._ops import register_map

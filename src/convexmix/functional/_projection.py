@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import native, rows
 from convexmix.functional._ops import Vjp, register_map
 
 __all__ = [
@@ -108,7 +108,7 @@ def support_backward(y: Tensor, grad: Tensor, dim: int, power: Tensor | float) -
 
 
 def _sparsemax_fwd(x: Tensor, dim: int, total: float) -> Tensor:
-    out = native.rows_forward(x, dim, total, native.SPARSEMAX)
+    out = rows.rows_forward(x, dim, total, rows.SPARSEMAX)
     return out if out is not None else sparsemax_sort(x, dim, total)
 
 
@@ -144,7 +144,7 @@ def native_vjp(kind: int, vjp: Vjp) -> Vjp:
     def eager_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
             (y,) = ctx.saved_tensors
-            dx = native.rows_backward(y, grad, ctx.dim, kind)
+            dx = rows.rows_backward(y, grad, ctx.dim, kind)
             if dx is not None:
                 return (dx,)
         return vjp(ctx, grad)
@@ -152,7 +152,7 @@ def native_vjp(kind: int, vjp: Vjp) -> Vjp:
     return eager_vjp
 
 
-sparsemax_eager_vjp = native_vjp(native.SPARSEMAX, sparsemax_vjp)
+sparsemax_eager_vjp = native_vjp(rows.SPARSEMAX, sparsemax_vjp)
 
 
 SPARSEMAX = register_map("sparsemax", _sparsemax_fwd, sparsemax_vjp, eager_vjp=sparsemax_eager_vjp)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import checks as native
 from convexmix._validation import PLAIN, check_temperature, compute_dtype, prepare, traced
 from convexmix.functional._csoftmax import constrained_softmax
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convexmix._kernels import native
+from convexmix._kernels import rows as native
 from convexmix._validation import (
     any_true,
     broadcasts_to,
