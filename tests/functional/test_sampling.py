@@ -330,3 +330,21 @@ def test_relaxed_topk_takes_every_inf_entry_before_a_finite_one(dtype):
         y = F.sample_topk(x, 2, tau, generator=gen(3))
         assert (y[:, 2:] <= 1e-30).all(), tau  # the finite entries wait for both +inf ones
         torch.testing.assert_close(y.sum(-1), torch.full((64,), 2.0, dtype=dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_draws_are_finite_and_follow_the_generator(dtype):
+    x = torch.tensor([[1e4, -1e4, 0.0, math.inf, -math.inf]], dtype=dtype, device="cuda")
+    x = x.expand(4096, -1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for tau in (0.0, 1e-8, 0.5, 1.0):
+        for hard in (False, True):
+            y = F.gumbel_softmax(x, tau, hard=hard, generator=g)
+            assert torch.isfinite(y).all()
+            assert (y[:, 3] == 1).all()
+            z = F.sample_topk(x, 2, tau, hard=hard, generator=g)
+            assert torch.isfinite(z).all()
+    a = F.gumbel_softmax(x.float(), 0.5, generator=torch.Generator("cuda").manual_seed(1))
+    b = F.gumbel_softmax(x.float(), 0.5, generator=torch.Generator("cuda").manual_seed(1))
+    assert torch.equal(a, b)
