@@ -236,6 +236,10 @@ def test_errors():
         F.sample_topk(x, 4)
     with pytest.raises(cx.ConvexMixTypeError, match=r"k must be an int"):
         F.sample_topk(x, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(cx.ConvexMixTypeError, match=r"hard must be a bool"):
+        F.gumbel_softmax(x, hard=None)  # type: ignore[arg-type]
+    with pytest.raises(cx.ConvexMixTypeError, match=r"hard must be a bool"):
+        F.sample_topk(x, 1, hard=1)  # type: ignore[arg-type]
     with pytest.raises(cx.ConvexMixError, match=r"floating-point"):
         F.gumbel_softmax(torch.ones(3, dtype=torch.long))
     for bad in (42, "seed"):

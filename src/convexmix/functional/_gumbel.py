@@ -198,6 +198,8 @@ def gumbel_softmax(
         tensor([0., 1.])
     """
     tau = _check_tau(tau)
+    if not isinstance(hard, bool):
+        raise ConvexMixTypeError(f"hard must be a bool; got {type(hard).__name__}.")
     _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
     tau = _effective_tau(tau, z.dtype)
@@ -269,6 +271,8 @@ def sample_topk(
         (2.0, [0.0, 1.0])
     """
     tau = _check_tau(tau)
+    if not isinstance(hard, bool):
+        raise ConvexMixTypeError(f"hard must be a bool; got {type(hard).__name__}.")
     _check_generator(generator)
     z, d, _ = prepare(logits, dim, mask, 1.0)
     tau = _effective_tau(tau, z.dtype)
