@@ -127,10 +127,9 @@ class LearnedMerge(nn.Module):
         if buffers not in ("first", "mean"):
             raise ConvexMixError(f"buffers must be 'first' or 'mean'; got {buffers!r}.")
         learn = check_scale(scale, scale_init, base is not None)
-        # The one route to the weights: the same Simplex call as the layers'.
+        # The layers' one route to the weights, with a deterministic map (no sampling mode).
         self.simplex: Simplex
-        get_map(map)  # a deterministic map: a merge has no sampling mode
-        object.__setattr__(self, "simplex", Simplex(map, dim=-1))
+        object.__setattr__(self, "simplex", Simplex(get_map(map), dim=-1))
         self.map: str = self.simplex.map
         self.granularity = granularity
         self.buffer_policy: str = buffers
