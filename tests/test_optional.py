@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_require_imports_and_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require("math").sqrt(9.0) == 3.0
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    for name in ("matplotlib", "matplotlib.figure"):  # as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(
         cx.MissingExtraError, match=r'plotting needs matplotlib: pip install "convexmix\[plot\]"'
     ) as err:

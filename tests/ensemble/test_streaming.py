@@ -128,7 +128,7 @@ def test_read_progress_reports_the_pass_over_a_file(
     """The command line's "reading" bar: the (K, N, C) read reports each group of models
     (one per thread), the mse pass each chunk of rows, both up to their total; the fit
     and the errors are those of an uninterrupted read."""
-    from convexmix._kernels import native
+    from convexmix._kernels import gather as native
     from convexmix.ensemble._inputs import read_progress
 
     if not native_read:

@@ -128,7 +128,12 @@ def get_map(name: str | MapSpec, *, stochastic: bool = False) -> MapSpec:
         raise UnknownMapError(f"map must be one of {known}; got {name!r}.")
     else:
         spec = MAPS[name]
-    if spec.stochastic and not stochastic:
+    return spec if stochastic else check_deterministic(spec)
+
+
+def check_deterministic(spec: MapSpec) -> MapSpec:
+    """``spec``, or an error if it is a sampling map (a job needs a deterministic one)."""
+    if spec.stochastic:
         raise UnknownMapError(
             f"map={spec.name!r} draws samples; only SimplexWeights, WeightedSum and Simplex "
             f"take it. Deterministic maps: {sorted(DETERMINISTIC)}."

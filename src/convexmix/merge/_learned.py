@@ -1,5 +1,4 @@
-"""``LearnedMerge``: the learned soup and task arithmetic of K models (private module;
-``convexmix.merge`` exports it)."""
+"""``LearnedMerge``: learned soup and task arithmetic of K models (``cx.merge`` exports it)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from convexmix._subclass import subclass
 from convexmix._validation import check_probabilities
 from convexmix.errors import ConvexMixError, ConvexMixWarning, ShapeError
 from convexmix.functional import convex_combination
-from convexmix.functional._registry import get_map
+from convexmix.functional._registry import check_deterministic
 from convexmix.merge._checkpoints import DEFAULT_SHARD_SIZE
 from convexmix.merge._export import learned_config, tensor_values
 from convexmix.merge._files import atomic_folder, save_state_dict
@@ -129,7 +128,8 @@ class LearnedMerge(nn.Module):
         learn = check_scale(scale, scale_init, base is not None)
         # The layers' one route to the weights, with a deterministic map (no sampling mode).
         self.simplex: Simplex
-        object.__setattr__(self, "simplex", Simplex(get_map(map), dim=-1))
+        object.__setattr__(self, "simplex", Simplex(map, dim=-1))
+        check_deterministic(self.simplex.spec)
         self.map: str = self.simplex.map
         self.granularity = granularity
         self.buffer_policy: str = buffers
