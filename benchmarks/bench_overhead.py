@@ -7,7 +7,7 @@ One run prints, for each case, the time of convexmix and of the naive code or pe
 is timed interleaved (a ~1 ms batch of convexmix calls, then one of naive calls, and
 again), best of at least ``--rounds`` rounds, so that both see the same machine load.
 
-The grid (issue 12):
+The grid:
 
 * ``WeightedSum(K)`` vs the seed loop (``torch.softmax`` of the free values, then
   ``sum(w * x for w, x in zip(...))``), K in {2, 3, 8, 32} x inputs (64, 256),
