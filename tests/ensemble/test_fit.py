@@ -313,6 +313,37 @@ def test_progress_callback_and_history() -> None:
     assert seen[-1][2] == fit.gap <= 1e-10
 
 
+@pytest.mark.parametrize("N", [300, 70_000])  # the dense numpy path and the torch path
+@pytest.mark.parametrize("offset", [1e3, 1e6, 1e9])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_mse_is_exact_whatever_the_targets_level_and_scale(
+    N: int, offset: float, scale: float
+) -> None:
+    """Shifting predictions and targets by the same level leaves the optimum where it was
+    (the weights sum to one); scaling them scales the loss. Targets at 1e6 with errors of
+    1 gave weights 0.35 off the optimum, a loss 4.5x the optimum's, and converged=True
+    (the quadratic was expanded as w'PP'w - 2w'Py + y'y, which cancels 12 digits)."""
+    rng = np.random.default_rng(N)
+    K = 4
+    y = rng.standard_normal(N)
+    sd = np.array([0.5, 1.0, 2.0, 0.7])[:, None]
+    bias = np.array([0.1, -0.2, 0.3, 0.0])[:, None]
+    P = y + sd * rng.standard_normal((K, N)) + bias
+    D = P - y
+
+    def obj(w: np.ndarray) -> tuple[float, np.ndarray]:
+        r = w @ D
+        return float(r @ r) / N, 2 * D @ r / N
+
+    ref = slsqp(obj, K)  # on the unshifted, unscaled residuals
+    fit = fit_weights((P + offset) * scale, (y + offset) * scale, loss="mse")
+    assert fit.converged
+    np.testing.assert_allclose(fit.weights, ref, atol=1e-5)
+    # the shifted data's own rounding: each value carries half an ulp of the level
+    ulp = np.spacing((abs(offset) + 10) * scale) / scale
+    assert abs(fit.loss / scale**2 - obj(ref)[0]) <= 1e-9 + 8 * ulp
+
+
 # ------------------------------------------------------------------ hardening regressions
 
 

@@ -85,7 +85,7 @@ def make_objective(
             raise ShapeError(
                 f"regression targets must be (N,) with N={N}; got shape {tuple(t.shape)}."
             )
-        y = t.to(p.dtype)
+        y = t.to(torch.float64)  # targets keep their digits (float32 has 7 of them)
         if validate and not bool(torch.isfinite(y).all()):
             raise ConvexMixError("targets must be finite; got NaN or infinite values.")
         return Quadratic(p[..., None], y[:, None], s, reduce, reading_progress())

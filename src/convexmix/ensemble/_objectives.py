@@ -102,7 +102,7 @@ class DataObjective(Objective, Protocol):
     @property
     def scale(self) -> float:
         """The loss's scale: ``tol`` is relative to it (1 for the log-loss, whose values
-        do not depend on units; the mean square of the targets and predictions for mse)."""
+        do not depend on units; the largest single model's loss for mse)."""
         ...
 
     def loss(self, w: Tensor) -> float:
