@@ -297,3 +297,32 @@ def test_bounds_out_of_order_at_absent_entries_take_no_part(dim: int) -> None:
     expected = torch.zeros(3, 5)
     expected[2, 3:] = torch.tensor([0.4375, 0.0625])
     torch.testing.assert_close(p, expected)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, u, d: softmax(x, d, upper=u),
+        lambda x, u, d: project_simplex(x, d, upper=u),
+        lambda x, u, d: sparsemax(x, d, upper=u),
+    ],
+    ids=["softmax", "project_simplex", "sparsemax"],
+)
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_vmap_error_names_the_slice_and_dim_of_the_call(fn, dim: int) -> None:  # type: ignore[no-untyped-def]
+    """Under vmap an infeasible slice was reported with the batch dim counted in ``dim``
+    (dim=1 for the caller's dim=0) and a slice index over every example's slices. Now the
+    message is the eager message of the failing example, plus which example it is."""
+    x = torch.randn(4, 3, 5)
+    u = torch.full((4, 3, 5), 0.5)
+    bad_example, bad_slice = 2, 1
+    if dim == 0:
+        u[bad_example, :, bad_slice] = 0.125  # sum over dim 0 (3 entries) = 0.375 < 1
+    else:
+        u[bad_example, bad_slice] = 0.125  # sum over the last dim (5 entries) = 0.625 < 1
+    with pytest.raises(cx.ConvexMixError) as eager:
+        fn(x[bad_example], u[bad_example], dim)
+    with pytest.raises(cx.ConvexMixError) as mapped:
+        torch.func.vmap(lambda a, b: fn(a, b, dim))(x, u)
+    assert f"slice {bad_slice} along dim={dim % 2}" in str(eager.value)
+    assert str(mapped.value) == f"{str(eager.value)[:-1]} (vmap example {bad_example})."

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from convexmix._validation import broadcasts_to, is_number
 from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+from convexmix.functional._ops import vmap_batch
 
 __all__ = ["as_bound", "check_order", "check_sums", "rows_of", "special_rows"]
 
@@ -105,15 +106,25 @@ def check_sums(z: Tensor, lo: Tensor, up: Tensor, total: float, d: int) -> None:
         idx = int(low_bad.nonzero()[0])
         raise ConvexMixError(
             f"infeasible bounds: the sum of lower ({float(lsum[idx]):.6g}) "
-            f"exceeds total ({total:.6g}) in slice {idx} along dim={d}."
+            f"exceeds total ({total:.6g}) in {_where(idx, rows, d)}."
         )
     if bool(up_bad.any()):
         idx = int(up_bad.nonzero()[0])
         raise ConvexMixError(
             f"infeasible bounds: the sum of upper ({float(usum[idx]):.6g}) "
-            f"over the present entries is below total ({total:.6g}) in slice {idx} "
-            f"along dim={d}."
+            f"over the present entries is below total ({total:.6g}) in "
+            f"{_where(idx, rows, d)}."
         )
+
+
+def _where(idx: int, rows: int, d: int) -> str:
+    """ "slice i along dim=d" as the caller wrote the call: under ``vmap`` the rows hold
+    every example's slices (batch dims first) and ``d`` counts the batch dims."""
+    levels, size = vmap_batch()
+    if levels == 0:
+        return f"slice {idx} along dim={d}"
+    per = max(rows // max(size, 1), 1)
+    return f"slice {idx % per} along dim={d - levels} (vmap example {idx // per})"
 
 
 def special_rows(

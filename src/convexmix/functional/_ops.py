@@ -20,6 +20,8 @@ the bare body otherwise.
 from __future__ import annotations
 
 import inspect
+import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -32,6 +34,18 @@ __all__: list[str] = []
 
 #: ``vjp(ctx, grad)``: the gradients of the first ``n_diff`` arguments (None where not needed).
 Vjp = Callable[[Any, Tensor], tuple[Tensor | None, ...]]
+
+
+_levels = threading.local()
+
+
+def vmap_batch() -> tuple[int, int]:
+    """``(levels, size)``: how many vmap rules of the maps run around the current call,
+    and the product of their batch sizes. Inside them a map sees its batch dims first, so
+    an error message subtracts ``levels`` from a dim and reduces a slice index modulo the
+    slices of one example, to read as the eager call's message."""
+    sizes: list[int] = getattr(_levels, "sizes", [])
+    return len(sizes), math.prod(sizes)
 
 
 def batch_rule(op: Any, n_tensors: int = 1) -> Any:
@@ -48,7 +62,12 @@ def batch_rule(op: Any, n_tensors: int = 1) -> Any:
             t.unsqueeze(0) if b is None else t.movedim(b, 0)
             for t, b in zip(args[1:n_tensors], bdims[1:], strict=True)
         ]
-        return op(xb, *rest, args[n_tensors] + 1, *args[n_tensors + 1 :]), 0
+        sizes = _levels.__dict__.setdefault("sizes", [])
+        sizes.append(info.batch_size)
+        try:
+            return op(xb, *rest, args[n_tensors] + 1, *args[n_tensors + 1 :]), 0
+        finally:
+            sizes.pop()
 
     return rule
 
