@@ -75,7 +75,8 @@ PATHS = ("stack", "composite", "fused", "op")
 class _Call(NamedTuple):
     """A checked call (the recipe): the weights in their accumulation dtype, the K inputs
     as a list (``xs``) or as one tensor with K along ``d`` (``full``), one input's shape,
-    dtype and device type."""
+    number of elements, dtype and device type, and whether the weights are ``(K,)`` of
+    the inputs' dtype (``vector``: the form the stacked contraction takes)."""
 
     w: Tensor
     xs: Sequence[Tensor] | None
@@ -83,8 +84,10 @@ class _Call(NamedTuple):
     d: int
     k: int
     shape: torch.Size
+    n: int
     dtype: torch.dtype
     device_type: str
+    vector: bool
 
     def inputs(self) -> list[Tensor]:
         """The K inputs as a list."""
@@ -117,35 +120,34 @@ def _choose(call: _Call) -> str:
     """
     if torch.compiler.is_compiling():
         return "op"
-    w, n, path = call.w, call.shape.numel(), _force
+    w, _, _, _, k, _, n, dtype, device_type, vector = call
+    path = _force
     if path is None:
         if (
-            (n <= STACK_MAX or (n <= STACK_MID_MAX and call.k >= 3))
-            and w.dim() == 1
-            and w.dtype == call.dtype
-            and not torch.is_autocast_enabled(call.device_type)
+            vector
+            and (n <= STACK_MAX or (n <= STACK_MID_MAX and k >= 3))
+            and not torch.is_autocast_enabled(device_type)
         ):
             return "stack"
-        if n < (HALF_FUSED_MIN if call.dtype.itemsize == 2 else COMPOSITE_MAX):
+        if n < (HALF_FUSED_MIN if dtype.itemsize == 2 else COMPOSITE_MAX):
             return "composite"
         path = "fused"
-    elif path == "stack" and (w.dim() != 1 or w.dtype != call.dtype):
+    elif path == "stack" and not vector:
         return "composite"
     if path == "fused" and not _native_ok([w, *call.tensors()]):
         return "composite"
     return path
 
 
-def _contract(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
-    """``sum_k w[k] * xs[k]`` for ``(K,)`` weights of the inputs' dtype, as one stack and
-    one matrix-vector product (differentiable like :func:`_composite`). The weights'
-    gradient is a float32 matrix-vector product for float32 inputs: a few ulps of
-    ``sum |g x|`` (the seed loop's sums: about one)."""
-    x0 = xs[0]
+def _contract(w: Tensor, xs: Sequence[Tensor], n: int) -> Tensor:
+    """``sum_k w[k] * xs[k]`` for ``(K,)`` weights of the inputs' dtype and inputs of
+    ``n`` elements, as one stack and one matrix-vector product (differentiable like
+    :func:`_composite`). The weights' gradient is a float32 matrix-vector product for
+    float32 inputs: a few ulps of ``sum |g x|`` (the seed loop's sums: about one)."""
     inputs = cast("list[Tensor]", xs)
-    if x0.numel() <= STACK_MAX:
+    if n <= STACK_MAX:
         return torch.matmul(torch.stack(inputs, -1), w)
-    return torch.matmul(w, torch.stack(inputs).view(len(inputs), x0.numel())).view(x0.shape)
+    return torch.matmul(w, torch.stack(inputs).view(len(inputs), n)).view(xs[0].shape)
 
 
 def _composite(w: Tensor, xs: Sequence[Tensor]) -> Tensor:
@@ -187,17 +189,16 @@ def _fused(w: Tensor, xs: list[Tensor]) -> Tensor:
 
 def _apply(path: str, call: _Call) -> Tensor:
     """Runs ``call`` on ``path`` (one of :data:`PATHS`, from :func:`_choose`)."""
-    w, xs, full = call.w, call.xs, call.full
+    w, xs, full = call[0], call[1], call[2]
+    if full is None and (path == "stack" or path == "composite"):
+        assert xs is not None
+        return _contract(w, xs, call[6]) if path == "stack" else _composite(w, xs)
     if path == "op":
         return cast(Tensor, _combine_op(w, call.inputs()))
     if path == "fused":
         return _fused(w, call.inputs())
-    if full is not None:  # one tensor: its own contraction, no stack needed
-        return _composite_stacked(w, full, call.d)
-    assert xs is not None
-    if path == "stack":
-        return _contract(w, xs)
-    return _composite(w, xs)
+    assert full is not None  # one tensor: its own contraction, no stack needed
+    return _composite_stacked(w, full, call.d)
 
 
 # ------------------------------------------------------------------------- public
@@ -254,12 +255,13 @@ def convex_combination(
         tensor([[1.0000, 0.0000, 0.5000],
                 [1.0000, 0.0000, 0.5000]])
     """
-    call = _everyday(weights, inputs) if out is None else None
-    if call is None:
-        call = _parse(weights, inputs, dim)
-    if out is not None:
-        return _into(call.w, call.inputs(), out, call.shape, torch.compiler.is_compiling())
-    return _apply(_choose(call), call)
+    if out is None:
+        call = _everyday(weights, inputs)
+        if call is None:
+            call = _parse(weights, inputs, dim)
+        return _apply(_choose(call), call)
+    call = _parse(weights, inputs, dim)
+    return _into(call.w, call.inputs(), out, call.shape, torch.compiler.is_compiling())
 
 
 def _everyday(weights: Tensor, xs: object) -> _Call | None:
@@ -270,11 +272,10 @@ def _everyday(weights: Tensor, xs: object) -> _Call | None:
     if xs.__class__ not in (list, tuple) or weights.__class__ not in PLAIN:
         return None
     w = weights
-    if not (w.is_cpu and w.layout is torch.strided):
+    if not (w.is_cpu and w.layout is _STRIDED):
         return None
-    xs = cast("Sequence[Tensor]", xs)
     dtype, k = w.dtype, len(xs)
-    if not (dtype is torch.float32 or dtype is torch.float64) or k == 0 or w.shape != (k,):
+    if not (dtype is _F32 or dtype is _F64) or k == 0 or w.shape != (k,):
         return None
     x0 = xs[0]
     if x0.__class__ not in PLAIN:
@@ -285,11 +286,14 @@ def _everyday(weights: Tensor, xs: object) -> _Call | None:
             x.__class__ in PLAIN
             and x.dtype is dtype
             and x.is_cpu
-            and x.layout is torch.strided
+            and x.layout is _STRIDED
             and x.shape == shape
         ):
             return None
-    return _new_call(_Call, (w, xs, None, 0, k, shape, dtype, "cpu"))
+    return _new_call(_Call, (w, xs, None, 0, k, shape, shape.numel(), dtype, "cpu", True))
+
+
+_STRIDED, _F32, _F64 = torch.strided, torch.float32, torch.float64
 
 
 def _parse(weights: object, inputs: object, dim: int) -> _Call:
@@ -345,7 +349,8 @@ def _parse(weights: object, inputs: object, dim: int) -> _Call:
     else:
         acc = torch.promote_types(compute_dtype(dtype), wdtype)
         w = weights if wdtype == acc else weights.to(acc)
-    return _Call(w, xs, full, d, k, shape, dtype, device.type)
+    vector = w.dim() == 1 and w.dtype == dtype
+    return _Call(w, xs, full, d, k, shape, shape.numel(), dtype, device.type, vector)
 
 
 def _check_list(inputs: object) -> list[Tensor]:
