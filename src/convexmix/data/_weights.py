@@ -21,13 +21,13 @@ __all__ = ["MixtureWeights"]
 _UPDATES = ("doremi", "eg", "exp3")
 _F64 = torch.float64
 # tensor dtypes whose values are float64 values: ``tolist`` gives them without a conversion
+_EXACT = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+_MAPPINGS = (dict, Mapping)  # dict first: the common case, and a fast check
 _DIST = dist.is_available()
 # the float functions of the update, as module globals (a cached lookup in a comprehension)
 _ln, _exp, _fsum, _NEG_INF = math.log, math.exp, math.fsum, -math.inf
 _FMAX = sys.float_info.max  # a count above it is not finite as a float
 _IMAX = int(_FMAX)  # the largest int count that converts to a finite float
-_MAPPINGS = (dict, Mapping)  # dict first: the common case, and a fast check
-_EXACT = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 Losses = Mapping[Any, float | Tensor] | Tensor | Sequence[float]
 
@@ -466,22 +466,8 @@ class MixtureWeights:
         """K floats in ``domains`` order from a mapping (None for a domain it omits) or a
         (K,) vector (every domain given)."""
         k = len(self.domains)
-        if type(values) is dict:
-            # The common form, read in C: look every domain up; when every key is a domain
-            # and every value a float (or an int), that is the whole reading.
-            out: list[float | None] = list(map(values.get, self.domains))
-            absent = out.count(None)
-            if len(values) + absent == k:
-                kinds = list(map(type, out))
-                floats = kinds.count(float) + absent
-                if floats == k:
-                    return out
-                if floats + kinds.count(int) == k:
-                    return [v if type(v) is not int else float(v) for v in out]
-            # else an unknown domain, a None or another type: the loop below reports the
-            # first problem in the mapping's order, or converts the other types
         if isinstance(values, _MAPPINGS):
-            out = [None] * k
+            out: list[float | None] = [None] * k
             index = self._index
             for name, v in values.items():
                 i = index.get(name)
