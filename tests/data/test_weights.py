@@ -513,3 +513,19 @@ def test_every_log_weight_minus_inf_is_the_overflow_error() -> None:
         mw.step([-1e307, -1e307, -1e307])
     assert mw.weights.tolist() == [1 / 3] * 3
     assert mw.steps == 0
+
+
+@pytest.mark.parametrize("form", ["dict", "tensor"])
+def test_a_process_group_without_torch_distributed_is_an_error_after_the_inputs(
+    form: str,
+) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
+    mw = MixtureWeights(["a", "b"], lr=1.0, process_group=object())
+    good = {"a": 1.0, "b": 2.0} if form == "dict" else torch.tensor([1.0, 2.0])
+    with pytest.raises(ConvexMixError, match=r"process_group was given but torch\.distributed"):
+        mw.step(good)
+    bad = {"a": 1.0, "zz": 2.0} if form == "dict" else torch.ones(3)
+    with pytest.raises(ConvexMixError, match=r"unknown domain 'zz'|shape \(2,\)"):
+        mw.step(bad)
+    assert mw.steps == 0

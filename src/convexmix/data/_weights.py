@@ -202,10 +202,11 @@ class MixtureWeights:
             or (counts is not None and type(counts) is not dict)
         ):
             return False
-        if (self.process_group is not None or (_DIST and dist.is_initialized())) and is_distributed(
-            self.process_group
-        ):
-            return False
+        if _DIST and dist.is_initialized():
+            if is_distributed(self.process_group):
+                return False
+        elif self.process_group is not None:
+            return False  # a group without torch.distributed: the general path reports it
         # The three mappings looked up in C, a domain at a time; missing refs are 0 and
         # missing counts 1. A None is an absent key: the misses are counted, and a mapping
         # whose length is not K minus its misses has a key that is not a domain.
