@@ -207,9 +207,9 @@ class MixtureWeights:
                 return False
         elif self.process_group is not None:
             return False  # a group without torch.distributed: the general path reports it
-        # The three mappings looked up in C, a domain at a time; missing refs are 0 and
-        # missing counts 1. A None is an absent key: the misses are counted, and a mapping
-        # whose length is not K minus its misses has a key that is not a domain.
+        # The three mappings looked up in C, a domain at a time (no references: 0 for
+        # each, no counts: 1). A None is an absent key: the misses are counted, and a
+        # mapping whose length is not K minus its misses has a key that is not a domain.
         domains = self.domains
         it_ref = repeat(0.0) if refs is None else map(refs.get, domains)
         it_count = repeat(1) if counts is None else map(counts.get, domains)
