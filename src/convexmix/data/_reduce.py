@@ -15,12 +15,16 @@ from torch import Tensor
 
 from convexmix.errors import ConvexMixError, ShapeError
 
-__all__ = ["gather_sum", "group_rank_world"]
+__all__ = ["gather_sum", "group_rank_world", "is_distributed"]
+
+# Whether this build of torch has torch.distributed at all (fixed for the process; asked
+# once, since the weights ask on every step).
+_AVAILABLE = dist.is_available()
 
 
 def group_rank_world(process_group: Any) -> tuple[int, int]:
     """(rank, world size) in ``process_group``; (0, 1) when torch.distributed is not running."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (_AVAILABLE and dist.is_initialized()):
         if process_group is not None:
             raise ConvexMixError(
                 "process_group was given but torch.distributed is not initialised; "
@@ -28,6 +32,11 @@ def group_rank_world(process_group: Any) -> tuple[int, int]:
             )
         return 0, 1
     return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def is_distributed(process_group: Any) -> bool:
+    """Whether ``process_group`` (None: the default group) has more than one process."""
+    return group_rank_world(process_group)[1] > 1
 
 
 def gather_sum(x: Tensor, process_group: Any) -> Tensor:
