@@ -75,6 +75,76 @@ def test_capped_projection_exact_on_long_rows(shape: tuple[int, int]) -> None:
     assert (p32.double() - p).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("rows", "k"), [(8, 1), (9, 2), (16, 10), (17, 33), (40, 64), (33, 300), (16, 1000)]
+)
+@pytest.mark.parametrize("bounds", ["cap", "box", "per_row", "negative_lower"])
+def test_capped_projection_of_many_rows_matches_reference(
+    dtype: torch.dtype, rows: int, k: int, bounds: str
+) -> None:
+    """8+ rows with bounds that do not vary along a row (the native kernel's lockstep
+    search, which drops the settled entries of long rows every few steps), with ties,
+    absent entries, a row of only -inf and logits of mixed scales: each row against the
+    float64 reference on the same values, and the torch path on the same rows."""
+    g = torch.Generator().manual_seed(rows * 1009 + k)
+    x = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    x = x * torch.tensor([0.01, 1.0, 100.0]).double().repeat(rows)[:rows, None]
+    x[1::3, : k // 2] = x[1::3, :1]  # ties
+    x[2::5, ::4] = -math.inf  # absent entries
+    x[rows - 1] = -math.inf  # nothing present: zeros
+    x = x.to(dtype)
+    total = 1.25
+    lower: float | torch.Tensor | None = None
+    upper: float | torch.Tensor | None
+    if bounds == "cap":  # feasible with a quarter of the entries absent
+        upper = 2.5 * total / k
+    elif bounds == "box":
+        lower, upper = 0.25 * total / k, 3.0 * total / k
+    elif bounds == "per_row":  # one cap a row, (rows, 1)
+        upper = (torch.rand(rows, 1, generator=g, dtype=torch.float64) + 2.5) * total / k
+        upper = upper.to(dtype)
+    else:
+        lower, upper = -0.5 / k, None
+    p = project_simplex(x, total=total, lower=lower, upper=upper)
+    xv = x.double().numpy()
+    lo_v = np.broadcast_to(np.asarray(0.0 if lower is None else lower, np.float64), (rows, k))
+    up_np = math.inf if upper is None else upper
+    if isinstance(up_np, torch.Tensor):
+        up_np = up_np.double().numpy()
+    up_v = np.broadcast_to(np.asarray(up_np, np.float64), (rows, k))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for r in range(rows):
+        present = xv[r] > -math.inf
+        if not present.any():
+            assert (p[r] == 0).all()
+            continue
+        lo_r, up_r = lo_v[r][present], up_v[r][present]
+        if lower is not None:  # the bounds rounded as the op sees them
+            lo_r = torch.tensor(lo_r).to(dtype).double().numpy()
+        up_r = torch.tensor(up_r).to(dtype).double().numpy()
+        ref = capped_projection_ref(xv[r][present], lo_r, up_r, total)
+        got = p[r].double().numpy()
+        assert np.abs(got[present] - ref).max() <= tol * max(1.0, np.abs(xv[r][present]).max())
+        assert (got[~present] == 0).all()
+    # the torch path (the fallback where the kernel does not apply) on the same rows
+    from convexmix.functional import _capped
+
+    z = x.masked_fill(x == -math.inf, -math.inf)
+    lo_t = torch.full((1, 1), 0.0 if lower is None else float(lower), dtype=dtype)
+    lo_t = lo_t.clamp_min(-torch.finfo(dtype).max)
+    up_t = (
+        upper.to(dtype).reshape(rows, 1)
+        if isinstance(upper, torch.Tensor)
+        else torch.full((1, 1), math.inf if upper is None else upper, dtype=dtype)
+    )
+    present = z > -math.inf
+    lo_t = torch.where(present, lo_t, 0.0)
+    up_t = torch.where(present, up_t, 0.0)
+    q = _capped._capped_rows(z, lo_t, up_t, total, _capped.CAPPED_BISECT_STEPS)
+    torch.testing.assert_close(p, q, atol=4 * tol, rtol=0)
+
+
 def test_capped_edge_cases() -> None:
     x = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     # sum(upper) == total: every entry at its cap
