@@ -145,6 +145,43 @@ def test_capped_projection_of_many_rows_matches_reference(
     torch.testing.assert_close(p, q, atol=4 * tol, rtol=0)
 
 
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_capped_projection_number_bounds_equal_tensor_bounds(data: st.DataObject) -> None:
+    """Bounds given as numbers take a lean path (no bound tensors, the special values left
+    to the kernel's checks); the same bounds as tensors take the full one: the same output
+    bit for bit, the same special values and the same errors, along any dim and on
+    non-contiguous inputs."""
+    rows, k = data.draw(st.integers(0, 20)), data.draw(st.integers(0, 12))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    special = st.sampled_from([0.0, 1.0, -math.inf, math.inf, math.nan, 1e4])
+    values = st.one_of(st.floats(-10, 10, width=32), special)
+    x = torch.tensor(
+        data.draw(hnp.arrays(np.float64, (rows, k), elements=values)), dtype=dtype
+    ).reshape(rows, k)
+    dim = data.draw(st.sampled_from([-1, 0]))
+    if data.draw(st.booleans()):  # non-contiguous
+        x = x.T.contiguous().T
+    lower = data.draw(st.sampled_from([None, 0.0, -0.25, 0.05, -math.inf]))
+    upper = data.draw(st.sampled_from([None, 0.25, 0.5, 1.0, math.inf, 1e39]))
+    total = data.draw(st.sampled_from([1.0, 2.5]))
+
+    def call(lo: object, up: object) -> torch.Tensor | str:
+        try:
+            return project_simplex(x, dim, total=total, lower=lo, upper=up)  # type: ignore[arg-type]
+        except cx.ConvexMixError as err:
+            return str(err)
+
+    def as_tensor(b: float | None) -> torch.Tensor | None:
+        return None if b is None else torch.tensor(b, dtype=torch.float64)
+
+    lean, full = call(lower, upper), call(as_tensor(lower), as_tensor(upper))
+    if isinstance(lean, str) or isinstance(full, str):
+        assert lean == full
+        return
+    torch.testing.assert_close(lean, full, rtol=0, atol=0, equal_nan=True)
+
+
 def test_capped_edge_cases() -> None:
     x = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     # sum(upper) == total: every entry at its cap
