@@ -150,7 +150,7 @@ def test_capped_projection_of_many_rows_matches_reference(
 def test_capped_projection_number_bounds_equal_tensor_bounds(data: st.DataObject) -> None:
     """Bounds given as numbers take a lean path (no bound tensors, the special values left
     to the kernel's checks); the same bounds as tensors take the full one: the same output
-    bit for bit, the same special values and the same errors, along any dim and on
+    (to the rounding), the same special values and the same errors, along any dim and on
     non-contiguous inputs."""
     rows, k = data.draw(st.integers(0, 20)), data.draw(st.integers(0, 12))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
@@ -179,7 +179,11 @@ def test_capped_projection_number_bounds_equal_tensor_bounds(data: st.DataObject
     if isinstance(lean, str) or isinstance(full, str):
         assert lean == full
         return
-    torch.testing.assert_close(lean, full, rtol=0, atol=0, equal_nan=True)
+    # a negative lower bound becomes a per-entry tensor on the full path (absent entries
+    # at 0), whose kernel pass sums in another order: equal to the rounding
+    atol = 8 * torch.finfo(dtype).eps * total
+    torch.testing.assert_close(lean, full, rtol=0, atol=atol, equal_nan=True)
+    assert torch.equal(torch.isnan(lean), torch.isnan(full))
 
 
 def test_capped_edge_cases() -> None:
