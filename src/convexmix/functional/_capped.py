@@ -10,9 +10,12 @@ a bracket, then safeguarded Newton steps (Newton from the current partition into
 free / upper entries, a halving when it leaves the bracket) until the partition stops
 changing; the threshold is then taken exactly, in float64, from the partition. Each step
 is O(K), with no sort: the same code runs on CPU and GPU. Eager float32/64 calls on CPU
-run the same search row by row in C (``_kernels/capped.c``: one branch-free pass per step
-over the entries still inside the bracket, long rows started from a sample), which also
-checks the sums; the torch code is the fallback.
+run the same search in C (``_kernels/capped.c``: row by row, one branch-free pass per step
+over the entries still inside the bracket, long rows started from a sample; or, for 8+
+rows whose bounds do not vary along the row, 16 rows at a time in lockstep), which also
+checks the sums; the torch code is the fallback. Number bounds in an eager call that
+needs no gradient go straight to the kernel (``_capped_lean``), which leaves rows
+with NaN or +inf and infeasible bounds to the full path.
 
 The forward is a ``torch.library`` custom op with a vmap rule, wrapped in a staticmethod
 ``autograd.Function`` whose backward is O(K) from the saved output. The checks of the
