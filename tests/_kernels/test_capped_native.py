@@ -24,6 +24,7 @@ def torch_path(
 ) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(capped, "capped", lambda *a: None)
+        m.setattr(capped, "capped_scalar", lambda *a: None)  # the number-bound path
         return fn(*args, **kwargs)  # type: ignore[no-any-return, operator]
 
 
@@ -36,8 +37,16 @@ def ref_rows(x: torch.Tensor, lower: object, upper: object, total: float) -> np.
 
 def test_native_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = results_of(monkeypatch, capped, "capped")
-    project_simplex(torch.randn(3, 5, dtype=torch.float64), upper=0.4)
-    assert calls
+    lean = results_of(monkeypatch, capped, "capped_scalar")
+    x = torch.randn(3, 5, dtype=torch.float64)
+    project_simplex(x, upper=0.4)  # number bounds, no gradient: straight to the kernel
+    assert [r is not None for r in lean] == [True]
+    assert not calls
+    project_simplex(x, upper=torch.tensor(0.4, dtype=torch.float64))  # tensor bounds
+    assert [r is not None for r in calls] == [True]
+    project_simplex(x.requires_grad_(), upper=0.4)  # a gradient: the full path, natively
+    assert [r is not None for r in calls] == [True, True]
+    assert len(lean) == 1
 
 
 CASES = [

@@ -75,6 +75,117 @@ def test_capped_projection_exact_on_long_rows(shape: tuple[int, int]) -> None:
     assert (p32.double() - p).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("rows", "k"), [(8, 1), (9, 2), (16, 10), (17, 33), (40, 64), (33, 300), (16, 1000)]
+)
+@pytest.mark.parametrize("bounds", ["cap", "box", "per_row", "negative_lower"])
+def test_capped_projection_of_many_rows_matches_reference(
+    dtype: torch.dtype, rows: int, k: int, bounds: str
+) -> None:
+    """8+ rows with bounds that do not vary along a row (the native kernel's lockstep
+    search, which drops the settled entries of long rows every few steps), with ties,
+    absent entries, a row of only -inf and logits of mixed scales: each row against the
+    float64 reference on the same values, and the torch path on the same rows."""
+    g = torch.Generator().manual_seed(rows * 1009 + k)
+    x = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    x = x * torch.tensor([0.01, 1.0, 100.0]).double().repeat(rows)[:rows, None]
+    x[1::3, : k // 2] = x[1::3, :1]  # ties
+    x[2::5, ::4] = -math.inf  # absent entries
+    x[rows - 1] = -math.inf  # nothing present: zeros
+    x = x.to(dtype)
+    total = 1.25
+    lower: float | torch.Tensor | None = None
+    upper: float | torch.Tensor | None
+    if bounds == "cap":  # feasible with a quarter of the entries absent
+        upper = 2.5 * total / k
+    elif bounds == "box":
+        lower, upper = 0.25 * total / k, 3.0 * total / k
+    elif bounds == "per_row":  # one cap a row, (rows, 1)
+        upper = (torch.rand(rows, 1, generator=g, dtype=torch.float64) + 2.5) * total / k
+        upper = upper.to(dtype)
+    else:
+        lower, upper = -0.5 / k, None
+    p = project_simplex(x, total=total, lower=lower, upper=upper)
+    xv = x.double().numpy()
+    lo_v = np.broadcast_to(np.asarray(0.0 if lower is None else lower, np.float64), (rows, k))
+    up_np = math.inf if upper is None else upper
+    if isinstance(up_np, torch.Tensor):
+        up_np = up_np.double().numpy()
+    up_v = np.broadcast_to(np.asarray(up_np, np.float64), (rows, k))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for r in range(rows):
+        present = xv[r] > -math.inf
+        if not present.any():
+            assert (p[r] == 0).all()
+            continue
+        lo_r, up_r = lo_v[r][present], up_v[r][present]
+        if lower is not None:  # the bounds rounded as the op sees them
+            lo_r = torch.tensor(lo_r).to(dtype).double().numpy()
+        up_r = torch.tensor(up_r).to(dtype).double().numpy()
+        ref = capped_projection_ref(xv[r][present], lo_r, up_r, total)
+        got = p[r].double().numpy()
+        assert np.abs(got[present] - ref).max() <= tol * max(1.0, np.abs(xv[r][present]).max())
+        assert (got[~present] == 0).all()
+    # the torch path (the fallback where the kernel does not apply) on the same rows
+    from convexmix.functional import _capped
+
+    z = x.masked_fill(x == -math.inf, -math.inf)
+    lo_t = torch.full((1, 1), 0.0 if lower is None else float(lower), dtype=dtype)
+    lo_t = lo_t.clamp_min(-torch.finfo(dtype).max)
+    up_t = (
+        upper.to(dtype).reshape(rows, 1)
+        if isinstance(upper, torch.Tensor)
+        else torch.full((1, 1), math.inf if upper is None else upper, dtype=dtype)
+    )
+    present = z > -math.inf
+    lo_t = torch.where(present, lo_t, 0.0)
+    up_t = torch.where(present, up_t, 0.0)
+    q = _capped._capped_rows(z, lo_t, up_t, total, _capped.CAPPED_BISECT_STEPS)
+    torch.testing.assert_close(p, q, atol=4 * tol, rtol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_capped_projection_number_bounds_equal_tensor_bounds(data: st.DataObject) -> None:
+    """Bounds given as numbers take a lean path (no bound tensors, the special values left
+    to the kernel's checks); the same bounds as tensors take the full one: the same output
+    (to the rounding), the same special values and the same errors, along any dim and on
+    non-contiguous inputs."""
+    rows, k = data.draw(st.integers(0, 20)), data.draw(st.integers(0, 12))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    special = st.sampled_from([0.0, 1.0, -math.inf, math.inf, math.nan, 1e4])
+    values = st.one_of(st.floats(-10, 10, width=32), special)
+    x = torch.tensor(
+        data.draw(hnp.arrays(np.float64, (rows, k), elements=values)), dtype=dtype
+    ).reshape(rows, k)
+    dim = data.draw(st.sampled_from([-1, 0]))
+    if data.draw(st.booleans()):  # non-contiguous
+        x = x.T.contiguous().T
+    lower = data.draw(st.sampled_from([None, 0.0, -0.25, 0.05, -math.inf]))
+    upper = data.draw(st.sampled_from([None, 0.25, 0.5, 1.0, math.inf, 1e39]))
+    total = data.draw(st.sampled_from([1.0, 2.5]))
+
+    def call(lo: object, up: object) -> torch.Tensor | str:
+        try:
+            return project_simplex(x, dim, total=total, lower=lo, upper=up)  # type: ignore[arg-type]
+        except cx.ConvexMixError as err:
+            return str(err)
+
+    def as_tensor(b: float | None) -> torch.Tensor | None:
+        return None if b is None else torch.tensor(b, dtype=torch.float64)
+
+    lean, full = call(lower, upper), call(as_tensor(lower), as_tensor(upper))
+    if isinstance(lean, str) or isinstance(full, str):
+        assert lean == full
+        return
+    # a negative lower bound becomes a per-entry tensor on the full path (absent entries
+    # at 0), whose kernel pass sums in another order: equal to the rounding
+    atol = 8 * torch.finfo(dtype).eps * total
+    torch.testing.assert_close(lean, full, rtol=0, atol=atol, equal_nan=True)
+    assert torch.equal(torch.isnan(lean), torch.isnan(full))
+
+
 def test_capped_edge_cases() -> None:
     x = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     # sum(upper) == total: every entry at its cap

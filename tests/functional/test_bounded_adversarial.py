@@ -2,11 +2,11 @@
 ``lower``, ``k`` or ``radius`` (the maps and the optimizers), on drawn hostile inputs,
 against independent float64 NumPy references.
 
-Each case draws rows (0 to 3) of K = 0 to 6 entries along ``dim`` 0 or -1, a dtype, a
-mask where the entry point takes one, bounds (none, a float, one per entry or one per
-entry and row; dyadic values, exact in every dtype, with +inf caps and a NaN now and
-then in a tensor bound), and values mixing ordinary floats with 0, ties, +-1e4 (the
-documented range of the logits), +-inf and NaN. Then either the call raises
+Each case draws rows (0 to 3, 9 or 17) of K = 0 to 6 entries along ``dim`` 0 or -1, a
+dtype, a mask where the entry point takes one, bounds (none, a float, one per entry, one
+per row, or one per entry and row; dyadic values, exact in every dtype, with +inf caps
+and a NaN now and then in a tensor bound), and values mixing ordinary floats with 0,
+ties, +-1e4 (the documented range of the logits), +-inf and NaN. Then either the call raises
 :class:`~convexmix.ConvexMixError`, and the reference says the bounds are infeasible
 (or out of order), or:
 
@@ -178,13 +178,14 @@ def ksparse_distance(x: np.ndarray, k: int, total: float) -> float:
 
 
 def draw_bound(draw: st.DrawFn, palette: list[float], rows: int, k: int) -> Any:
-    """None, a float, or a tensor (K,) / (rows, K) of palette values (NaN now and then)."""
-    kind = draw(ints(0, 3))
+    """None, a float, or a tensor (K,) / (rows, K) / (rows, 1) of palette values (NaN now
+    and then)."""
+    kind = draw(ints(0, 4))
     if kind == 0:
         return None
     if kind == 1:
         return draw(st.sampled_from(palette))
-    shape = (k,) if kind == 2 or rows == 0 else (rows, k)
+    shape = (k,) if kind == 2 or rows == 0 else ((rows, k) if kind == 3 else (rows, 1))
     idx = np.frombuffer(
         draw(st.binary(min_size=math.prod(shape), max_size=math.prod(shape))), np.uint8
     )
@@ -194,7 +195,9 @@ def draw_bound(draw: st.DrawFn, palette: list[float], rows: int, k: int) -> Any:
 
 @st.composite
 def cases(draw: st.DrawFn, entry: str) -> dict[str, Any]:
-    rows, k = draw(ints(0, 3)), draw(st.sampled_from([0, 1, 2, 2, 3, 3, 4, 5, 6]))
+    # 9 and 17 rows: the native kernel searches 8+ rows in lockstep (16 at a time)
+    rows = draw(st.sampled_from([0, 1, 2, 3, 3, 9, 17]))
+    k = draw(st.sampled_from([0, 1, 2, 2, 3, 3, 4, 5, 6]))
     x = draw_values(draw, rows * k).reshape(rows, k)
     case: dict[str, Any] = {
         # finite values within the maps' documented range, +-1e4 (a cap on an entry at

@@ -10,9 +10,12 @@ a bracket, then safeguarded Newton steps (Newton from the current partition into
 free / upper entries, a halving when it leaves the bracket) until the partition stops
 changing; the threshold is then taken exactly, in float64, from the partition. Each step
 is O(K), with no sort: the same code runs on CPU and GPU. Eager float32/64 calls on CPU
-run the same search row by row in C (``_kernels/capped.c``: one branch-free pass per step
-over the entries still inside the bracket, long rows started from a sample), which also
-checks the sums; the torch code is the fallback.
+run the same search in C (``_kernels/capped.c``: row by row, one branch-free pass per step
+over the entries still inside the bracket, long rows started from a sample; or, for 8+
+rows whose bounds do not vary along the row, 16 rows at a time in lockstep), which also
+checks the sums; the torch code is the fallback. Number bounds in an eager call that
+needs no gradient go straight to the kernel (``_capped_lean``), which leaves rows
+with NaN or +inf and infeasible bounds to the full path.
 
 The forward is a ``torch.library`` custom op with a vmap rule, wrapped in a staticmethod
 ``autograd.Function`` whose backward is O(K) from the saved output. The checks of the
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor
 
 from convexmix._kernels import capped as native
-from convexmix._validation import any_true, traced
+from convexmix._validation import any_true, is_number, traced
 from convexmix.functional._bounds import as_bound, check_order, check_sums, rows_of, special_rows
 from convexmix.functional._ops import register_map
 
@@ -313,10 +316,52 @@ _CAPPED = register_map(
 )
 
 
+def _scalar_bound(value: float | Tensor | None, default: float, dtype: torch.dtype) -> float | None:
+    """A bound given as None or a number, as the float the op would use (beyond the
+    dtype's range: its infinity); None for a tensor or NaN (the full path's business)."""
+    if value is None:
+        return default
+    if not is_number(value):
+        return None
+    v = float(value)
+    if v != v:
+        return None
+    return math.copysign(math.inf, v) if abs(v) > torch.finfo(dtype).max else v
+
+
+def _capped_lean(
+    z: Tensor, d: int, total: float, lower: float | Tensor | None, upper: float | Tensor | None
+) -> Tensor | None:
+    """The eager call with number bounds and no gradient, straight to the native kernel:
+    no bound tensors, no pass for the special values (the kernel finds NaN and +inf and
+    leaves them, and infeasible bounds, to the full path). None where it does not apply."""
+    if z.__class__ is not Tensor or not native.capped_applies(z) or z.numel() == 0:
+        return None
+    if (torch.is_grad_enabled() and z.requires_grad) or traced():
+        return None
+    lo = _scalar_bound(lower, 0.0, z.dtype)
+    up = _scalar_bound(upper, math.inf, z.dtype)
+    if lo is None or up is None or not (-math.inf < lo <= up):
+        return None  # tensors, NaN, -inf lower, out of order: the full path checks them
+    k = z.shape[d]
+    last = d == z.dim() - 1
+    rows = z.contiguous() if last else z.movedim(d, -1).contiguous()
+    try:
+        out = native.capped_scalar(rows, k, lo, up, total)
+    except native.InfeasibleError:
+        return None  # the full path raises the error that says the sums
+    if out is None or last:
+        return out
+    return out.movedim(-1, d).contiguous()
+
+
 def capped_projection(
     z: Tensor, d: int, total: float, lower: float | Tensor | None, upper: float | Tensor | None
 ) -> Tensor:
     """The capped projection of the prepared ``z`` (absent entries -inf) along ``d``."""
+    lean = _capped_lean(z, d, total, lower, upper)
+    if lean is not None:
+        return lean
     lo = as_bound(lower, z, "lower", 0.0)
     up = as_bound(upper, z, "upper", math.inf)
     if traced() or any_true(lo.detach() < 0):

@@ -288,7 +288,8 @@ def project_simplex(
     check_choice(method, PROJECTION_METHODS, "method")
     z, d, total = prepare(x, dim, None, total)
     if lower is not None or upper is not None:
-        return capped_projection(z, d, total, lower, upper).to(x.dtype)
+        out = capped_projection(z, d, total, lower, upper)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     if method == "auto":
         if native.rows_apply(z):
             out = SPARSEMAX(z, d, total)

@@ -100,7 +100,8 @@ def sparsemax(
     """
     z, d, total = prepare(x, dim, mask, total)
     if lower is not None or upper is not None:
-        return capped_projection(z, d, total, lower, upper).to(x.dtype)
+        out = capped_projection(z, d, total, lower, upper)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     out = SPARSEMAX(z, d, total)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
