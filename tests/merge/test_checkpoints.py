@@ -283,7 +283,6 @@ def test_output_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         return original(t)
 
     monkeypatch.setattr(_files, "raw_bytes", interrupted)
-    monkeypatch.setattr("convexmix.merge._checkpoints.raw_bytes", interrupted)
     out = tmp_path / "sub" / "out"
     with pytest.raises(KeyboardInterrupt):
         cx.merge.merge_checkpoints(config, out, shard_size=300)
