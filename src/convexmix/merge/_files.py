@@ -210,8 +210,9 @@ class Staging:
 
 class Sink:
     """A file that a background thread writes: :meth:`write` queues a tensor's bytes and
-    returns, so the next tensor is computed while the kernel copies these into the page
-    cache (on two cores the two overlap; the write is a third of a merge's time). At
+    returns, so the next chunk is combined while the operating system copies these into
+    the page cache (on two cores the two overlap; the writes are about a quarter of a
+    merge's CPU time). At
     most ``depth`` writes wait in the queue. Each queued tensor stays alive until
     written, then its ``done`` callback runs (to hand a staging buffer back). The first
     error of a write is raised by the next :meth:`write` or by :meth:`close`.
