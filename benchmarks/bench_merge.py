@@ -31,11 +31,18 @@ from the in-memory models.
 ``--checkpoints SIZE_MB`` measures :func:`cx.merge.merge_checkpoints` instead: three
 synthetic Llama-shaped bf16 checkpoints of about ``SIZE_MB`` each, in 4 shards, merged by a
 ``task_arithmetic`` configuration (one of them the base) into bf16 shards. Each timing
-runs in a fresh process after its imports: reading every input file once (64 MiB
-``readinto``), the merge, and, where mergekit is installed, mergekit's ``run_merge`` on the
-same configuration; interleaved rounds, best of each, with the page cache warm (the files
-read just before) and cold (the inputs' pages dropped with ``posix_fadvise``). The peak
-anonymous memory (``RssAnon``, sampled every 2 ms) is above the state after the imports.
+runs in a fresh process after its imports: reading every input file once with
+``readinto`` into a 1 MiB buffer (the baseline: the fastest plain read, as ``cat`` or
+``dd bs=1M`` do) and into a 64 MiB buffer (slower: the buffer does not stay in the
+cache), the merge, the merge as the git revision ``--before-ref REV`` has it (to compare
+a change in the same run), and, where mergekit is installed (unless ``--no-mergekit``),
+mergekit's ``run_merge`` on the same configuration; interleaved rounds, best of each,
+with the page cache warm (the files read just before) and cold (the inputs' pages dropped
+with ``posix_fadvise``). Time is wall-clock; CPU time is user + system over all the
+process's threads (the merge writes from a second thread). The peak anonymous memory
+(``RssAnon``, sampled every 2 ms) is above the state after the imports. The load
+average before and after is printed with the table: on a busy machine the warm ratios
+measure the load as much as the merge.
 """
 
 from __future__ import annotations
@@ -106,9 +113,10 @@ def rss_now() -> tuple[float, float]:
 
 
 class PeakSampler:
-    """Peak RssAnon and RssFile, sampled every 0.5 ms by a thread."""
+    """Peak RssAnon and RssFile, sampled every ``interval`` seconds by a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.0005) -> None:
+        self.interval = interval
         self.start = rss_now()
         self.peak = list(self.start)
         self._stop = threading.Event()
@@ -118,7 +126,7 @@ class PeakSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()
-            time.sleep(0.0005)
+            time.sleep(self.interval)
 
     def sample(self) -> None:
         now = rss_now()
@@ -302,8 +310,12 @@ def drop_cache(paths: list[str]) -> None:
             os.close(fd)
 
 
+READ_BUFFERS = {"read": 1 << 20, "read 64 MiB": 64 << 20}
+
+
 def child_checkpoints(mode: str, root: str) -> dict[str, float]:
-    """One timing of ``mode`` (read / convexmix / mergekit) in this fresh process."""
+    """One timing of ``mode`` (a key of ``READ_BUFFERS``, ``convexmix`` (also the one of
+    ``--before-ref``: another ``PYTHONPATH``) or ``mergekit``) in this fresh process."""
     config = {
         "merge_method": "task_arithmetic",
         "base_model": os.path.join(root, "m0"),
@@ -313,7 +325,7 @@ def child_checkpoints(mode: str, root: str) -> dict[str, float]:
         "parameters": {"lambda": 0.8},
         "dtype": "bfloat16",
     }
-    out = os.path.join(root, f"out-{mode}")
+    out = os.path.join(root, "out-" + mode.replace(" ", "-"))
     if mode == "mergekit":
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -330,7 +342,7 @@ def child_checkpoints(mode: str, root: str) -> dict[str, float]:
             cx.merge.merge_checkpoints(config, out, force=True, progress=False)
 
     else:
-        buffer = bytearray(64 << 20)
+        buffer = bytearray(READ_BUFFERS[mode])
 
         def run() -> None:
             for path in input_files(root):
@@ -338,23 +350,51 @@ def child_checkpoints(mode: str, root: str) -> dict[str, float]:
                     while f.readinto(buffer):
                         pass
 
-    sampler = PeakSampler()
+    sampler = PeakSampler(0.002)  # (its CPU time, about 1%, is in every mode's)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
+    end = resource.getrusage(resource.RUSAGE_SELF)
     anon, _ = sampler.stop()
     shutil.rmtree(out, ignore_errors=True)
-    return {"s": seconds, "anon_mb": anon}
+    used = end.ru_utime - cpu.ru_utime + end.ru_stime - cpu.ru_stime
+    return {"s": seconds, "cpu_s": used, "anon_mb": anon}
 
 
-def checkpoint_table(size_mb: float, rounds: int) -> None:
+def source_at(rev: str, folder: str) -> str:
+    """The ``src`` folder of the git revision ``rev`` of this repository, extracted into
+    ``folder``, with this checkout's built native kernels (git does not hold them)."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    kernels = Path(cx.__file__).parent / "_kernels"
+    for lib in kernels.glob("*.so"):
+        target = Path(folder) / "src" / "convexmix" / "_kernels" / lib.name
+        if not target.exists():
+            shutil.copy2(lib, target)
+    return str(Path(folder) / "src")
+
+
+def checkpoint_table(
+    size_mb: float, rounds: int, before: str | None = None, mergekit: bool = True
+) -> None:
     import importlib.util
 
-    modes = ["read", "convexmix"]
-    if importlib.util.find_spec("mergekit") is not None:
+    modes = [*READ_BUFFERS, "convexmix"]
+    if before is not None:
+        modes.append(f"convexmix {before}")
+    if mergekit and importlib.util.find_spec("mergekit") is not None:
         modes.append("mergekit")
     shapes = llama_shapes(size_mb)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
+        env = dict(os.environ)
+        if before is not None:
+            os.mkdir(os.path.join(root, "before"))
+            old_src = source_at(before, os.path.join(root, "before"))
         for k in range(3):
             write_llama(os.path.join(root, f"m{k}"), k, shapes, shards=4)
         files = input_files(root)
@@ -367,9 +407,16 @@ def checkpoint_table(size_mb: float, rounds: int) -> None:
                         drop_cache(files)
                     else:  # warm: every input page is in memory
                         child_checkpoints("read", root)
-                    cmd = [sys.executable, __file__, "--child", mode, "--folder", root]
+                    child, env_mode = mode, env
+                    if mode.startswith("convexmix "):  # the same merge, older code
+                        child = "convexmix"
+                        path = os.pathsep.join(p for p in (old_src, env.get("PYTHONPATH")) if p)
+                        env_mode = {**env, "PYTHONPATH": path}
+                    cmd = [sys.executable, __file__, "--child", child, "--folder", root]
                     cmd += ["--checkpoints", str(size_mb)]
-                    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    res = subprocess.run(
+                        cmd, capture_output=True, text=True, check=True, env=env_mode
+                    )
                     r = json.loads(res.stdout.strip().splitlines()[-1])
                     key = (cache, mode)
                     if key not in best or r["s"] < best[key]["s"]:
@@ -377,13 +424,21 @@ def checkpoint_table(size_mb: float, rounds: int) -> None:
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(
         f"\n3 checkpoints of {total / 3:.0f} MiB (bf16, 4 shards each; inputs {total:.0f} MiB), "
-        f"task_arithmetic to bf16; best of {rounds}; load {' '.join(load)}\n"
+        f"task_arithmetic to bf16; best of {rounds} interleaved rounds; {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average "
+        f"{' '.join(load_before)} before, {' '.join(load)} after\n"
     )
-    print("| page cache | run | time | vs reading the inputs once | peak anonymous memory |")
-    print("|---|---|---|---|---|")
+    print(
+        "| page cache | run | time | vs reading the inputs once | CPU time | "
+        "vs the read's CPU time | peak anonymous memory |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for (cache, mode), r in best.items():
-        ratio = r["s"] / best[(cache, "read")]["s"]
-        print(f"| {cache} | {mode} | {r['s']:.2f} s | {ratio:.2f}x | {r['anon_mb']:.0f} MB |")
+        ref = best[(cache, "read")]
+        print(
+            f"| {cache} | {mode} | {r['s']:.2f} s | {r['s'] / ref['s']:.2f}x | "
+            f"{r['cpu_s']:.2f} s | {r['cpu_s'] / ref['cpu_s']:.2f}x | {r['anon_mb']:.0f} MB |"
+        )
 
 
 def main() -> None:
@@ -399,12 +454,20 @@ def main() -> None:
         "--checkpoints", type=float, metavar="SIZE_MB", help="merge_checkpoints instead"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --checkpoints")
+    parser.add_argument(
+        "--before-ref",
+        metavar="REV",
+        help="with --checkpoints: also time the merge of this git revision (e.g. main)",
+    )
+    parser.add_argument(
+        "--no-mergekit", action="store_true", help="with --checkpoints: skip mergekit"
+    )
     args = parser.parse_args()
     if args.checkpoints and args.child:
         print(json.dumps(child_checkpoints(args.child, args.folder)))
         return
     if args.checkpoints:
-        checkpoint_table(args.checkpoints, args.rounds)
+        checkpoint_table(args.checkpoints, args.rounds, args.before_ref, not args.no_mergekit)
         return
     sizes = (args.models, args.width, args.depth, args.steps)
     if args.child and args.folder:

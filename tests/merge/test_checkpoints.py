@@ -3,6 +3,7 @@ before writing, atomic output, the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -283,7 +284,6 @@ def test_output_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         return original(t)
 
     monkeypatch.setattr(_files, "raw_bytes", interrupted)
-    monkeypatch.setattr("convexmix.merge._checkpoints.raw_bytes", interrupted)
     out = tmp_path / "sub" / "out"
     with pytest.raises(KeyboardInterrupt):
         cx.merge.merge_checkpoints(config, out, shard_size=300)
@@ -305,6 +305,77 @@ def test_output_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     (tmp_path / "file").write_text("x")
     with pytest.raises(cx.ConvexMixError, match="exists and is not a folder"):
         cx.merge.merge_checkpoints(config, tmp_path / "file", force=True)
+
+
+def test_a_failed_write_is_an_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output is written by a second thread: a write that fails there (a full disk)
+    is raised by the merge as a ConvexMixError naming the output, every tensor queued
+    after it is dropped, and nothing is left under out or beside it."""
+    import errno
+    import io
+
+    paths = models(tmp_path, k=2)
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths],
+        "dtype": "float32",
+    }
+    writes = [0]
+
+    class Full(io.FileIO):
+        def write(self, data: object) -> int:
+            writes[0] += 1
+            if writes[0] == 5:  # the header's two writes, then a few tensors
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_files, "open", lambda path, mode: Full(path, mode), raising=False)
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(cx.ConvexMixError, match=r"cannot write .*out: No space left on device"):
+        cx.merge.merge_checkpoints(config, out, shard_size=300)
+    assert writes[0] == 5  # the first failure stops the writing
+    assert not out.exists()
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_sink_writes_in_order_and_releases_every_buffer(tmp_path: Path) -> None:
+    """Sink: bytes land in the order queued, each done callback runs once, and an error
+    of the writing thread is raised in the caller (by write or close), with the
+    callbacks of the dropped writes still run (no staging buffer is lost)."""
+    import io
+
+    done: list[int] = []
+    with open(tmp_path / "a.bin", "wb") as f:
+        sink = _files.Sink(f, depth=2)
+        for i in range(20):
+            chunk = torch.full((1000 + i,), i, dtype=torch.uint8)
+            sink.write(chunk, done=functools.partial(done.append, i))
+        sink.close()
+    data = (tmp_path / "a.bin").read_bytes()
+    assert data == b"".join(bytes([i]) * (1000 + i) for i in range(20))
+    assert done == list(range(20))
+
+    class Broken(io.BytesIO):
+        def write(self, data: object) -> int:
+            raise OSError("broken pipe")
+
+    done.clear()
+    sink = _files.Sink(Broken(), depth=2)
+
+    def write_all() -> None:
+        for i in range(50):
+            sink.write(torch.zeros(10, dtype=torch.uint8), done=functools.partial(done.append, i))
+        sink.close()
+
+    with pytest.raises(OSError, match="broken pipe"):
+        write_all()
+    sink.close(check=False)
+    assert done == list(range(len(done)))
+    assert len(done) >= 1
+    # every queued write's callback ran, and the one refused when the error came
+    assert sink.nbytes in (10 * len(done), 10 * (len(done) - 1))
 
 
 def test_command_line(tmp_path: Path) -> None:

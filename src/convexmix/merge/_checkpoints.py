@@ -4,13 +4,15 @@ streamed tensor by tensor (private module; ``convexmix.merge`` exports it)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from convexmix._optional import require
 from convexmix.errors import ConvexMixError, ShapeError
@@ -19,16 +21,21 @@ from convexmix.merge._config import Spec, coefficients, depths, read_config
 from convexmix.merge._files import (
     Checkpoint,
     Entry,
+    Sink,
+    Staging,
     atomic_folder,
     copy_other_files,
-    raw_bytes,
     write_shards,
 )
 
 __all__ = ["merge_checkpoints"]
 
-#: Elements combined at a time: the merge never holds more than a few such chunks.
-CHUNK = 1 << 22
+#: Elements combined at a time: the merge holds a few such chunks (2 MiB each in bf16),
+#: small enough to stay in the cache between the kernel that writes one and the write
+#: that copies it into the page cache, and few pages to touch (fresh pages cost).
+CHUNK = 1 << 20
+#: Output buffers: one being filled, the others queued for the writing thread.
+STAGING = 3
 #: mergekit's default shard size, in bytes.
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -58,9 +65,11 @@ def merge_checkpoints(
     dtypes may differ); integer tensors are copied from the first model. This is checked
     before anything is written, and errors name the file and the tensor.
 
-    Memory: tensors are memory-mapped and combined in chunks of 2^22 elements with the
-    fused :func:`~convexmix.functional.convex_combination`, so the process holds a few
-    chunks whatever the model's size; the input files cost page cache only.
+    Memory and time: tensors are memory-mapped and combined in chunks of 2^20 elements
+    with the fused :func:`~convexmix.functional.convex_combination`, into a few reused
+    buffers that a second thread writes to the file while the next chunk is combined, so
+    the process holds a few chunks whatever the model's size; the input files cost page
+    cache only.
 
     The output has the first model's layout: ``model.safetensors``, or shards of at most
     ``shard_size`` bytes and an index, plus the first model's other files
@@ -112,14 +121,15 @@ def merge_checkpoints(
     try:
         plan = _plan(spec, checkpoints)
         total = sum(e.nbytes for e, _ in plan.values())
+        buffers = _Buffers(plan.values())
         with (
             atomic_folder(out, force=force) as folder,
             _progress(progress, len(plan), total) as tick,
         ):
 
-            def fill(entry: Entry, f: BinaryIO) -> None:
+            def fill(entry: Entry, sink: Sink) -> None:
                 _, coefs = plan[entry.name]
-                _write_tensor(f, entry, coefs, checkpoints, spec)
+                _write_tensor(sink, entry, coefs, checkpoints, buffers)
                 tick(entry.nbytes)
 
             write_shards(folder, [e for e, _ in plan.values()], shard_size, fill)
@@ -175,44 +185,83 @@ def _plan(spec: Spec, checkpoints: list[Checkpoint]) -> dict[str, tuple[Entry, l
     return plan
 
 
-def _write_tensor(
-    f: BinaryIO, entry: Entry, coefs: list[float], checkpoints: list[Checkpoint], spec: Spec
-) -> None:
-    """Stream one merged tensor to ``f``, chunk by chunk."""
-    name, out_dtype = entry.name, entry.dtype
-    if not out_dtype.is_floating_point:  # integer tensors: the first model's
-        f.write(raw_bytes(checkpoints[0].tensor(name).contiguous()))
-        return
-    active = [(c, k) for k, c in enumerate(coefs) if c != 0.0]
+class _Buffers:
+    """The merge's reused memory: the :class:`Staging` output buffers (a chunk of the
+    widest floating output dtype each) and one float32/float64 buffer per dtype for
+    the chunks that combine in another dtype than they are written in."""
+
+    def __init__(self, plan: Any) -> None:
+        size = max((e.dtype.itemsize for e, _ in plan if e.dtype.is_floating_point), default=1)
+        largest = max((_numel(e) for e, _ in plan), default=1)
+        self.chunk = max(1, min(CHUNK, largest))
+        self.staging = Staging(self.chunk * size, STAGING)
+        self._scratch: dict[torch.dtype, Tensor] = {}
+
+    def scratch(self, dtype: torch.dtype, n: int) -> Tensor:
+        buffer = self._scratch.get(dtype)
+        if buffer is None:
+            buffer = self._scratch[dtype] = torch.empty(self.chunk, dtype=dtype)
+        return buffer[:n]
+
+
+def _numel(entry: Entry) -> int:
     n = 1
     for s in entry.shape:
         n *= s
+    return n
+
+
+def _write_tensor(
+    sink: Sink,
+    entry: Entry,
+    coefs: list[float],
+    checkpoints: list[Checkpoint],
+    buffers: _Buffers,
+) -> None:
+    """Stream one merged tensor to ``sink``, chunk by chunk."""
+    name, out_dtype = entry.name, entry.dtype
+    if not out_dtype.is_floating_point:  # integer tensors: the first model's
+        sink.write(checkpoints[0].tensor(name).contiguous())
+        return
+    active = [(c, k) for k, c in enumerate(coefs) if c != 0.0]
+    n = _numel(entry)
     if not active:
         zeros = torch.zeros(min(n, CHUNK), dtype=out_dtype)
         for a in range(0, n, CHUNK):
-            f.write(raw_bytes(zeros[: min(CHUNK, n - a)]))
+            sink.write(zeros[: min(CHUNK, n - a)])
         return
     xs = [checkpoints[k].tensor(name).reshape(-1) for _, k in active]
     if len(xs) == 1 and active[0][0] == 1.0 and xs[0].dtype == out_dtype:
         for a in range(0, n, CHUNK):  # one model with weight 1: its bytes
-            f.write(raw_bytes(xs[0][a : a + CHUNK]))
+            sink.write(xs[0][a : a + CHUNK])
         return
     wide = out_dtype == torch.float64 or any(x.dtype == torch.float64 for x in xs)
     acc = torch.float64 if wide else torch.float32
     w = torch.tensor([c for c, _ in active], dtype=acc)
     same = all(x.dtype == xs[0].dtype for x in xs)
-    direct = same and (xs[0].dtype == acc or xs[0].dtype == out_dtype)
-    # The out= form runs the fused kernel whatever the size (half precision accumulates
-    # in float32 there), into one buffer reused for every chunk of the tensor.
-    buf = torch.empty(min(n, CHUNK), dtype=xs[0].dtype if direct else acc)
+    # The kernel's dtype: the inputs' own where they share one that is the output's or
+    # the accumulation's (half precision accumulates in float32 inside the kernel),
+    # else everything converted to the accumulation dtype.
+    direct = same and xs[0].dtype in (acc, out_dtype)
+    dtype = xs[0].dtype if direct else acc
+    staging = buffers.staging
     for a in range(0, n, CHUNK):
         parts = [x[a : a + CHUNK] for x in xs]
+        m = parts[0].numel()
         if not direct:
             parts = [p.to(acc) for p in parts]
-        res = convex_combination(w, parts, out=buf[: parts[0].numel()])
-        if res.dtype != out_dtype:
-            res = res.to(out_dtype)
-        f.write(raw_bytes(res))
+        buffer = staging.get()
+        try:
+            res = buffer[: m * out_dtype.itemsize].view(out_dtype)
+            # The out= form runs the fused kernel whatever the size.
+            if dtype == out_dtype:
+                convex_combination(w, parts, out=res)
+            else:  # rounded once, into the output buffer
+                res.copy_(convex_combination(w, parts, out=buffers.scratch(dtype, m)))
+        except BaseException:
+            staging.put(buffer)
+            raise
+        sink.write(res, done=functools.partial(staging.put, buffer))
 
 
 @contextlib.contextmanager
