@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._inputs import PROB_ATOL
+from convexmix.ensemble._inputs import OVERFLOW_RESCALE, PROB_ATOL
 from convexmix.ensemble._mse import quadratic_scale
 from convexmix.ensemble._objectives import LOG_LOSS_EPS
 from convexmix.ensemble._solver import CV_TOL, PRUNE_BELOW
@@ -191,7 +191,13 @@ def _sample_weights(sample_weight: Any, n: int, np: Any) -> Vec | None:
     if sw is None or sw.ndim != 1 or sw.shape[0] != n or sw.dtype.kind not in "fiub":
         return None
     sw = sw.astype(np.float64)
-    total = float(sw.sum())
+    if not bool(np.isfinite(sw).all()):
+        return None
+    with np.errstate(over="ignore"):
+        total = float(sw.sum())
+    if total == math.inf:  # as the torch path: an exact rescaling of relative weights
+        sw = sw * OVERFLOW_RESCALE
+        total = float(sw.sum())
     if not (math.isfinite(total) and total > 0) or not bool((sw >= 0).all()):
         return None
     return sw / total  # type: ignore[no-any-return]

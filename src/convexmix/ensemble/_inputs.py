@@ -37,6 +37,11 @@ __all__ = [
 
 #: Rows of class probabilities must sum to 1 within this tolerance.
 PROB_ATOL = 1e-3
+#: Finite sample weights whose sum overflows float64 are scaled by this power of two before
+#: they are normalised (the weights are relative): N of them, each below 2**1024, then sum
+#: to at most N * 2**424. The scaling is exact but for weights below 2**-422, which are
+#: then less than 2**-1400 of the largest.
+OVERFLOW_RESCALE = 2.0**-600
 
 #: ``progress(done, total)`` after each part of the pass that reads the predictions
 #: (:func:`read_progress`); None: one uninterrupted pass.
@@ -289,6 +294,9 @@ def sample_weights(sample_weight: Any, n: int, reduce: Reduce = local) -> Tensor
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
     total = float(reduce(s.sum()))
+    if total == math.inf:  # finite weights whose sum overflows: they are only relative
+        s = s * OVERFLOW_RESCALE
+        total = float(reduce(s.sum()))
     if total <= 0:
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
     return s / total
