@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import Objective
-from convexmix.ensemble._solver import line_search
+from convexmix.ensemble._solver import check_start, line_search
 
 __all__: list[str] = []
 
@@ -147,6 +147,7 @@ def newton_capped(
     idx = (u > 0).nonzero().squeeze(1)
     f, grad = obj.value(w)
     g = grad()
+    check_start(f, g)
     history = [f]
     gap = capped_gap(w, g, u)
     it = 0
