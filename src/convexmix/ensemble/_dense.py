@@ -87,16 +87,15 @@ def _array(x: Any, np: Any) -> Any:
 
 @dataclass
 class DenseProblem:
-    """A checked small problem: the log-loss on ``q`` (K, N) or the quadratic
-    ``w'Mw - 2r'w + c``; ``s`` the (N,) normalised sample weights."""
+    """A checked small problem: the log-loss on ``q`` (K, N) or the quadratic ``w'Mw`` in
+    the errors (as :class:`~convexmix.ensemble._mse.Quadratic`); ``s`` the (N,) normalised
+    sample weights."""
 
     K: int
     kind: str  # "log_loss" or "mse"
     s: Vec
     q: Vec | None = None
     M: Vec | None = None
-    r: Vec | None = None
-    c: float = 0.0
     p: Any = None  # (K, N, D) for the exact mse
     y: Any = None  # (N, D)
     scale: float = 1.0
@@ -110,13 +109,12 @@ class DenseProblem:
             return replace(self, s=s, sqrt_s=None)
         np = _np()
         sq = np.sqrt(s)[:, None]
-        pa = (self.p * sq).reshape(self.K, -1)
-        ya = (self.y * sq).reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):
-            M, r, c = pa @ pa.T, pa @ ya, float(ya @ ya)
-        if not (math.isfinite(c) and bool(np.isfinite(M).all())):
+            ea = ((self.p - self.y) * sq).reshape(self.K, -1)  # the errors: see Quadratic
+            M = ea @ ea.T
+        if not bool(np.isfinite(M).all()):
             return None
-        return replace(self, s=s, M=M, r=r, c=c, scale=quadratic_scale(M, c))
+        return replace(self, s=s, M=M, scale=quadratic_scale(M))
 
     def with_sample_weight(self, sample_weight: Any) -> DenseProblem | None:
         """The problem that :func:`prepare` gives for the same inputs with
@@ -145,10 +143,9 @@ class DenseProblem:
             g = -(self.q @ (self.s / u))
         else:
             assert self.M is not None
-            assert self.r is not None
             mw = self.M @ w
-            f = max(float(w @ mw) - 2 * float(self.r @ w) + self.c, 0.0)
-            g = 2 * (mw - self.r)
+            f = max(float(w @ mw), 0.0)
+            g = 2 * mw
         if self.lam > 0:
             d = w - 1.0 / self.K
             f += self.lam * float(d @ d)
