@@ -11,9 +11,10 @@
   models out (their cap is 0) and some in; its convex fit (minus its gap) is a lower
   bound for every support below it, so a node whose bound is not below the best blend
   found is cut; a fit with at most k non-zeros is a feasible leaf. Above that K (or past
-  ``MAX_NODES`` nodes) a heuristic: forward selection by the gradient (the model with the
-  most negative gradient at the current fit joins), then swaps (each chosen model against
-  the outside models with the lowest gradients) while they lower the loss.
+  ``MAX_NODES`` nodes) a heuristic: from the best model alone (when the cap lets one model
+  carry the total), forward selection by the gradient (the model with the most negative
+  gradient at the current fit joins), then swaps (each chosen model against the outside
+  models with the lowest gradients) while they lower the loss.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import Objective
-from convexmix.ensemble._solver import line_search
+from convexmix.ensemble._solver import check_start, line_search
 
 __all__: list[str] = []
 
@@ -147,6 +148,7 @@ def newton_capped(
     idx = (u > 0).nonzero().squeeze(1)
     f, grad = obj.value(w)
     g = grad()
+    check_start(f, g)
     history = [f]
     gap = capped_gap(w, g, u)
     it = 0
@@ -210,9 +212,14 @@ def heuristic_support(search: Search, k: int) -> frozenset[int]:
     everyone = frozenset(range(search.K))
     w0 = feasible_start(torch.full((search.K,), search.cap, dtype=torch.float64))
     g = search.obj.value(w0)[1]()
-    # seed: the fewest best-gradient models that can carry the total under the cap
+    # seed: the fewest models that can carry the total under the cap: the best model alone
+    # when one can (K fits at a vertex, each one loss evaluation: the result is then never
+    # worse than the best single model), else the best-gradient ones
     need = max(1, math.ceil(1.0 / search.cap - 1e-9))
-    chosen = frozenset(int(i) for i in torch.argsort(g)[:need])
+    if need == 1:
+        chosen = min((frozenset({j}) for j in range(search.K)), key=search.value)
+    else:
+        chosen = frozenset(int(i) for i in torch.argsort(g)[:need])
     while len(chosen) < k:
         w, _hist = search.fit(chosen)[:2]
         g = search.obj.value(w)[1]()

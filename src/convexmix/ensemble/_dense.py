@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._inputs import PROB_ATOL
+from convexmix.ensemble._inputs import OVERFLOW_RESCALE, PROB_ATOL
 from convexmix.ensemble._mse import quadratic_scale
 from convexmix.ensemble._objectives import LOG_LOSS_EPS
 from convexmix.ensemble._solver import CV_TOL, PRUNE_BELOW
@@ -87,9 +87,9 @@ def _array(x: Any, np: Any) -> Any:
 
 @dataclass
 class DenseProblem:
-    """A checked small problem: the log-loss on ``q`` (K, N) or the quadratic ``w'Mw``
-    (``M`` the Gram matrix of the models' residuals, as :class:`._mse.Quadratic`); ``s``
-    the (N,) normalised sample weights."""
+    """A checked small problem: the log-loss on ``q`` (K, N) or the quadratic ``w'Mw`` in
+    the errors (as :class:`~convexmix.ensemble._mse.Quadratic`); ``s`` the (N,) normalised
+    sample weights."""
 
     K: int
     kind: str  # "log_loss" or "mse"
@@ -110,8 +110,8 @@ class DenseProblem:
         np = _np()
         sq = np.sqrt(s)[:, None]
         with np.errstate(over="ignore", invalid="ignore"):
-            da = ((self.p - self.y) * sq).reshape(self.K, -1)  # the residuals
-            M = da @ da.T
+            ea = ((self.p - self.y) * sq).reshape(self.K, -1)  # the errors: see Quadratic
+            M = ea @ ea.T
         if not bool(np.isfinite(M).all()):
             return None
         return replace(self, s=s, M=M, scale=quadratic_scale(M))
@@ -188,7 +188,13 @@ def _sample_weights(sample_weight: Any, n: int, np: Any) -> Vec | None:
     if sw is None or sw.ndim != 1 or sw.shape[0] != n or sw.dtype.kind not in "fiub":
         return None
     sw = sw.astype(np.float64)
-    total = float(sw.sum())
+    if not bool(np.isfinite(sw).all()):
+        return None
+    with np.errstate(over="ignore"):
+        total = float(sw.sum())
+    if total == math.inf:  # as the torch path: an exact rescaling of relative weights
+        sw = sw * OVERFLOW_RESCALE
+        total = float(sw.sum())
     if not (math.isfinite(total) and total > 0) or not bool((sw >= 0).all()):
         return None
     return sw / total  # type: ignore[no-any-return]

@@ -94,6 +94,30 @@ class _Reader:
         return value
 
 
+def _check_constraints(read: _Reader, w: list[float]) -> None:
+    """The constraints the file records (``max_weight``, ``max_models``; null or absent:
+    none) are valid, and its weights honour them: a file edited by hand must not carry a
+    blend that its own fit would never give."""
+    cap = read.data.get("max_weight")
+    if cap is not None:
+        if not (is_number(cap) and 0 < cap <= 1):  # NaN fails too
+            raise read.fail("max_weight", "null or a number in (0, 1]", cap)
+        if max(w) > cap + SUM_ATOL:
+            raise ConvexMixError(
+                f"{read.path}: the weights break the file's max_weight={cap:g} "
+                f"(the largest is {max(w):.9g})."
+            )
+    k = read.data.get("max_models")
+    if k is not None:
+        if not (is_int(k) and k >= 1):
+            raise read.fail("max_models", "null or an int >= 1", k)
+        used = sum(v != 0 for v in w)
+        if used > k:
+            raise ConvexMixError(
+                f"{read.path}: the weights break the file's max_models={k} ({used} non-zero)."
+            )
+
+
 def read_weights_file(path: str | os.PathLike[str]) -> WeightsFile:
     """Parse and check the JSON; every failure is a :class:`ConvexMixError` naming the
     file (and the key), whatever the file holds.
@@ -165,6 +189,7 @@ def read_weights_file(path: str | os.PathLike[str]) -> WeightsFile:
     regularization = read.number("regularization", 0.0, finite=True)
     if regularization < 0:
         raise read.fail("regularization", "a number >= 0", regularization)
+    _check_constraints(read, w)
     return WeightsFile(
         weights=torch.tensor(w, dtype=torch.float64),
         models=names,

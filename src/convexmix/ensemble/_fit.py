@@ -257,9 +257,9 @@ def fit_constrained(
 ) -> EnsembleResult:
     """``fit_weights`` under ``max_weight`` and/or ``max_models`` (see ``_capped``)."""
     K = obj.K
-    if max_weight is not None:
-        check_positive(max_weight, "max_weight", optional=True)
-    cap = 1.0 if max_weight is None else min(float(max_weight), 1.0)
+    cap = 1.0 if max_weight is None else check_positive(max_weight, "max_weight", optional=True)
+    if cap > 1.0:
+        raise ConvexMixError(f"max_weight must be at most 1 (a weight of the blend); got {cap}.")
     if max_models is not None:
         check_int(max_models, "max_models")
     k = K if max_models is None else min(max_models, K)

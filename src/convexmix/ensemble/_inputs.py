@@ -19,7 +19,12 @@ from convexmix._kernels import alloc
 from convexmix._kernels import gather as native
 from convexmix._optional import require
 from convexmix.ensemble._objectives import LOG_LOSS_EPS, Reduce, local
-from convexmix.errors import ConvexMixError, InvalidProbabilitiesError, ShapeError
+from convexmix.errors import (
+    ConvexMixError,
+    ConvexMixTypeError,
+    InvalidProbabilitiesError,
+    ShapeError,
+)
 
 __all__ = [
     "PROB_ATOL",
@@ -37,6 +42,11 @@ __all__ = [
 
 #: Rows of class probabilities must sum to 1 within this tolerance.
 PROB_ATOL = 1e-3
+#: Finite sample weights whose sum overflows float64 are scaled by this power of two before
+#: they are normalised (the weights are relative): N of them, each below 2**1024, then sum
+#: to at most N * 2**424. The scaling is exact but for weights below 2**-422, which are
+#: then less than 2**-1400 of the largest.
+OVERFLOW_RESCALE = 2.0**-600
 
 #: ``progress(done, total)`` after each part of the pass that reads the predictions
 #: (:func:`read_progress`); None: one uninterrupted pass.
@@ -79,15 +89,24 @@ def _load_npy(path: str | os.PathLike[str], name: str) -> Any:
 def as_tensor(x: Any, name: str) -> Tensor:
     """A tensor view of ``x`` where possible: a numpy array or memmap is not copied."""
     if isinstance(x, Tensor):
+        if x.is_complex() or x.layout != torch.strided or x.is_meta:
+            raise ConvexMixTypeError(
+                f"{name} must be a dense tensor of real numbers; got {x.dtype} "
+                f"({x.layout}) on {x.device}."
+            )
         return x.detach()
     if isinstance(x, (str, os.PathLike)):
         x = _load_npy(x, name)
     np = sys.modules.get("numpy")  # a numpy array means numpy is already imported
     if np is not None and isinstance(x, np.ndarray):
-        if x.dtype == object or not (
-            np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
+        if (
+            x.dtype == object
+            or np.issubdtype(x.dtype, np.complexfloating)
+            or not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_))
         ):
-            raise ConvexMixError(f"{name} must be numeric; got an array of dtype {x.dtype}.")
+            raise ConvexMixError(
+                f"{name} must be real numbers (a numeric dtype); got an array of dtype {x.dtype}."
+            )
         with warnings.catch_warnings():
             # A read-only memmap: the ensemble job never writes to its inputs.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -289,6 +308,9 @@ def sample_weights(sample_weight: Any, n: int, reduce: Reduce = local) -> Tensor
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
     total = float(reduce(s.sum()))
+    if total == math.inf:  # finite weights whose sum overflows: they are only relative
+        s = s * OVERFLOW_RESCALE
+        total = float(reduce(s.sum()))
     if total <= 0:
         raise ConvexMixError("sample_weight must be finite and >= 0, with a positive sum.")
     return s / total

@@ -102,7 +102,7 @@ class DataObjective(Objective, Protocol):
     @property
     def scale(self) -> float:
         """The loss's scale: ``tol`` is relative to it (1 for the log-loss, whose values
-        do not depend on units; the largest single model's loss for mse)."""
+        do not depend on units; for mse the loss of the best model alone)."""
         ...
 
     def loss(self, w: Tensor) -> float:

@@ -119,7 +119,8 @@ def load_weights(path: str | os.PathLike[str]) -> EnsembleResult:
 
     Raises:
         ConvexMixError: a file that is missing, not JSON, or whose weights are not K
-            numbers >= 0 that sum to 1.
+            numbers >= 0 that sum to 1 or break the ``max_weight``/``max_models`` that
+            the file records.
 
     >>> import json, tempfile, pathlib, torch, convexmix as cx
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "w.json"

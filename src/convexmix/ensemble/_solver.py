@@ -17,7 +17,7 @@ from torch import Tensor
 from convexmix.ensemble._objectives import DataObjective, Objective, Regularized
 from convexmix.errors import ConvexMixError
 
-__all__ = ["PRUNE_BELOW", "cv_lambda", "fw_gap", "simplex_qp", "solve"]
+__all__ = ["PRUNE_BELOW", "check_start", "cv_lambda", "fw_gap", "simplex_qp", "solve"]
 
 
 def _initial_support(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
@@ -141,6 +141,19 @@ def fw_gap(w: Tensor, g: Tensor) -> float:
     return max(float(w @ g - g.min()), 0.0)
 
 
+def check_start(f: float, g: Tensor) -> None:
+    """A :class:`ConvexMixError` unless the loss ``f`` and its gradient ``g`` at a solver's
+    starting weights are finite (every Newton method starts with this check)."""
+    if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
+        raise ConvexMixError(
+            f"the loss is not finite at the starting weights (loss {f}, gradient "
+            f"{'finite' if bool(torch.isfinite(g).all()) else 'not finite'}): check the "
+            "predictions and targets for inf or NaN, values too large for the loss (mse "
+            "squares them: beyond about 1e150 they overflow float64; rescale them), and that "
+            "a callable loss returns finite values."
+        )
+
+
 def line_search(
     obj: Objective,
     w: Tensor,
@@ -186,14 +199,7 @@ def _newton(
     w = torch.full((K,), 1.0 / K, dtype=torch.float64) if w0 is None else w0
     f, grad = obj.value(w)
     g = grad()
-    if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
-        raise ConvexMixError(
-            f"the loss is not finite at the starting weights (loss {f}, gradient "
-            f"{'finite' if bool(torch.isfinite(g).all()) else 'not finite'}): check the "
-            "predictions and targets for inf or NaN, values too large for the loss (mse "
-            "squares them: beyond about 1e150 they overflow float64; rescale them), and that "
-            "a callable loss returns finite values."
-        )
+    check_start(f, g)
     history = [f]
     gap = fw_gap(w, g)
     it = 0
