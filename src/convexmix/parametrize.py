@@ -220,13 +220,17 @@ class Simplex(nn.Module):
                 training=self.training,
             )
             return sample
-        z = free if self.temperature == 1.0 else free / self.temperature
+        z = free
+        if self.temperature != 1.0:
+            # in the maps' compute dtype: a float16/bfloat16 quotient would round the
+            # logits to 8 bits before the map's float32 (and move sparse supports)
+            z = (free if free.dtype.itemsize > 2 else free.float()) / self.temperature
         upper = self.upper
         if upper is None:
             out: Tensor = self.spec.forward(z, self.dim, mask=mask, total=self.total)
         else:
             out = self.spec.forward(z, self.dim, mask=mask, total=self.total, upper=upper)
-        return out
+        return out if out.dtype == free.dtype else out.to(free.dtype)
 
     def right_inverse(self, value: Tensor, *, warn: bool = True) -> Tensor:
         """Free values whose image is ``value``.

@@ -340,7 +340,8 @@ def test_fit_weights_honours_the_constraints_or_raises(prob: Problem, data: st.D
         # that fit them (a Gram matrix with entries 1e24 apart), with regularization
         # whose pull the solves then lose. Anywhere else it is a failure.
         spread = float(np.abs(np.asarray(prob.p, dtype=np.float64)).max())
-        assert lam > 0 and spread >= 1e6, ("not converged", out.loss, w)
+        assert lam > 0, ("not converged", out.loss, w)
+        assert spread >= 1e6, ("not converged", out.loss, w)
         event("not converged: ill-conditioned with regularization")
         return
     if prob.K <= 4:
