@@ -7,9 +7,9 @@ versions in two processes compares the processes as much as the code: on a share
 machine the same case moves by 10-15% between processes (page placement, the allocator's
 state, the load). Here both versions run in the same process: the package at ``--ref``
 is extracted with ``git archive``, renamed ``convexmix_before`` (its imports and its
-custom ops' namespace with it) and imported beside ``convexmix``; the native kernels of
-this checkout are loaded by both, so the C sources must be the same at ``--ref`` (the
-script refuses otherwise). Each case is timed as interleaved pairs (a ~1 ms batch of the
+custom ops' namespace with it) and imported beside ``convexmix``, with its own native
+kernels (this checkout's build when the C sources are the same, else built from the
+ref's sources). Each case is timed as interleaved pairs (a ~1 ms batch of the
 old version's calls, then one of the new one's, and again), best of at least
 ``--rounds`` rounds, and the ratio after / before is printed (below 1: faster now).
 
@@ -47,22 +47,32 @@ Fn = Callable[[], object]
 def load_before(ref: str, into: Path) -> ModuleType:
     """The package at ``ref`` as ``convexmix_before``, with this checkout's kernels."""
     data = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "src/convexmix"],
+        ["git", "-C", str(ROOT), "archive", ref, "src/convexmix", "setup.py"],
         check=True,
         capture_output=True,
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(into, filter="data")
     old = into / "src" / "convexmix"
-    new = ROOT / "src" / "convexmix"
-    kernels = new / "_kernels"
-    for c in kernels.glob("*.c"):
-        if not (old / "_kernels" / c.name).exists() or (
-            (old / "_kernels" / c.name).read_bytes() != c.read_bytes()
-        ):
-            sys.exit(f"the C source {c.name} differs at {ref}: build that version on its own")
-    for lib in kernels.glob("*.so"):
-        (old / "_kernels" / lib.name).write_bytes(lib.read_bytes())
+    kernels = ROOT / "src" / "convexmix" / "_kernels"
+    same = all(
+        (old / "_kernels" / c.name).exists()
+        and (old / "_kernels" / c.name).read_bytes() == c.read_bytes()
+        for c in kernels.glob("*.[ch]")
+    )
+    if same:  # this checkout's build serves both
+        for lib in kernels.glob("*.so"):
+            (old / "_kernels" / lib.name).write_bytes(lib.read_bytes())
+    else:  # the kernels changed since: build the old ones (a minute)
+        print(f"building the native kernels of {ref} ...", flush=True)
+        subprocess.run(
+            [sys.executable, "setup.py", "build_ext"], cwd=into, check=True, capture_output=True
+        )
+        built = sorted(into.glob("build/lib*/convexmix/_kernels/*.so"))
+        if not built:
+            sys.exit(f"building the native kernels of {ref} gave no library")
+        for lib in built:
+            (old / "_kernels" / lib.name).write_bytes(lib.read_bytes())
     word = re.compile(r"\bconvexmix\b")
     for py in old.rglob("*.py"):
         py.write_text(word.sub("convexmix_before", py.read_text()))

@@ -287,7 +287,10 @@ def _make_property(name: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         # forward, not __call__: the constraint is no submodule, so it has no hooks to run
         simplex = simplex_constraints(self)[name]
-        simplex.training = self.training  # a sampling map follows its module's mode
+        training = self.training
+        if simplex.training is not training:  # a sampling map follows its module's mode
+            # a plain attribute: nn.Module.__setattr__'s checks would cost ~1.5 us a read
+            object.__setattr__(simplex, "training", training)
         out: Tensor = simplex.forward(getattr(self, free_name))
         return out
 
