@@ -29,11 +29,19 @@ def _rows_kernels(x: Tensor) -> tuple[native.Kernel, native.Kernel] | None:
     a plain contiguous CPU float32/float64 tensor, the kernels loaded and enabled."""
     if not rows_enabled or x.__class__ not in PLAIN or not x.is_cpu or not x.is_contiguous():
         return None
-    suffix = _ROW_SUFFIX.get(x.dtype)
-    if suffix is None:
-        return None
-    fwd, bwd = native.kernel(f"cx_rows_fwd_{suffix}"), native.kernel(f"cx_rows_bwd_{suffix}")
-    return None if fwd is None or bwd is None else (fwd, bwd)
+    lib, dtype = native.library(), x.dtype
+    found = _FOUND.get(dtype)
+    if found is None or found[0] is not lib:  # first call, or another library since
+        suffix = _ROW_SUFFIX.get(dtype)
+        if suffix is None:
+            return None
+        fwd, bwd = native.kernel(f"cx_rows_fwd_{suffix}"), native.kernel(f"cx_rows_bwd_{suffix}")
+        found = _FOUND[dtype] = (lib, None if fwd is None or bwd is None else (fwd, bwd))
+    return found[1]
+
+
+#: dtype -> (the library they came from, the kernels or None), looked up once per library
+_FOUND: dict[torch.dtype, tuple[object, tuple[native.Kernel, native.Kernel] | None]] = {}
 
 
 def rows_apply(x: Tensor) -> bool:
