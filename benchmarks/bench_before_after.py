@@ -37,7 +37,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
 from bench_overhead import pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +82,11 @@ def load_before(ref: str, into: Path) -> ModuleType:
     return importlib.import_module("convexmix_before")
 
 
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
 def fwd_bwd(f: Callable[[], torch.Tensor], g: torch.Tensor) -> Fn:
     return lambda: f().backward(g)
 
@@ -125,6 +129,7 @@ def cases(m: ModuleType) -> dict[str, Fn]:
     out["simplex_(Linear(10, 4)).weight"] = fwd_bwd(lambda: lin.weight, torch.randn(4, 10))
     xp = torch.randn(10000, 10)
     out["project_simplex fwd (10000, 10)"] = lambda: f.project_simplex(xp)
+    cc = f.convex_combination
     for k in (2, 8, 32):
         for n in (100_000, 1_000_000, 1 << 22):
             if k * n > 40_000_000:
@@ -134,7 +139,6 @@ def cases(m: ModuleType) -> dict[str, Fn]:
             w0 = torch.softmax(torch.randn(k), 0)
             w = w0.clone().requires_grad_()
             g = torch.randn(n)
-            cc = f.convex_combination
             out[f"convex_combination fwd K={k} N={n}"] = lambda w0=w0, xs=xs: cc(w0, xs)
             out[f"convex_combination fwd+bwd w K={k} N={n}"] = fwd_bwd(
                 lambda w=w, xs=xs: cc(w, xs), g
@@ -156,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = load_before(args.ref, Path(tmp))
         old, new = cases(before), cases(now)
-        load = open("/proc/loadavg").read().split()[0]
+        load = load_average()
         print(
             f"machine: {platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, load average {load}; before = {args.ref}, "
@@ -169,7 +173,7 @@ def main() -> None:
                 continue
             tb, ta = pair(old[name], new[name], args.rounds)
             print(f"| {name} | {tb * 1e6:.1f} | {ta * 1e6:.1f} | {ta / tb:.3f} |", flush=True)
-        end = open("/proc/loadavg").read().split()[0]
+        end = load_average()
         print(f"\nload average at the end: {end}")
 
 
