@@ -7,22 +7,26 @@ import math
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import repeat
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from convexmix.data._reduce import gather_sum, group_rank_world, is_distributed
-from convexmix.errors import ConvexMixError, ConvexMixTypeError, ShapeError
+from convexmix.data._values import (
+    domain_names,
+    positive_float,
+    read_values,
+    unit_float,
+    valid_counts,
+)
+from convexmix.errors import ConvexMixError, ShapeError
 
 __all__ = ["MixtureWeights"]
 
 _UPDATES = ("doremi", "eg", "exp3")
 _F64 = torch.float64
-# tensor dtypes whose values are float64 values: ``tolist`` gives them without a conversion
-_EXACT = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
-_MAPPINGS = (dict, Mapping)  # dict first: the common case, and a fast check
 _DIST = dist.is_available()
 # the float functions of the update, as module globals (a cached lookup in a comprehension)
 _ln, _exp, _fsum, _NEG_INF = math.log, math.exp, math.fsum, -math.inf
@@ -111,14 +115,14 @@ class MixtureWeights:
         init: Losses | None = None,
         process_group: Any = None,
     ) -> None:
-        self.domains: list[Hashable] = _domains(domains)
+        self.domains: list[Hashable] = domain_names(domains)
         k = len(self.domains)
         self._index = {d: i for i, d in enumerate(self.domains)}
         if update not in _UPDATES:
             raise ConvexMixError(f"update must be one of {_UPDATES}; got {update!r}.")
         self.update = update
-        self.lr = _positive_float(lr, "lr")
-        self.smoothing = _unit_float(smoothing, "smoothing")
+        self.lr = positive_float(lr, "lr")
+        self.smoothing = unit_float(smoothing, "smoothing")
         self.process_group = process_group
         # The state is K Python floats (float64): for the K of a data mixture, a step in
         # plain float arithmetic costs microseconds where a dozen small tensor ops cost
@@ -282,7 +286,7 @@ class MixtureWeights:
         cnt = None
         if counts is not None:
             cnt = self._read(counts, "counts")
-            if not _valid_counts(cnt):
+            if not valid_counts(cnt):
                 got = [0.0 if c is None else c for c in cnt]
                 raise ConvexMixError(f"counts must be finite and >= 0; got {got}.")
         if group_rank_world(self.process_group)[1] > 1:
@@ -454,8 +458,8 @@ class MixtureWeights:
             if t.shape != (k,):
                 raise ShapeError(f"state[{key!r}] must have shape ({k},); got {tuple(t.shape)}.")
             lists[key] = [float(v) for v in t.tolist()]
-        self.lr = _positive_float(state["lr"], "lr")
-        self.smoothing = _unit_float(state["smoothing"], "smoothing")
+        self.lr = positive_float(state["lr"], "lr")
+        self.smoothing = unit_float(state["smoothing"], "smoothing")
         self._weights = lists["weights"]
         self._average = lists["average"]
         self._scores = lists["scores"]
@@ -464,43 +468,8 @@ class MixtureWeights:
 
     # ------------------------------------------------------------------ inputs
     def _read(self, values: object, what: str) -> list[float | None]:
-        """K floats in ``domains`` order from a mapping (None for a domain it omits) or a
-        (K,) vector (every domain given)."""
-        k = len(self.domains)
-        if isinstance(values, _MAPPINGS):
-            out: list[float | None] = [None] * k
-            index = self._index
-            for name, v in values.items():
-                i = index.get(name)
-                if i is None:
-                    raise ConvexMixError(
-                        f"{what} names an unknown domain {name!r}; the domains are {self.domains}."
-                    )
-                out[i] = (
-                    v
-                    if type(v) is float
-                    else float(v)
-                    if type(v) is int
-                    else _scalar(v, what, name)
-                )
-            return out
-        if isinstance(values, Tensor):
-            if values.shape != (k,):
-                raise ShapeError(
-                    f"{what} must have shape ({k},) (one per domain); got {tuple(values.shape)}."
-                )
-            if values.dtype in _EXACT:  # floats that float64 holds exactly: no conversion
-                return values.tolist()
-            return values.detach().to("cpu", _F64).tolist()
-        if isinstance(values, Sequence) and not isinstance(values, str):
-            vals: list[float | None] = [_scalar(v, what, i) for i, v in enumerate(values)]
-            if len(vals) != k:
-                raise ShapeError(f"{what} must have {k} values (one per domain); got {len(vals)}.")
-            return vals
-        raise ConvexMixTypeError(
-            f"{what} must be a mapping {{domain: value}} or a ({k},) tensor; "
-            f"got {type(values).__name__}."
-        )
+        """K floats in ``domains`` order (None for a domain a mapping omits)."""
+        return read_values(values, what, self.domains, self._index)
 
     def _probs(self, init: Losses) -> list[float]:
         given = self._read(init, "init")
@@ -516,16 +485,6 @@ class MixtureWeights:
         return [v / total for v in p]
 
 
-def _valid_counts(cnt: list[float | None]) -> bool:
-    """Whether every count given is in [0, inf) (a None is a domain without one)."""
-    if None in cnt:
-        return all(v is None or 0.0 <= v < math.inf for v in cnt)
-    # in C: the smallest and the largest; the sum is NaN exactly when a count is NaN
-    vals = cast("list[float]", cnt)
-    total = sum(vals)
-    return min(vals) >= 0.0 and max(vals) < math.inf and total == total
-
-
 def _log(p: float) -> float:
     return math.log(p) if p > 0 else -math.inf
 
@@ -536,57 +495,3 @@ def _softmax(x: list[float]) -> list[float]:
     e = [math.exp(v - m) for v in x]
     s = math.fsum(e)
     return [v / s for v in e]
-
-
-def _domains(domains: Sequence[Hashable] | int) -> list[Hashable]:
-    if isinstance(domains, bool):
-        raise ConvexMixTypeError(f"domains must be names or a count; got {domains!r}.")
-    if isinstance(domains, int):
-        if domains < 1:
-            raise ConvexMixError(f"the number of domains must be >= 1; got {domains}.")
-        return list(range(domains))
-    if isinstance(domains, str) or not isinstance(domains, Sequence | Mapping):
-        raise ConvexMixTypeError(
-            f"domains must be a sequence of names or a count; got {type(domains).__name__}."
-        )
-    names = list(domains)
-    if not names:
-        raise ConvexMixError("domains must name at least one domain; got none.")
-    try:
-        unique = len(set(names)) == len(names)
-    except TypeError as err:
-        raise ConvexMixTypeError(f"domain names must be hashable; got {names!r}.") from err
-    if not unique:
-        raise ConvexMixError(f"domain names must be unique; got {names}.")
-    return names
-
-
-def _scalar(v: object, what: str, name: object) -> float:
-    if isinstance(v, Tensor):
-        if v.numel() != 1:
-            raise ShapeError(f"{what}[{name!r}] must be a scalar; got shape {tuple(v.shape)}.")
-        return float(v.detach().reshape(()).item())
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConvexMixTypeError(f"{what}[{name!r}] must be a number; got {v!r}.") from err
-
-
-def _positive_float(x: object, name: str) -> float:
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConvexMixTypeError(f"{name} must be a number; got {x!r}.") from err
-    if not (math.isfinite(v) and v > 0):
-        raise ConvexMixError(f"{name} must be finite and > 0; got {x!r}.")
-    return v
-
-
-def _unit_float(x: object, name: str) -> float:
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConvexMixTypeError(f"{name} must be a number; got {x!r}.") from err
-    if not 0.0 <= v <= 1.0:
-        raise ConvexMixError(f"{name} must be in [0, 1]; got {x!r}.")
-    return v
