@@ -178,29 +178,19 @@ def test_ensemble_honours_the_constraints_or_fails_cleanly(
         np.testing.assert_allclose(np.load(blended), expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("value", BAD_MAX_WEIGHT)
-def test_bad_max_weight_is_one_line(value: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--max-weight", v) for v in BAD_MAX_WEIGHT] + [("--max-models", v) for v in BAD_MAX_MODELS],
+)
+def test_a_bad_constraint_is_one_line(option: str, value: str, tmp_path: Path) -> None:
     prob = _fixed_problem()
     preds, targets = save(prob, tmp_path)
     out = tmp_path / "w.json"
     code, _, err = run_main(["ensemble", "--predictions", str(preds), "--targets", str(targets),
-                             f"--max-weight={value}", "--out", str(out), "--quiet"])  # fmt: skip
+                             f"{option}={value}", "--out", str(out), "--quiet"])  # fmt: skip
     assert code == 2
     assert_one_error_line(err)
-    assert "--max-weight" in err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("value", BAD_MAX_MODELS)
-def test_bad_max_models_is_one_line(value: str, tmp_path: Path) -> None:
-    prob = _fixed_problem()
-    preds, targets = save(prob, tmp_path)
-    out = tmp_path / "w.json"
-    code, _, err = run_main(["ensemble", "--predictions", str(preds), "--targets", str(targets),
-                             f"--max-models={value}", "--out", str(out), "--quiet"])  # fmt: skip
-    assert code == 2
-    assert_one_error_line(err)
-    assert "--max-models" in err
+    assert option in err
     assert not out.exists()
 
 

@@ -296,6 +296,24 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return err
 
 
+def refused_as_expected(prob: Problem, out: Any, mw: float | None, mm: int | None) -> bool:
+    """Whether ``out`` (a job's result, or the ConvexMixError it raised) is the refusal
+    that the problem and the constraints call for, so the caller stops there. A refusal
+    where none is due, or a result where one is, fails."""
+    if prob.valid is False:
+        assert isinstance(out, ConvexMixError), "NaN/inf predictions must be refused"
+        return True
+    if not feasible(prob.K, mw, mm):
+        assert isinstance(out, ConvexMixError), "infeasible constraints must be refused"
+        assert "infeasible" in str(out)
+        return True
+    if prob.valid is None and isinstance(out, ConvexMixError):
+        assert "the loss is not finite" in str(out)
+        return True
+    assert not isinstance(out, ConvexMixError), out
+    return False
+
+
 # ------------------------------------------------------------------------ fit_weights
 
 
@@ -319,17 +337,8 @@ def test_fit_weights_honours_the_constraints_or_raises(prob: Problem, data: st.D
         sample_weight=prob.sw_arg, max_weight=mw, max_models=mm, regularization=lam,
     )  # fmt: skip
     event(type(out).__name__ + (" (callable loss)" if callable(loss) else ""))
-    if prob.valid is False:
-        assert isinstance(out, ConvexMixError), "NaN/inf predictions must be refused"
+    if refused_as_expected(prob, out, mw, mm):
         return
-    if not feasible(prob.K, mw, mm):
-        assert isinstance(out, ConvexMixError), "infeasible constraints must be refused"
-        assert "infeasible" in str(out)
-        return
-    if prob.valid is None and isinstance(out, ConvexMixError):
-        assert "the loss is not finite" in str(out)
-        return
-    assert not isinstance(out, ConvexMixError), out
     w = check_weights(out.weights, prob.K, mw, mm)
     assert isinstance(out.weights, torch.Tensor) == isinstance(prob.predictions, torch.Tensor)
     assert math.isfinite(out.loss)
@@ -379,13 +388,8 @@ def test_bootstrap_every_draw_honours_the_constraints(prob: Problem, data: st.Da
         bootstrap, prob.predictions, prob.targets, n=n, seed=data.draw(st.integers(0, 99)),
         loss=prob.loss, max_weight=mw, max_models=mm,
     )  # fmt: skip
-    if prob.valid is False or not feasible(prob.K, mw, mm):
-        assert isinstance(out, ConvexMixError)
+    if refused_as_expected(prob, out, mw, mm):
         return
-    if prob.valid is None and isinstance(out, ConvexMixError):
-        assert "the loss is not finite" in str(out)
-        return
-    assert not isinstance(out, ConvexMixError), out
     check_weights(out.fit.weights, prob.K, mw, mm)
     W = np.asarray(out.weights, dtype=np.float64)
     assert W.shape == (n, prob.K)
@@ -418,13 +422,8 @@ def test_compare_fit_honours_the_constraints(prob: Problem, data: st.DataObject)
         compare, prob.predictions, prob.targets, loss=prob.loss, size=5,
         sample_weight=prob.sw_arg, max_weight=mw, max_models=mm,
     )  # fmt: skip
-    if prob.valid is False or not feasible(prob.K, mw, mm):
-        assert isinstance(out, ConvexMixError)
+    if refused_as_expected(prob, out, mw, mm):
         return
-    if prob.valid is None and isinstance(out, ConvexMixError):
-        assert "the loss is not finite" in str(out)
-        return
-    assert not isinstance(out, ConvexMixError), out
     check_weights(out.fit.weights, prob.K, mw, mm)
     ref = fit_weights(
         prob.predictions, prob.targets, loss=prob.loss, sample_weight=prob.sw_arg,

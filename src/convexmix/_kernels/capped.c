@@ -319,6 +319,19 @@ static int CX_SUF(cx_sampled)(const T *x, int64_t k, double l, double u, double 
     return 0;
 }
 
+/* out = clamp(x - tau, l, u) with scalar bounds; -inf entries (absent) get 0. */
+static inline void CX_SUF(cx_clip)(const T *x, T *out, int64_t k, double tau, double l,
+                                   double u)
+{
+    for (int64_t i = 0; i < k; i++) {
+        double v = (double)x[i];
+        double d = v - tau;
+        d = d < l ? l : d;
+        d = d > u ? u : d;
+        out[i] = (T)(v > -INFINITY ? d : 0.0);
+    }
+}
+
 static int CX_SUF(cx_capped_row)(const T *x, T *out, int64_t k, const T *lo, int64_t lcs,
                                  const T *up, int64_t ucs, double total, T *scratch)
 {
@@ -386,14 +399,7 @@ static int CX_SUF(cx_capped_row)(const T *x, T *out, int64_t k, const T *lo, int
                                 per_entry ? scratch + 2 * k : NULL, k);
     }
     if (scalar) {
-        const double l = (double)lo[0], u = (double)up[0];
-        for (int64_t i = 0; i < k; i++) {
-            double v = (double)x[i];
-            double d = v - tau;
-            d = d < l ? l : d;
-            d = d > u ? u : d;
-            out[i] = (T)(v > -INFINITY ? d : 0.0);
-        }
+        CX_SUF(cx_clip)(x, out, k, tau, (double)lo[0], (double)up[0]);
         return 0;
     }
     for (int64_t i = 0; i < k; i++) {
@@ -578,16 +584,7 @@ static int CX_SUF(cx_capped_lanes)(const T *x, T *out, int64_t k, int64_t nrows,
         }
     }
     for (int64_t r = 0; r < nrows; r++) {
-        const T *xr = x + r * k;
-        T *o = out + r * k;
-        const double t = tau[r], lv = l[r], uv = u[r];
-        for (int64_t i = 0; i < k; i++) {
-            double v = (double)xr[i];
-            double d = v - t;
-            d = d < lv ? lv : d;
-            d = d > uv ? uv : d;
-            o[i] = (T)(v > -INFINITY ? d : 0.0);
-        }
+        CX_SUF(cx_clip)(x + r * k, out + r * k, k, tau[r], l[r], u[r]);
     }
     return 0;
 }
