@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from convexmix.ensemble._inputs import OVERFLOW_RESCALE, PROB_ATOL
-from convexmix.ensemble._mse import quadratic_scale
+from convexmix.ensemble._mse import EPS, quadratic_scale
 from convexmix.ensemble._objectives import LOG_LOSS_EPS
-from convexmix.ensemble._solver import CV_TOL, PRUNE_BELOW
+from convexmix.ensemble._solver import CV_TOL, PRUNE_BELOW, stopping_gap
 from convexmix.errors import ConvexMixError
 
 if TYPE_CHECKING:
@@ -167,6 +167,15 @@ class DenseProblem:
             h = h + 2 * self.lam * np.eye(idx.size)
         return h  # type: ignore[no-any-return]
 
+    def rounding_gap(self, w: Vec, g: Vec) -> float:
+        """:func:`convexmix.ensemble._objectives.rounding_gap` with the bound of
+        :meth:`convexmix.ensemble._mse.Quadratic.gradient_rounding` (0 for the log-loss)."""
+        if self.kind == "log_loss":
+            return 0.0
+        err = (2 * self.K * EPS) * (_np().abs(self.M) @ w)
+        near = g - err <= (g + err).min()
+        return float(w @ err) + float(err[near].max())
+
     def loss(self, w: Vec) -> float:
         """The data loss at w, without the pull (mse from the data: no cancellation)."""
         if self.kind == "log_loss":
@@ -304,7 +313,6 @@ def simplex_qp(A: Vec, c: Vec, v: Vec) -> Vec:
     np = _np()
     K = c.size
     v = v.copy()
-    A = A + np.diag(1e-12 * np.abs(A.diagonal()) + 1e-300)
     kkt = np.ones((K + 1, K + 1))
     kkt[:K, :K] = A
     kkt[K, K] = 0.0
@@ -381,12 +389,14 @@ def _newton(
         )
     history = [f]
     gap = _gap(w, g)
+    stop = tol + obj.rounding_gap(w, g)
     it = 0
-    while gap > tol and it < max_iter:
+    while gap > stop and it < max_iter:
         it += 1
         mu = float(w @ g)
         idx = ((w > 0) | (g < mu)).nonzero()[0]
         H = obj.hessian(w, idx)
+        H = H + np.diag(1e-12 * np.abs(H.diagonal()) + 1e-300)  # see _solver.ridge
         w_idx = w[idx]
         v = simplex_qp(H, g[idx] - H @ w_idx, w_idx)
         target = np.zeros(K)
@@ -411,10 +421,11 @@ def _newton(
         w, f, g = step
         history.append(f)
         gap = _gap(w, g)
+        stop = tol + obj.rounding_gap(w, g)
         if callback is not None:
             callback(it, f, gap)
     w = np.maximum(w, 0.0)
-    return w / w.sum(), history, it, gap, gap <= tol
+    return w / w.sum(), history, it, gap, gap <= stop
 
 
 def cv_lambda(
@@ -460,7 +471,8 @@ def cv_lambda(
                     start = np.maximum(2 * w - prev, 0.0)  # a secant step along the path
                     start /= start.sum()
             prev = w
-            w = solve(replace(train, lam=grid[j]), max(tol, CV_TOL), max_iter, None, start)[0]
+            stop = stopping_gap(max(tol, CV_TOL), problem.scale, grid[j])
+            w = solve(replace(train, lam=grid[j]), stop, max_iter, None, start)[0]
             here.append(w)
             scores[j] += test.value(w)[0] * (b - a) / n
             optima[j] += w

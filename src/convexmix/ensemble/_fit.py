@@ -17,7 +17,7 @@ from convexmix.ensemble._factory import make_objective
 from convexmix.ensemble._inputs import as_predictions, wants_numpy
 from convexmix.ensemble._objectives import DataObjective, Loss, Regularized
 from convexmix.ensemble._result import EnsembleResult, as_output, free_weights
-from convexmix.ensemble._solver import cv_lambda, sample_start, solve
+from convexmix.ensemble._solver import cv_lambda, sample_start, solve, stopping_gap
 from convexmix.errors import ConvexMixError, ConvexMixTypeError
 from convexmix.functional._registry import get_map
 
@@ -222,15 +222,15 @@ def fit_dense(
 ) -> EnsembleResult:
     """:func:`fit_objective` on the dense (numpy) path, for a problem without the pull
     (``lam`` 0); numpy weights."""
-    tol_abs = float(tol) * problem.scale
     if isinstance(regularization, str):
-        lam, start = _dense.cv_lambda(problem, cv_folds, tol_abs, max_iter, seed)
+        lam, start = _dense.cv_lambda(problem, cv_folds, float(tol), max_iter, seed)
         if w0 is None:
             w0 = start
     else:
         lam = float(regularization)
     problem = replace(problem, lam=lam)
-    w, history, n_iter, gap, converged = _dense.solve(problem, tol_abs, max_iter, callback, w0)
+    stop = stopping_gap(float(tol), problem.scale, lam)
+    w, history, n_iter, gap, converged = _dense.solve(problem, stop, max_iter, callback, w0)
     return EnsembleResult(
         weights=w,
         loss=problem.loss(w),
@@ -276,7 +276,7 @@ def fit_constrained(
     solved = Regularized(obj, lam) if lam > 0 else obj
     method = "newton"
     if k < K:
-        search = _capped.Search(solved, cap, float(tol) * obj.scale, max_iter)
+        search = _capped.Search(solved, cap, stopping_gap(float(tol), obj.scale, lam), max_iter)
         exact = K <= _capped.EXACT_MAX_MODELS
         allowed, proven = _capped.best_support(search, k, exact)
         method = "branch-and-bound" if proven else "forward-swap"
@@ -284,7 +284,8 @@ def fit_constrained(
         u[sorted(allowed)] = cap
     else:
         u = torch.full((K,), cap, dtype=torch.float64)
-    solution = _capped.newton_capped(solved, u, float(tol) * obj.scale, max_iter, callback)
+    stop = stopping_gap(float(tol), obj.scale, lam)
+    solution = _capped.newton_capped(solved, u, stop, max_iter, callback)
     return _result(obj, solution, map, lam, method)
 
 
@@ -349,7 +350,7 @@ def fit_objective(
     w0: Tensor | None = None,
 ) -> EnsembleResult:
     if isinstance(regularization, str):
-        lam, start = cv_lambda(obj, cv_folds, float(tol) * obj.scale, max_iter, seed)
+        lam, start = cv_lambda(obj, cv_folds, float(tol), max_iter, seed)
         if w0 is None:
             w0 = start
     else:
@@ -357,5 +358,5 @@ def fit_objective(
     if w0 is None:
         w0 = sample_start(obj, lam, max_iter)
     solved = Regularized(obj, lam) if lam > 0 else obj
-    solution = solve(solved, float(tol) * obj.scale, max_iter, callback, w0)
+    solution = solve(solved, stopping_gap(float(tol), obj.scale, lam), max_iter, callback, w0)
     return _result(obj, solution, map, lam, "newton")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from convexmix.ensemble._objectives import CountsGreedy, Greedy, Reduce, local
 
-__all__ = ["Quadratic", "quadratic_scale"]
+__all__ = ["EPS", "Quadratic", "quadratic_scale"]
 
 
 def quadratic_scale(M: Any) -> float:
@@ -25,6 +25,10 @@ def quadratic_scale(M: Any) -> float:
         if scale > 0:
             return scale
     return 1.0
+
+
+#: float64's machine epsilon.
+EPS = float(torch.finfo(torch.float64).eps)
 
 
 class Quadratic:
@@ -60,6 +64,7 @@ class Quadratic:
             if progress is not None:
                 progress(b, N)
         self.M = reduce(M)
+        self._abs_m: Tensor | None = None
 
     @property
     def scale(self) -> float:
@@ -88,6 +93,15 @@ class Quadratic:
 
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         return 2 * self.M[idx][:, idx]
+
+    def gradient_rounding(self, w: Tensor) -> Tensor:
+        """A bound on the rounding of each entry of the gradient ``g = 2 M w``: ``2 K eps
+        sum_j |M_kj| w_j``. It matters where a model sits far off the targets: entries
+        of ``M`` 1e10 and more apart cancel in ``M w`` (see
+        :func:`~convexmix.ensemble._objectives.rounding_gap`)."""
+        if self._abs_m is None:
+            self._abs_m = self.M.abs()
+        return (2 * self.K * EPS) * (self._abs_m @ w)
 
     def greedy(self) -> Greedy:
         M = self.M  # the candidates' rows sum to 1: w'Mw is their loss

@@ -9,6 +9,7 @@ towards equal weights to any of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -28,6 +29,7 @@ __all__ = [
     "local",
     "matvec",
     "matvec_t",
+    "rounding_gap",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -170,6 +172,29 @@ class CountsGreedy:
         self.m += 1
 
 
+def rounding_gap(obj: Objective, w: Tensor, g: Tensor, allowed: Tensor | None = None) -> float:
+    """How far rounding alone can put the Frank-Wolfe gap at ``w`` (gradient ``g``) from
+    its true value, from the objective's optional ``gradient_rounding(w)`` (a bound on
+    each entry's error), 0 where it has none (a sum of terms of one sign, as the
+    log-loss's gradient, rounds far below any tolerance).
+
+    The gap ``w.g - min g`` (or its capped form, over the ``allowed`` models) carries the
+    errors of the support's entries, weighted by ``w``, and that of whichever entry is
+    the least: any whose interval reaches the least upper end. A fit stops at ``tol``
+    plus this: below it the gap is noise, and no step can tell better weights from worse.
+    """
+    bound = getattr(obj, "gradient_rounding", None)
+    err = None if bound is None else bound(w)
+    if err is None:
+        return 0.0
+    lo, hi = g - err, g + err
+    if allowed is not None:
+        lo = lo.masked_fill(~allowed, math.inf)
+        hi = hi.masked_fill(~allowed, math.inf)
+    near = lo <= hi.min()
+    return float(w @ err) + float(err[near].max())
+
+
 class Regularized:
     """objective + lam * ||w - 1/K||^2: a pull towards equal weights."""
 
@@ -184,3 +209,7 @@ class Regularized:
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         h = self.base.hessian(w, idx, approx)
         return h + 2 * self.lam * torch.eye(idx.numel(), dtype=h.dtype)
+
+    def gradient_rounding(self, w: Tensor) -> Tensor | None:
+        bound = getattr(self.base, "gradient_rounding", None)
+        return None if bound is None else bound(w)

@@ -35,7 +35,10 @@ class EnsembleResult:
         history: the objective after each iteration (fit) or each added model (Caruana).
         n_iter: Newton iterations (fit) or models in the selected ensemble (Caruana).
         gap: Frank-Wolfe gap at ``weights``: an upper bound on ``objective - optimum``.
-        converged: whether ``gap <= tol`` was reached (always True for Caruana).
+        converged: whether ``gap <= tol`` was reached (always True for Caruana); with
+            ``loss="mse"``, ``tol`` plus the gap's float64 rounding where that is larger
+            (a model far off the targets, whose errors' Gram matrix spans more digits
+            than ``tol`` leaves).
         free: pre-weights for ``map``, so that ``map(free) == weights`` (softmax cannot
             make exact zeros: they become ``log(1e-12)``-sized values). Use them to
             initialise a :class:`~convexmix.SimplexWeights` or a parametrized layer.

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._objectives import DataObjective, Objective, Regularized
+from convexmix.ensemble._objectives import DataObjective, Objective, Regularized, rounding_gap
 from convexmix.errors import ConvexMixError
 
-__all__ = ["PRUNE_BELOW", "check_start", "cv_lambda", "fw_gap", "simplex_qp", "solve"]
+__all__ = ["PRUNE_BELOW", "check_start", "cv_lambda", "fw_gap", "ridge", "simplex_qp", "solve"]
 
 
 def _initial_support(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
@@ -81,6 +81,20 @@ def _pdas(A: Tensor, c: Tensor, free: Tensor, kkt: Tensor, rhs: Tensor) -> Tenso
     return None
 
 
+def ridge(H: Tensor) -> Tensor:
+    """``H`` with a relative ridge of 1e-12 on each diagonal entry: identical models make
+    a Hessian singular, and the ridge makes ties between them harmless.
+
+    The Newton steps take the ridged matrix as their model's Hessian *and* in its linear
+    term (``c = g - H w``): then the true gradient alone decides where they stop, and the
+    ridge only slows the last steps by a factor of about 1e-12 times the Hessian's
+    spread. Added inside the QP instead, the ridge moves the optimum itself: by 1e-8 in
+    the gap when one model sits 1e5 off the targets (a diagonal entry of 1e10 beside
+    ones of 0.1), a fit that then stops short of ``tol``.
+    """
+    return H + torch.diag(1e-12 * H.diagonal().abs() + 1e-300)
+
+
 def simplex_qp(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     """argmin 1/2 v'Av + c'v over the unit simplex, from a feasible ``v``.
 
@@ -88,13 +102,11 @@ def simplex_qp(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
     active-set method: each iteration solves the equality-constrained problem on the free
     coordinates, then either steps to it (and frees the coordinate with the most negative
     multiplier) or stops at the first coordinate that would go negative. It ends in
-    finitely many steps at the exact minimiser (A positive semidefinite; a relative ridge
-    of 1e-12 on the diagonal makes ties between identical models harmless).
+    finitely many steps at the exact minimiser (A positive definite: pass a Hessian
+    through :func:`ridge`).
     """
     K = c.numel()
     v = v.clone()
-    # A relative ridge on each diagonal entry: identical models make A singular.
-    A = A + torch.diag(1e-12 * A.diagonal().abs() + 1e-300)
     kkt, rhs = _bordered(A, c)
     guess = _pdas(A, c, _initial_support(A, c, v), kkt, rhs)
     if guess is not None:
@@ -202,14 +214,15 @@ def _newton(
     check_start(f, g)
     history = [f]
     gap = fw_gap(w, g)
+    stop = tol + rounding_gap(obj, w, g)
     it = 0
-    while gap > tol and it < max_iter:
+    while gap > stop and it < max_iter:
         it += 1
         mu = float(w @ g)
         idx = ((w > 0) | (g < mu)).nonzero().squeeze(1)
         # Far from the optimum (the support still changing) a Hessian estimated from a
         # subsample of the rows steers as well; the last steps use the exact one.
-        H = obj.hessian(w, idx, approx=gap > APPROX_GAP * max(1.0, abs(f)))
+        H = ridge(obj.hessian(w, idx, approx=gap > APPROX_GAP * max(1.0, abs(f))))
         w_idx = w.index_select(0, idx)
         v = simplex_qp(H, torch.addmv(g.index_select(0, idx), H, w_idx, alpha=-1), w_idx)
         target = torch.zeros_like(w).index_copy_(0, idx, v)
@@ -224,10 +237,20 @@ def _newton(
         g = grad()
         history.append(f)
         gap = fw_gap(w, g)
+        stop = tol + rounding_gap(obj, w, g)
         if callback is not None:
             callback(it, f, gap)
     w = w.clamp_min(0)
-    return w / w.sum(), history, it, gap, gap <= tol
+    return w / w.sum(), history, it, gap, gap <= stop
+
+
+def stopping_gap(tol: float, scale: float, lam: float) -> float:
+    """The gap at which a fit stops: ``tol`` relative to the objective's scale, the data
+    loss's (``scale``: the best single model's loss, so no unit of the targets matters)
+    or the pull's (``lam``) where that is larger. A pull that outweighs the loss (targets
+    of 1e-6 with ``lam = 0.3``) sets the rounding of the gradient, and a gap relative to
+    the loss alone would ask for digits that float64 does not have."""
+    return tol * max(scale, lam)
 
 
 #: The cross-validation fits only score the lambdas: they stop at this gap (or ``tol``
@@ -307,6 +330,10 @@ class _Lagged:
     def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
         return self.base.value(w)
 
+    def gradient_rounding(self, w: Tensor) -> Tensor | None:
+        bound = getattr(self.base, "gradient_rounding", None)
+        return None if bound is None else bound(w)
+
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         reuse, self.reuse = self.reuse, False
         if reuse and self.last is not None:
@@ -332,7 +359,8 @@ def cv_lambda(
     optimum, a secant step along the path in log(lambda). The other folds share 3/5 of
     their training rows with the fold before: each of their fits starts from that
     fold's optimum at the same lambda, with its last Hessian for the first Newton step.
-    The scoring fits stop at a gap of :data:`CV_TOL`.
+    The scoring fits stop at :data:`CV_TOL` (or ``tol``, relative as in
+    :func:`stopping_gap`, if larger).
     """
     n = obj.n_samples
     if n < 2 * folds:
@@ -379,7 +407,8 @@ def cv_lambda(
                     start /= start.sum()
                 train.reuse = w is not None
             prev = w
-            w = solve(inner, max(tol, CV_TOL), max_iter, None, start)[0]
+            stop = stopping_gap(max(tol, CV_TOL), obj.scale, lam)
+            w = solve(inner, stop, max_iter, None, start)[0]
             here.append((w, train.last))
             scores[j] += test.value(w)[0] * held.numel() / n
             optima[j] += w
