@@ -71,7 +71,8 @@ def fit_weights(
             weights, or "cv" to choose it from ``{0} U logspace(-4, 1, 11)`` by
             ``cv_folds``-fold cross-validation (a guard for small validation sets).
         tol: stop when the Frank-Wolfe gap, an upper bound on the loss gap to the
-            optimum, is at most ``tol``.
+            optimum, is at most ``tol`` times the objective's scale (1 for log-loss; for
+            mse the best single model's loss; ``regularization`` where that is larger).
         max_iter: the most Newton iterations.
         validate: check that probabilities are finite, >= 0 and sum to 1 per row (one
             extra read of the predictions).
