@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._objectives import Objective, rounding_gap
+from convexmix.ensemble._objectives import Objective, within
 from convexmix.ensemble._solver import check_start, line_search, ridge
 
 __all__: list[str] = []
@@ -39,8 +39,10 @@ MAX_NODES = 4000
 SWAP_CANDIDATES = 8
 
 
-def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> Tensor:
-    """argmin 1/2 x'Ax + c'x over ``{0 <= x <= u, sum x = 1}``, from a feasible ``v``.
+def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> tuple[Tensor, float | None]:
+    """argmin 1/2 x'Ax + c'x over ``{0 <= x <= u, sum x = 1}``, from a feasible ``v``, and
+    the multiplier of the sum at it (the level of ``A x + c`` on the free coordinates;
+    None when every coordinate is at a bound).
 
     A primal active-set method: each iteration solves the equality-constrained problem on
     the free coordinates (the others fixed at 0 or at their cap); it steps to that point
@@ -53,6 +55,7 @@ def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> Tensor:
     at_lo = v <= tol * u.clamp_min(1.0)
     at_up = (v >= u - tol * u.clamp_min(1.0)) & ~at_lo
     v = torch.where(at_lo, 0.0, torch.where(at_up, u, v))
+    mu = math.nan  # the multiplier of the last solve on the free coordinates
     for _ in range(50 * k + 50):
         free = ~(at_lo | at_up)
         F = free.nonzero().squeeze(1)
@@ -92,7 +95,7 @@ def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> Tensor:
             gu = g[at_up].max() if bool(at_up.any()) else None
             gl = g[at_lo & (u > 0)].min() if bool((at_lo & (u > 0)).any()) else None
             if gu is None or gl is None or float(gu) <= float(gl) + 1e-13 * (1 + abs(float(gl))):
-                return v
+                return v, None
             j = int(torch.where(at_up, g, -math.inf).argmax())
             at_up[j] = False
             continue
@@ -103,10 +106,10 @@ def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> Tensor:
         score = torch.where(bad_lo, -lam, torch.where(bad_up, lam, -math.inf))
         j = int(score.argmax())
         if not bool(score[j] > -math.inf):
-            return v
+            return v, mu
         at_lo[j] = False
         at_up[j] = False
-    return v  # pragma: no cover - the active-set method ends long before this
+    return v, mu  # pragma: no cover - the active-set method ends long before this
 
 
 def capped_lmo(g: Tensor, u: Tensor) -> Tensor:
@@ -151,22 +154,20 @@ def newton_capped(
     history = [f]
     gap = capped_gap(w, g, u)
     allowed = u > 0
-    stop = tol + rounding_gap(obj, w, g, allowed)
     it = 0
-    while gap > stop and it < max_iter:
+    while it < max_iter and not within(obj, gap, tol, w, g, allowed):
         it += 1
-        # The shift that takes the slope's rounding out (sum(d) = 0 only up to rounding,
-        # which g @ d would amplify): g's level on the weights strictly between their
-        # bounds, where it is the same at the optimum. w @ g also counts the capped
-        # weights, whose g sits below that level, and left a slope of +1e-19 where the
-        # true one was -1e-20: the fit stopped at a gap of 1.5e-10.
-        inside = (w > 0) & (w < u)
-        mu = float(g[inside].mean()) if bool(inside.any()) else float(w @ g)
         H = ridge(obj.hessian(w, idx))
-        v = box_simplex_qp(H, g[idx] - H @ w[idx], w[idx], u[idx])
+        v, level = box_simplex_qp(H, g[idx] - H @ w[idx], w[idx], u[idx])
         target = torch.zeros_like(w)
         target[idx] = v
         d = target - w
+        # The shift that takes the slope's rounding out (sum(d) = 0 only up to rounding,
+        # which g @ d would amplify): the QP's multiplier, the model gradient's level on
+        # the free weights, where (g - level) @ d is -d'Hd. w @ g also counts the capped
+        # weights, whose g sits below that level, and left a slope of +1e-19 where the
+        # true one was -1e-20: the fit stopped at a gap of 1.5e-10.
+        mu = float(w @ g) if level is None else level
         slope = float((g - mu) @ d)
         if not slope < 0:
             break
@@ -177,11 +178,10 @@ def newton_capped(
         g = grad()
         history.append(f)
         gap = capped_gap(w, g, u)
-        stop = tol + rounding_gap(obj, w, g, allowed)
         if callback is not None:
             callback(it, f, gap)
     w = torch.minimum(w.clamp_min(0.0), u)
-    return w, history, it, gap, gap <= stop
+    return w, history, it, gap, within(obj, gap, tol, w, g, allowed)
 
 
 Fit = tuple[Tensor, list[float], int, float, bool]

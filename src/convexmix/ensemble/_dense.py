@@ -101,6 +101,7 @@ class DenseProblem:
     scale: float = 1.0
     lam: float = 0.0
     sqrt_s: Vec | None = None
+    rounding_bound: float = 0.0  # the mse's 4 K eps max |M| (see Quadratic.rounding_bound)
 
     def weighted(self, s: Vec) -> DenseProblem | None:
         """The same problem with the normalised sample weights ``s``; None when the mse's
@@ -114,7 +115,8 @@ class DenseProblem:
             M = ea @ ea.T
         if not bool(np.isfinite(M).all()):
             return None
-        return replace(self, s=s, M=M, scale=quadratic_scale(M))
+        bound = 4 * self.K * EPS * float(np.abs(M).max())
+        return replace(self, s=s, M=M, scale=quadratic_scale(M), rounding_bound=bound)
 
     def with_sample_weight(self, sample_weight: Any) -> DenseProblem | None:
         """The problem that :func:`prepare` gives for the same inputs with
@@ -167,14 +169,16 @@ class DenseProblem:
             h = h + 2 * self.lam * np.eye(idx.size)
         return h  # type: ignore[no-any-return]
 
-    def rounding_gap(self, w: Vec, g: Vec) -> float:
-        """:func:`convexmix.ensemble._objectives.rounding_gap` with the bound of
-        :meth:`convexmix.ensemble._mse.Quadratic.gradient_rounding` (0 for the log-loss)."""
-        if self.kind == "log_loss":
-            return 0.0
+    def within(self, gap: float, tol: float, w: Vec, g: Vec) -> bool:
+        """:func:`convexmix.ensemble._objectives.within`, with the bounds of
+        :class:`convexmix.ensemble._mse.Quadratic` (the log-loss has no rounding term)."""
+        if gap <= tol:
+            return True
+        if self.kind == "log_loss" or gap > tol + self.rounding_bound:
+            return False
         err = (2 * self.K * EPS) * (_np().abs(self.M) @ w)
         near = g - err <= (g + err).min()
-        return float(w @ err) + float(err[near].max())
+        return gap <= tol + float(w @ err) + float(err[near].max())
 
     def loss(self, w: Vec) -> float:
         """The data loss at w, without the pull (mse from the data: no cancellation)."""
@@ -389,9 +393,8 @@ def _newton(
         )
     history = [f]
     gap = _gap(w, g)
-    stop = tol + obj.rounding_gap(w, g)
     it = 0
-    while gap > stop and it < max_iter:
+    while it < max_iter and not obj.within(gap, tol, w, g):
         it += 1
         mu = float(w @ g)
         idx = ((w > 0) | (g < mu)).nonzero()[0]
@@ -421,11 +424,10 @@ def _newton(
         w, f, g = step
         history.append(f)
         gap = _gap(w, g)
-        stop = tol + obj.rounding_gap(w, g)
         if callback is not None:
             callback(it, f, gap)
     w = np.maximum(w, 0.0)
-    return w / w.sum(), history, it, gap, gap <= stop
+    return w / w.sum(), history, it, gap, obj.within(gap, tol, w, g)
 
 
 def cv_lambda(

@@ -65,6 +65,7 @@ class Quadratic:
                 progress(b, N)
         self.M = reduce(M)
         self._abs_m: Tensor | None = None
+        self._bound: float | None = None
 
     @property
     def scale(self) -> float:
@@ -99,9 +100,18 @@ class Quadratic:
         sum_j |M_kj| w_j``. It matters where a model sits far off the targets: entries
         of ``M`` 1e10 and more apart cancel in ``M w`` (see
         :func:`~convexmix.ensemble._objectives.rounding_gap`)."""
+        return (2 * self.K * EPS) * (self._abs() @ w)
+
+    def rounding_bound(self) -> float:
+        """An upper bound on the gap's rounding at any weights: ``4 K eps max |M|``."""
+        if self._bound is None:
+            self._bound = 4 * self.K * EPS * float(self._abs().max())
+        return self._bound
+
+    def _abs(self) -> Tensor:
         if self._abs_m is None:
             self._abs_m = self.M.abs()
-        return (2 * self.K * EPS) * (self._abs_m @ w)
+        return self._abs_m
 
     def greedy(self) -> Greedy:
         M = self.M  # the candidates' rows sum to 1: w'Mw is their loss

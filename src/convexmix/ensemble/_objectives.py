@@ -30,6 +30,7 @@ __all__ = [
     "matvec",
     "matvec_t",
     "rounding_gap",
+    "within",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -195,6 +196,22 @@ def rounding_gap(obj: Objective, w: Tensor, g: Tensor, allowed: Tensor | None = 
     return float(w @ err) + float(err[near].max())
 
 
+def within(
+    obj: Objective, gap: float, tol: float, w: Tensor, g: Tensor, allowed: Tensor | None = None
+) -> bool:
+    """Whether a fit at ``w`` (gradient ``g``, Frank-Wolfe gap ``gap``) has converged:
+    ``gap <= tol``, or ``tol`` plus :func:`rounding_gap` (computed only when ``tol``
+    alone is not met and the objective's ``rounding_bound()``, an upper bound on it that
+    costs nothing, does not rule it out: a well-conditioned fit never computes it)."""
+    if gap <= tol:
+        return True
+    bound = getattr(obj, "rounding_bound", None)  # a cheap bound on rounding_gap
+    most = None if bound is None else bound()
+    if most is None or gap > tol + most:
+        return False
+    return gap <= tol + rounding_gap(obj, w, g, allowed)
+
+
 class Regularized:
     """objective + lam * ||w - 1/K||^2: a pull towards equal weights."""
 
@@ -213,3 +230,7 @@ class Regularized:
     def gradient_rounding(self, w: Tensor) -> Tensor | None:
         bound = getattr(self.base, "gradient_rounding", None)
         return None if bound is None else bound(w)
+
+    def rounding_bound(self) -> float | None:
+        bound = getattr(self.base, "rounding_bound", None)
+        return None if bound is None else bound()

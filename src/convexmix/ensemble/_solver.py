@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._objectives import DataObjective, Objective, Regularized, rounding_gap
+from convexmix.ensemble._objectives import DataObjective, Objective, Regularized, within
 from convexmix.errors import ConvexMixError
 
 __all__ = ["PRUNE_BELOW", "check_start", "cv_lambda", "fw_gap", "ridge", "simplex_qp", "solve"]
@@ -214,9 +214,8 @@ def _newton(
     check_start(f, g)
     history = [f]
     gap = fw_gap(w, g)
-    stop = tol + rounding_gap(obj, w, g)
     it = 0
-    while gap > stop and it < max_iter:
+    while it < max_iter and not within(obj, gap, tol, w, g):
         it += 1
         mu = float(w @ g)
         idx = ((w > 0) | (g < mu)).nonzero().squeeze(1)
@@ -237,11 +236,10 @@ def _newton(
         g = grad()
         history.append(f)
         gap = fw_gap(w, g)
-        stop = tol + rounding_gap(obj, w, g)
         if callback is not None:
             callback(it, f, gap)
     w = w.clamp_min(0)
-    return w / w.sum(), history, it, gap, gap <= stop
+    return w / w.sum(), history, it, gap, within(obj, gap, tol, w, g)
 
 
 def stopping_gap(tol: float, scale: float, lam: float) -> float:
@@ -333,6 +331,10 @@ class _Lagged:
     def gradient_rounding(self, w: Tensor) -> Tensor | None:
         bound = getattr(self.base, "gradient_rounding", None)
         return None if bound is None else bound(w)
+
+    def rounding_bound(self) -> float | None:
+        bound = getattr(self.base, "rounding_bound", None)
+        return None if bound is None else bound()
 
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         reuse, self.reuse = self.reuse, False
