@@ -652,6 +652,22 @@ def test_a_capped_fit_converges_when_a_cap_is_active(seed: int) -> None:
     assert reference_loss(prob, w) <= best + 1e-12, (w, best)
 
 
+@pytest.mark.parametrize("limits", [{}, {"max_weight": 1.0}, {"max_models": 3}], ids=repr)
+def test_a_fit_on_a_face_of_exact_optima_converges(limits: dict[str, Any]) -> None:
+    """One row and four models around it (the long profile's case): every blend on a face
+    fits the target exactly, the Gram matrix has rank 1, and the gradient (about 1e-12)
+    carries 1e-3 of relative rounding. The Newton step's slope was then rounding, the
+    steps stopped at a gap of 2.6e-13 against a tolerance of 2.2e-13, and the fit
+    reported converged=False. A step whose slope rounding hides is now taken when it
+    lowers the gap."""
+    p = np.array([[-522.571], [-525.3573], [-521.7084], [-522.0033]], dtype=np.float32)
+    y = np.array([-522.5242], dtype=np.float32)
+    out = fit_weights(p, y, loss="mse", **limits)
+    assert out.converged, out.gap
+    check_weights(out.weights, 4, limits.get("max_weight"), limits.get("max_models"))
+    assert out.loss < 1e-20
+
+
 @settings(max_examples=max(5, settings().max_examples // 6))
 @given(data=st.data())
 def test_many_models_take_the_heuristic_within_the_constraints(data: st.DataObject) -> None:

@@ -169,8 +169,6 @@ def newton_capped(
         # true one was -1e-20: the fit stopped at a gap of 1.5e-10.
         mu = float(w @ g) if level is None else level
         slope = float((g - mu) @ d)
-        if not slope < 0:
-            break
         step = line_search(obj, w, f, target, slope, gap, lambda w, g: capped_gap(w, g, u))
         if step is None:
             break

@@ -406,10 +406,13 @@ def _newton(
         target[idx] = v
         d = target - w
         slope = float((g - mu) @ d)
-        if not slope < 0:
-            break
         t = 1.0
         step = None
+        if not slope < 0:  # rounding: the full step if it lowers the gap (_solver.line_search)
+            f_new, g_new = obj.value(target)
+            if f_new <= f + 1e-13 * max(1.0, abs(f)) and _gap(target, g_new) < gap:
+                step = target, f_new, g_new
+            t = 0.0
         while t > 1e-10:  # Armijo backtracking, as _solver.line_search
             cand = target if t == 1.0 else w + t * d
             f_new, g_new = obj.value(cand)

@@ -178,7 +178,17 @@ def line_search(
     """Backtracking from ``w`` towards the Newton target: the first step ``t = 1, 1/2,
     ...`` with sufficient decrease (Armijo, ``slope`` the directional derivative), as
     ``(weights, loss, gradient thunk)``; None when none is found down to ``t = 1e-10``.
-    ``gap_of(w, g)`` is the feasible set's optimality gap."""
+    ``gap_of(w, g)`` is the feasible set's optimality gap.
+
+    A ``slope`` that is not negative is rounding (the model is flat: a loss near 0 on a
+    face of optima, where ``g`` carries 1e-3 of relative rounding): then only the full
+    step is tried, and taken if it lowers the gap without raising the loss beyond its
+    rounding (the gap bounds the distance to the optimum; the loss may be noise there)."""
+    if not slope < 0:
+        f_new, grad_new = obj.value(target)
+        if f_new <= f + 1e-13 * max(1.0, abs(f)) and gap_of(target, grad_new()) < gap:
+            return target, f_new, grad_new
+        return None
     d = target - w
     t = 1.0
     while t > 1e-10:
@@ -227,8 +237,6 @@ def _newton(
         target = torch.zeros_like(w).index_copy_(0, idx, v)
         d = target - w
         slope = float((g - mu) @ d)  # sum(d) = 0 up to rounding, which (g @ d) would amplify
-        if not slope < 0:
-            break  # the model predicts no decrease: rounding level
         step = line_search(obj, w, f, target, slope, gap, fw_gap)
         if step is None:
             break
