@@ -668,6 +668,39 @@ def test_a_fit_on_a_face_of_exact_optima_converges(limits: dict[str, Any]) -> No
     assert out.loss < 1e-20
 
 
+@pytest.mark.parametrize(
+    "limits", [{}, {"max_models": 1}, {"max_models": 2}, {"max_weight": 0.5}], ids=repr
+)
+@pytest.mark.parametrize("job", ["fit_weights", "compare", "bootstrap"])
+def test_models_that_give_the_true_class_zero_do_not_break_the_solves(
+    job: str, limits: dict[str, Any]
+) -> None:
+    """Two identical models that give the true class probability 0 (floored at 1e-15):
+    their Hessian entries are near 1e-29 beside ones near 1, the ridge cannot lift them,
+    and the active-set solves met an exactly singular system (torch's and numpy's
+    LinAlgError, found by the long profile). They now fall back to least squares."""
+    p = np.array(
+        [
+            [[0.21747649, 0.5634951, 0.21098699, 0.00804144]],
+            [[0.0, 1.0, 0.0, 0.0]],
+            [[0.0, 1.0, 0.0, 0.0]],
+            [[0.04935656, 0.15542433, 0.08208376, 0.71313536]],
+        ],
+        dtype=np.float32,
+    )
+    y = np.array([3])
+    kwargs = {"n": 2} if job == "bootstrap" else {}
+    out = {"fit_weights": fit_weights, "compare": compare, "bootstrap": bootstrap}[job](
+        p, y, **limits, **kwargs
+    )
+    fit = out if job == "fit_weights" else out.fit
+    assert fit.converged, fit.gap
+    w = check_weights(fit.weights, 4, limits.get("max_weight"), limits.get("max_models"))
+    prob = Problem("multiclass", p, y.astype(np.float64), "log_loss", None, True, p, y, None)
+    best = brute_force(prob, limits.get("max_weight", 1.0), limits.get("max_models", 4))
+    assert reference_loss(prob, w) <= best + 1e-9
+
+
 @settings(max_examples=max(5, settings().max_examples // 6))
 @given(data=st.data())
 def test_many_models_take_the_heuristic_within_the_constraints(data: st.DataObject) -> None:

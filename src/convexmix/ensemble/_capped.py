@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from convexmix.ensemble._objectives import Objective, within
-from convexmix.ensemble._solver import check_start, line_search, ridge
+from convexmix.ensemble._solver import check_start, line_search, ridge, solve_kkt
 
 __all__: list[str] = []
 
@@ -68,7 +68,7 @@ def box_simplex_qp(A: Tensor, c: Tensor, v: Tensor, u: Tensor) -> tuple[Tensor, 
             kkt[n, :n] = 1
             fixed = torch.where(at_up, u, 0.0)
             rhs = torch.cat([-(c[F] + A[F] @ fixed), torch.tensor([rest], dtype=A.dtype)])
-            sol = torch.linalg.solve(kkt, rhs)
+            sol = solve_kkt(kkt, rhs)
             x, mu = sol[:n], -float(sol[n])
             uf = u[F]
             if bool((x >= -1e-15).all()) and bool((x <= uf + 1e-15).all()):

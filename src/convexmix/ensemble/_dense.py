@@ -306,7 +306,11 @@ def prepare(
 def _eqp(kkt: Vec, rhs: Vec, F: Any) -> tuple[Vec, float]:
     np = _np()
     rows = np.append(F, rhs.size - 1)
-    sol = np.linalg.solve(kkt[np.ix_(rows, rows)], rhs[rows])
+    a, b = kkt[np.ix_(rows, rows)], rhs[rows]
+    try:
+        sol = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:  # singular to working precision: see _solver.solve_kkt
+        sol = np.linalg.lstsq(a, b, rcond=None)[0]
     return sol[:-1], -float(sol[-1])
 
 

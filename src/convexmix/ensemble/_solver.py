@@ -17,7 +17,16 @@ from torch import Tensor
 from convexmix.ensemble._objectives import DataObjective, Objective, Regularized, within
 from convexmix.errors import ConvexMixError
 
-__all__ = ["PRUNE_BELOW", "check_start", "cv_lambda", "fw_gap", "ridge", "simplex_qp", "solve"]
+__all__ = [
+    "PRUNE_BELOW",
+    "check_start",
+    "cv_lambda",
+    "fw_gap",
+    "ridge",
+    "simplex_qp",
+    "solve",
+    "solve_kkt",
+]
 
 
 def _initial_support(A: Tensor, c: Tensor, v: Tensor) -> Tensor:
@@ -40,15 +49,25 @@ def _bordered(A: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return kkt, torch.cat([-c, torch.ones(1, dtype=c.dtype)])
 
 
+def solve_kkt(kkt: Tensor, rhs: Tensor) -> Tensor:
+    """``kkt^-1 rhs``, or the least-squares solution where ``kkt`` is singular to working
+    precision: models that give the true class probability 0 (floored at 1e-15) have
+    Hessian entries near 1e-29 beside ones near 1, which the ridge cannot lift, and two
+    such duplicates leave the factorisation an exact zero pivot."""
+    try:
+        sol: Tensor = torch.linalg.solve(kkt, rhs)
+    except torch.linalg.LinAlgError:  # type: ignore[attr-defined]
+        sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return sol
+
+
 def _eqp(kkt: Tensor, rhs: Tensor, F: Tensor) -> tuple[Tensor, float]:
     """Minimiser x of 1/2 x'A_FF x + c_F'x with sum(x) = 1, and its multiplier mu, from
     :func:`_bordered`'s (kkt, rhs). index_select, not advanced indexing: these problems
     are small, and indexing's fixed cost was most of their time."""
     n = F.numel()
     rows = torch.cat([F, F.new_full((1,), rhs.numel() - 1)])
-    sol = torch.linalg.solve(
-        kkt.index_select(0, rows).index_select(1, rows), rhs.index_select(0, rows)
-    )
+    sol = solve_kkt(kkt.index_select(0, rows).index_select(1, rows), rhs.index_select(0, rows))
     return sol[:n], -float(sol[n])
 
 
