@@ -372,7 +372,9 @@ def test_sink_writes_in_order_and_releases_every_buffer(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="broken pipe"):
         write_all()
     sink.close(check=False)
-    assert done == list(range(len(done)))
+    # each callback once, none lost; their order is not kept here: the writing thread
+    # runs the dropped writes' callbacks while the caller runs the refused one's
+    assert sorted(done) == list(range(len(done)))
     assert len(done) >= 1
     # every queued write's callback ran, and the one refused when the error came
     assert sink.nbytes in (10 * len(done), 10 * (len(done) - 1))
