@@ -701,6 +701,30 @@ def test_models_that_give_the_true_class_zero_do_not_break_the_solves(
     assert reference_loss(prob, w) <= best + 1e-9
 
 
+def test_branch_and_bound_keeps_the_better_leaf() -> None:
+    """max_models=2 with a model 1e12 off the targets (the long profile's case). A
+    node's fit whose gap is large (the far model's rounding) passed the lower-bound test
+    and then replaced the incumbent although its loss was worse (1.075 against 0.0216),
+    and the search ended at a single model (0.064), reporting converged=True. A leaf now
+    replaces the incumbent only when it is better, and supports are compared by the loss
+    from the data where ``w'Mw`` rounds."""
+    p = np.array(
+        [
+            [2439.9895731559764, 63.918895165010795],
+            [2439.7501536317586, 67.69617484021713],
+            [2438528020239897.5, 63889521293114.586],
+            [2437.1058123662833, 62.04704361231511],
+        ]
+    )
+    y = np.array([2439.8584755817787, 63.58607670338941])
+    out = fit_weights(p, y, loss="mse", max_models=2)
+    w = check_weights(out.weights, 4, None, 2)
+    prob = Problem("regression", p, y, "mse", None, True, p, y, None)
+    best = brute_force(prob, 1.0, 2)
+    assert reference_loss(prob, w) <= best + 1e-9 * (1.0 + best), (w, best)
+    assert out.loss == pytest.approx(0.0215877245, rel=1e-6)
+
+
 @settings(max_examples=max(5, settings().max_examples // 6))
 @given(data=st.data())
 def test_many_models_take_the_heuristic_within_the_constraints(data: st.DataObject) -> None:
