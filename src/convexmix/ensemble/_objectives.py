@@ -26,6 +26,7 @@ __all__ = [
     "Objective",
     "Reduce",
     "Regularized",
+    "Wrapping",
     "local",
     "matvec",
     "matvec_t",
@@ -212,7 +213,22 @@ def within(
     return gap <= tol + rounding_gap(obj, w, g, allowed)
 
 
-class Regularized:
+class Wrapping:
+    """An objective around ``self.base`` that passes on its rounding bounds (see
+    :func:`rounding_gap` and :func:`within`)."""
+
+    base: Objective
+
+    def gradient_rounding(self, w: Tensor) -> Tensor | None:
+        bound = getattr(self.base, "gradient_rounding", None)
+        return None if bound is None else bound(w)
+
+    def rounding_bound(self) -> float | None:
+        bound = getattr(self.base, "rounding_bound", None)
+        return None if bound is None else bound()
+
+
+class Regularized(Wrapping):
     """objective + lam * ||w - 1/K||^2: a pull towards equal weights."""
 
     def __init__(self, base: Objective, lam: float) -> None:
@@ -226,11 +242,3 @@ class Regularized:
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         h = self.base.hessian(w, idx, approx)
         return h + 2 * self.lam * torch.eye(idx.numel(), dtype=h.dtype)
-
-    def gradient_rounding(self, w: Tensor) -> Tensor | None:
-        bound = getattr(self.base, "gradient_rounding", None)
-        return None if bound is None else bound(w)
-
-    def rounding_bound(self) -> float | None:
-        bound = getattr(self.base, "rounding_bound", None)
-        return None if bound is None else bound()

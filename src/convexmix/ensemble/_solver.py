@@ -14,7 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convexmix.ensemble._objectives import DataObjective, Objective, Regularized, within
+from convexmix.ensemble._objectives import (
+    DataObjective,
+    Objective,
+    Regularized,
+    Wrapping,
+    within,
+)
 from convexmix.errors import ConvexMixError
 
 __all__ = [
@@ -339,7 +345,7 @@ def sample_start(obj: DataObjective, lam: float, max_iter: int) -> Tensor | None
     return _newton(inner, SAMPLE_TOL, max_iter, None)[0]
 
 
-class _Lagged:
+class _Lagged(Wrapping):
     """A cross-validation fold's training loss whose last Hessian can stand in once.
 
     Along the lambda path each fit starts at the previous fit's optimum, where the last
@@ -354,14 +360,6 @@ class _Lagged:
 
     def value(self, w: Tensor) -> tuple[float, Callable[[], Tensor]]:
         return self.base.value(w)
-
-    def gradient_rounding(self, w: Tensor) -> Tensor | None:
-        bound = getattr(self.base, "gradient_rounding", None)
-        return None if bound is None else bound(w)
-
-    def rounding_bound(self) -> float | None:
-        bound = getattr(self.base, "rounding_bound", None)
-        return None if bound is None else bound()
 
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         reuse, self.reuse = self.reuse, False
