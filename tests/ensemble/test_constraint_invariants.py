@@ -652,6 +652,57 @@ def test_a_capped_fit_converges_when_a_cap_is_active(seed: int) -> None:
     assert reference_loss(prob, w) <= best + 1e-12, (w, best)
 
 
+@pytest.mark.parametrize("job", ["fit_weights", "compare", "bootstrap"])
+def test_a_capped_optimum_at_a_high_gradient_level_converges(job: str) -> None:
+    """Two models at their cap and a third, far off the targets, free (the long
+    profile's case): the gradients sit near 2e5. The weights and the Frank-Wolfe vertex
+    sum to 1 each only up to 1e-16, and the gap, taken as w.g - s.g, read that rounding
+    times the level as a gap of 2.4e-11 at the exact optimum: converged=False. The gap
+    is now taken relative to the free weight's level."""
+    h = float.fromhex
+    a, b, c, d = h("-0x1.f69fap+9"), h("-0x1.f82c5cp+9"), h("-0x1.f78330p+9"), h("-0x1.f6593ap+9")
+    p = np.array(
+        [[a, a], [b, b], [c, h("0x1.907f92p+10")], [d, h("0x1.90a62cp+10")]], dtype=np.float32
+    )
+    y = np.array([h("-0x1.f77f74p+9"), h("0x1.909508p+10")], dtype=np.float32)
+    cap = 0.4844686097576632
+    kwargs = {"n": 2} if job == "bootstrap" else {}
+    out = {"fit_weights": fit_weights, "compare": compare, "bootstrap": bootstrap}[job](
+        p, y, loss="mse", max_weight=cap, **kwargs
+    )
+    fit = out if job == "fit_weights" else out.fit
+    assert fit.converged, fit.gap
+    w = check_weights(fit.weights, 4, cap, None)
+    np.testing.assert_allclose(w, [1 - 2 * cap, 0.0, cap, cap], atol=1e-12)
+    prob = Problem("regression", p, y.astype(np.float64), "mse", None, True, p, y, None)
+    assert reference_loss(prob, w) <= brute_force(prob, cap, 4) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("level", [0.0, 2e5, -3e8])
+def test_the_gaps_do_not_read_the_sum_of_the_weights_rounding_times_the_level(
+    level: float,
+) -> None:
+    """Weights and vertices sum to 1 only up to rounding; the Frank-Wolfe gaps (plain and
+    capped) must not multiply that rounding by the gradient's level: at an exact optimum
+    whose weights sum to 1 + 1 ulp they stay 0 wherever the gradients sit."""
+    from convexmix.ensemble._capped import capped_gap
+    from convexmix.ensemble._solver import fw_gap
+
+    f64 = torch.float64
+    g = torch.tensor([27.0, -19.0, 211297.0, 3e5], dtype=f64) + level
+    cap = 0.4844686097576632
+    free = math.nextafter(1.0 - 2 * cap, 1.0)  # one ulp off the vertex's own value
+    w = torch.tensor([cap, cap, free, 0.0], dtype=f64)
+    u = torch.tensor([cap, cap, 1.0, cap], dtype=f64)
+    assert capped_gap(w, g, u) == 0.0
+    one = torch.tensor([0.0, math.nextafter(1.0, 2.0), 0.0, 0.0], dtype=f64)
+    assert fw_gap(one, g) == 0.0
+    # A true gap is still read: the first model's weight belongs on the third.
+    assert capped_gap(w, torch.tensor([1.0, 0.0, 0.0, 5.0], dtype=f64) + level, u) == (
+        pytest.approx(cap, rel=1e-12)
+    )
+
+
 @pytest.mark.parametrize("limits", [{}, {"max_weight": 1.0}, {"max_models": 3}], ids=repr)
 def test_a_fit_on_a_face_of_exact_optima_converges(limits: dict[str, Any]) -> None:
     """One row and four models around it (the long profile's case): every blend on a face

@@ -376,7 +376,8 @@ def simplex_qp(A: Vec, c: Vec, v: Vec) -> Vec:
 
 
 def _gap(w: Vec, g: Vec) -> float:
-    return max(float(w @ g - g.min()), 0.0)
+    """:func:`fw_gap` in numpy: ``w @ (g - min g)``, every term >= 0."""
+    return max(float(w @ (g - g.min())), 0.0)
 
 
 def _newton(

@@ -175,7 +175,10 @@ APPROX_GAP = 1e-6
 
 
 def fw_gap(w: Tensor, g: Tensor) -> float:
-    return max(float(w @ g - g.min()), 0.0)
+    """The Frank-Wolfe gap on the simplex, ``w @ (g - min g)``: the form whose terms are
+    all >= 0, so that ``sum(w) = 1 + 1e-16`` does not add the gradient's level times
+    its rounding (as ``w @ g - min g`` does)."""
+    return max(float(w @ (g - g.min())), 0.0)
 
 
 def check_start(f: float, g: Tensor) -> None:
