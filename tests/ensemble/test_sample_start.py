@@ -20,14 +20,17 @@ def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_dense, "DENSE_MAX_VALUES", 0)
 
 
-N = 40_000  # above SAMPLE_MIN_ROWS: a sample of 40 runs of 64 rows (2560 rows)
+N = 40_000  # a sample of 40 runs of 64 rows (2560 rows)
+FEW_ROWS = 1 << 15  # a lowered SAMPLE_MIN_ROWS, below N
 
 
 @pytest.fixture
 def sampled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the samples the fits solved on (their row counts); the problems here are
-    below SAMPLE_MIN_VALUES (K * N), which is lowered so that they take the sample."""
+    below SAMPLE_MIN_ROWS and SAMPLE_MIN_VALUES (K * N), which are lowered so that they
+    take the sample."""
     monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 0)
+    monkeypatch.setattr(_log_loss, "SAMPLE_MIN_ROWS", FEW_ROWS)
     seen: list[int] = []
     original = LogLoss.sample
 
@@ -130,8 +133,11 @@ def test_no_sample_below_the_thresholds_or_when_sharded(monkeypatch: pytest.Monk
     q = P[:, torch.arange(N), y]
     s = torch.full((N,), 1.0 / N, dtype=torch.float64)
     assert 3 * N < _log_loss.SAMPLE_MIN_VALUES
-    assert LogLoss(q, s).sample() is None  # too few values to gain
+    assert LogLoss(q, s).sample() is None  # too few values and rows to gain
     monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 3 * N)
+    assert N < _log_loss.SAMPLE_MIN_ROWS
+    assert LogLoss(q, s).sample() is None  # enough values, too few rows
+    monkeypatch.setattr(_log_loss, "SAMPLE_MIN_ROWS", N)
     sub = LogLoss(q, s).sample()
     assert sub is not None
     # the sample is every 16th run of 64 rows, with its weights renormalised
@@ -139,7 +145,7 @@ def test_no_sample_below_the_thresholds_or_when_sharded(monkeypatch: pytest.Monk
     torch.testing.assert_close(sub.q, q[:, rows], rtol=0, atol=0)
     torch.testing.assert_close(sub.s, s[rows] / s[rows].sum(), rtol=0, atol=0)
     monkeypatch.setattr(_log_loss, "SAMPLE_MIN_VALUES", 0)
-    assert LogLoss(q[:, :30000], s[:30000]).sample() is None  # too few rows to sample
+    assert LogLoss(q[:, : N - 1], s[: N - 1]).sample() is None  # too few rows to sample
     # each rank of a sharded fit would sample its own rows
     assert LogLoss(q, s, reduce=lambda x: x.clone()).sample() is None
     # sample weights that leave out every sampled row
