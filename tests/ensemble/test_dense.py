@@ -45,6 +45,7 @@ def spy_dense(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     weighted=st.booleans(),
     float32=st.booleans(),
     numpy=st.booleans(),
+    layout=st.sampled_from(["C", "F", "strided"]),  # the gathers' two branches
     seed=st.integers(0, 2**16),
 )
 def test_dense_path_equals_the_torch_path(
@@ -56,6 +57,7 @@ def test_dense_path_equals_the_torch_path(
     weighted: bool,
     float32: bool,
     numpy: bool,
+    layout: str,
     seed: int,
 ) -> None:
     P, y = mixed_problem(K, N, max(C, 2), seed=seed)
@@ -65,7 +67,16 @@ def test_dense_path_equals_the_torch_path(
         P = P.float()
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(N, generator=g, dtype=torch.float64) + 0.1 if weighted else None
-    args = (P.numpy(), y.numpy()) if numpy else (P, y)
+    if numpy:
+        a = P.numpy()
+        if layout == "F":
+            a = np.asfortranarray(a)
+        elif layout == "strided":
+            a = np.repeat(a, 2, axis=1)[:, ::2]  # a view with a step along the rows
+        assert np.array_equal(a, P.numpy())
+        args = (a, y.numpy())
+    else:
+        args = (P, y)
     kw = {"loss": loss, "regularization": lam, "sample_weight": s}
     with pytest.MonkeyPatch.context() as m:
         taken = spy_dense(m)
@@ -129,6 +140,20 @@ def test_bad_inputs_get_the_torch_paths_errors() -> None:
         fit_weights(nan, y)
     with pytest.raises(cx.ConvexMixError, match=r"class labels in \[0, 2\]"):
         fit_weights(P, y + 1)
+    for value, error in [
+        (1.5, r"row 5 sums to 2\.5"),  # a row that does not sum to 1
+        (float("inf"), "model 0 must be finite"),
+    ]:
+        off = P.clone()
+        off[0, 5] = torch.tensor([value, 0.5, 0.5], dtype=off.dtype)
+        with pytest.raises(cx.ConvexMixError, match=error):
+            fit_weights(off.numpy(), y.numpy())
+    near = P.clone()
+    near[0, 5] = torch.tensor([0.5009, 0.25, 0.25], dtype=near.dtype)  # within 1e-3 of 1
+    with pytest.MonkeyPatch.context() as m:
+        taken = spy_dense(m)
+        assert fit_weights(near.numpy(), y.numpy()).converged
+        assert taken == [True]
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e6])

@@ -160,7 +160,8 @@ class DenseProblem:
             assert self.q is not None
             if self.sqrt_s is None:
                 self.sqrt_s = np.sqrt(self.s)
-            a = self.q[idx] * (self.sqrt_s / (w @ self.q))
+            q = self.q if idx.size == self.K else self.q[idx]  # (idx is sorted)
+            a = q * (self.sqrt_s / (w @ self.q))
             h = a @ a.T
         else:
             assert self.M is not None
@@ -271,10 +272,18 @@ def prepare(
                 return None
             if validate:
                 lo = P.min()
-                sums = P.sum(-1)
-                if not (lo >= 0 and bool((np.abs(sums - 1) <= PROB_ATOL).all())):
+                # The row sums as a matrix-vector product: numpy's reduction over a short
+                # last axis costs 6x more (K = 20, N = 10^4, 10 classes: 3.9 ms against
+                # 0.6 ms, more than the fit). NaN and inf fail both bounds.
+                ones = np.ones(P.shape[2], dtype=P.dtype if P.dtype.itemsize >= 4 else None)
+                sums = P @ ones
+                if not (lo >= 0 and sums.min() >= 1 - PROB_ATOL and sums.max() <= 1 + PROB_ATOL):
                     return None
-            q = P[:, np.arange(N), labels].astype(np.float64)
+            C = P.shape[2]
+            if P.flags.c_contiguous:  # one flat gather: 0.6x the time of the 3-d index
+                q = P.reshape(K, N * C)[:, np.arange(N) * C + labels].astype(np.float64)
+            else:
+                q = P[:, np.arange(N), labels].astype(np.float64)
         else:
             labels = _labels(t, 2, np)
             if labels is None:
