@@ -191,3 +191,18 @@ def test_regression_targets_without_mse_get_a_hint(
     with pytest.raises(cx.ConvexMixError, match="regression targets: pass loss='mse'"):
         fit_weights(P.numpy(), y.numpy())  # non-integer
     assert fit_weights(P.numpy(), y.numpy(), loss="mse").converged
+
+
+@pytest.mark.parametrize("map_", ["softmax", "sparsemax"])
+def test_free_values_of_a_numpy_fit_are_the_maps_inverse(map_: str) -> None:
+    """A numpy fit's ``free`` (softmax: computed in numpy, no torch call) is the map's
+    inverse of its weights, as for tensors: the map takes it back to the weights."""
+    P, y = mixed_problem(5, 200, 3, seed=4)
+    P[3] = 1.0 / 3  # an uninformative model: an exact zero weight
+    fit = fit_weights(P.numpy(), y.numpy(), map=map_)
+    ref = fit_weights(P, y, map=map_)
+    assert isinstance(fit.free, np.ndarray)
+    assert fit.free.dtype == np.float64
+    np.testing.assert_allclose(fit.free, ref.free.numpy(), rtol=1e-15, atol=0)
+    back = getattr(cx.functional, map_)(torch.from_numpy(fit.free))
+    np.testing.assert_allclose(back.numpy(), fit.weights, atol=1e-10)

@@ -14,6 +14,7 @@ from convexmix.ensemble._files import read_weights_file
 from convexmix.ensemble._inputs import as_predictions, wants_numpy
 from convexmix.errors import ShapeError
 from convexmix.functional._registry import get_map
+from convexmix.functional._softmax import SOFTMAX_ZERO_EPS
 
 #: A (K,) float64 vector: a numpy array for numpy inputs, a tensor for torch inputs (typed
 #: as Any: numpy is not a dependency of the library, and callers index either alike).
@@ -107,6 +108,11 @@ def free_weights(weights: Weights, map: str) -> Weights:
     spec = get_map(map)
     if isinstance(weights, Tensor):
         return spec.inverse(weights, -1, 1.0)
+    if map == "softmax":
+        # softmax_inverse in numpy: a fit on numpy inputs runs no torch operation, whose
+        # first in a process costs about 1 ms (more than a small fit)
+        np = sys.modules["numpy"]
+        return np.log(np.maximum(weights, SOFTMAX_ZERO_EPS))
     return spec.inverse(torch.from_numpy(weights), -1, 1.0).numpy()
 
 
