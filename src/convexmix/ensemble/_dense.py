@@ -96,12 +96,12 @@ class DenseProblem:
     s: Vec
     q: Vec | None = None
     M: Vec | None = None
-    p: Any = None  # (K, N, D) for the exact mse
-    y: Any = None  # (N, D)
+    e: Any = None  # (K, N, D): the errors p - y, for the exact mse
     scale: float = 1.0
     lam: float = 0.0
     sqrt_s: Vec | None = None
     rounding_bound: float = 0.0  # the mse's 4 K eps max |M| (see Quadratic.rounding_bound)
+    uniform: bool = False  # the mse's sample weights are all equal
 
     def weighted(self, s: Vec) -> DenseProblem | None:
         """The same problem with the normalised sample weights ``s``; None when the mse's
@@ -109,14 +109,22 @@ class DenseProblem:
         if self.kind == "log_loss":
             return replace(self, s=s, sqrt_s=None)
         np = _np()
-        sq = np.sqrt(s)[:, None]
+        e = self.e.reshape(self.K, -1)
         with np.errstate(over="ignore", invalid="ignore"):
-            ea = ((self.p - self.y) * sq).reshape(self.K, -1)  # the errors: see Quadratic
-            M = ea @ ea.T
+            uniform = bool(s[0] == s.min() == s.max())
+            if uniform:
+                # equal weights: the Gram matrix times one number, with no weighted copy
+                # of the errors (in a new process each fresh MB costs ~0.4 ms here)
+                M = (e @ e.T) * s[0]
+            else:
+                ea = e * np.repeat(np.sqrt(s), e.shape[1] // s.size)  # see Quadratic
+                M = ea @ ea.T
         if not bool(np.isfinite(M).all()):
             return None
         bound = 4 * self.K * EPS * float(np.abs(M).max())
-        return replace(self, s=s, M=M, scale=quadratic_scale(M), rounding_bound=bound)
+        return replace(
+            self, s=s, M=M, scale=quadratic_scale(M), rounding_bound=bound, uniform=uniform
+        )
 
     def with_sample_weight(self, sample_weight: Any) -> DenseProblem | None:
         """The problem that :func:`prepare` gives for the same inputs with
@@ -132,7 +140,7 @@ class DenseProblem:
         if self.kind == "log_loss":
             assert self.q is not None
             return replace(self, q=self.q[:, rows], s=s, sqrt_s=None)
-        sub = replace(self, p=self.p[:, rows], y=self.y[rows]).weighted(s)
+        sub = replace(self, e=self.e[:, rows]).weighted(s)
         assert sub is not None  # the rows' sums are at most the whole's
         return sub
 
@@ -186,8 +194,14 @@ class DenseProblem:
         if self.kind == "log_loss":
             assert self.q is not None
             return -float(self.s @ _np().log(w @ self.q))
-        resid = _np().tensordot(w, self.p - self.y, axes=1)  # the blend of the residuals
-        return float(self.s @ (resid * resid).sum(-1))
+        resid = _np().tensordot(w, self.e, axes=1)  # the blend of the residuals, (N, D)
+        if self.uniform:
+            flat = resid.reshape(-1)
+            return float(flat @ flat) * float(self.s[0])
+        squares = resid * resid
+        # (numpy's sum over a short last axis is several times slower than a product)
+        per_row = squares[:, 0] if squares.shape[1] == 1 else squares @ _np().ones(len(squares[0]))
+        return float(self.s @ per_row)
 
 
 def _np() -> Any:
@@ -299,17 +313,18 @@ def prepare(
         labels = _labels(t, P.shape[2], np)
         if labels is None:
             return None
-        p = P.astype(np.float64)
-        y = np.zeros((N, P.shape[2]))
-        y[np.arange(N), labels] = 1.0
+        e = P.astype(np.float64)  # a copy: the errors are formed in place
+        e[:, np.arange(N), labels] -= 1.0  # minus the one-hot targets
     else:
         if t.ndim != 1 or t.dtype.kind not in "fiub":
             return None
-        y = t.astype(np.float64)[:, None]
+        y = np.asarray(t, dtype=np.float64)  # (no copy of float64 targets)
         if not bool(np.isfinite(y).all()):
             return None
-        p = P.astype(np.float64)[..., None]
-    return DenseProblem(K, "mse", s, p=p, y=y).weighted(s)
+        e = np.subtract(P[..., None], y[:, None], dtype=np.float64)  # one pass
+    # One (K, N, D) array of errors, formed once: fresh temporaries cost page faults
+    # in a new process (K = 2, N = 10^5: 7 ms for four of them, against 2 ms for SLSQP).
+    return DenseProblem(K, "mse", s, e=e).weighted(s)
 
 
 def _eqp(kkt: Vec, rhs: Vec, F: Any) -> tuple[Vec, float]:
