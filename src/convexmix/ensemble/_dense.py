@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,7 +101,9 @@ class DenseProblem:
     lam: float = 0.0
     sqrt_s: Vec | None = None
     rounding_bound: float = 0.0  # the mse's 4 K eps max |M| (see Quadratic.rounding_bound)
-    uniform: bool = False  # the mse's sample weights are all equal
+    # the last (w, w @ q) of value(), for hessian() at the same weights (not copied by
+    # replace(): init=False)
+    _blend: Any = field(default=None, init=False, repr=False, compare=False)
 
     def weighted(self, s: Vec) -> DenseProblem | None:
         """The same problem with the normalised sample weights ``s``; None when the mse's
@@ -111,20 +113,17 @@ class DenseProblem:
         np = _np()
         e = self.e.reshape(self.K, -1)
         with np.errstate(over="ignore", invalid="ignore"):
-            uniform = bool(s[0] == s.min() == s.max())
-            if uniform:
+            if s[0] == s.min() == s.max():
                 # equal weights: the Gram matrix times one number, with no weighted copy
                 # of the errors (in a new process each fresh MB costs ~0.4 ms here)
                 M = (e @ e.T) * s[0]
             else:
-                ea = e * np.repeat(np.sqrt(s), e.shape[1] // s.size)  # see Quadratic
+                ea = (self.e * np.sqrt(s)[:, None]).reshape(self.K, -1)  # see Quadratic
                 M = ea @ ea.T
         if not bool(np.isfinite(M).all()):
             return None
         bound = 4 * self.K * EPS * float(np.abs(M).max())
-        return replace(
-            self, s=s, M=M, scale=quadratic_scale(M), rounding_bound=bound, uniform=uniform
-        )
+        return replace(self, s=s, M=M, scale=quadratic_scale(M), rounding_bound=bound)
 
     def with_sample_weight(self, sample_weight: Any) -> DenseProblem | None:
         """The problem that :func:`prepare` gives for the same inputs with
@@ -149,6 +148,7 @@ class DenseProblem:
         if self.kind == "log_loss":
             assert self.q is not None
             u = w @ self.q
+            self._blend = (w, u)  # the Hessian at the step taken reuses it
             f = -float(self.s @ _np().log(u))
             g = -(self.q @ (self.s / u))
         else:
@@ -168,8 +168,10 @@ class DenseProblem:
             assert self.q is not None
             if self.sqrt_s is None:
                 self.sqrt_s = np.sqrt(self.s)
+            last = self._blend
+            u = last[1] if last is not None and last[0] is w else w @ self.q
             q = self.q if idx.size == self.K else self.q[idx]  # (idx is sorted)
-            a = q * (self.sqrt_s / (w @ self.q))
+            a = q * (self.sqrt_s / u)
             h = a @ a.T
         else:
             assert self.M is not None
@@ -194,14 +196,11 @@ class DenseProblem:
         if self.kind == "log_loss":
             assert self.q is not None
             return -float(self.s @ _np().log(w @ self.q))
-        resid = _np().tensordot(w, self.e, axes=1)  # the blend of the residuals, (N, D)
-        if self.uniform:
-            flat = resid.reshape(-1)
-            return float(flat @ flat) * float(self.s[0])
-        squares = resid * resid
-        # (numpy's sum over a short last axis is several times slower than a product)
-        per_row = squares[:, 0] if squares.shape[1] == 1 else squares @ _np().ones(len(squares[0]))
-        return float(self.s @ per_row)
+        np = _np()
+        resid = np.tensordot(w, self.e, axes=1)  # the blend of the residuals, (N, D)
+        # one einsum, no temporary (numpy's sum over a short last axis is slow, and a
+        # fresh (N,) array costs page faults in a new process)
+        return float(np.einsum("n,nd,nd->", self.s, resid, resid))
 
 
 def _np() -> Any:

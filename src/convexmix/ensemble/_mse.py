@@ -56,14 +56,12 @@ class Quadratic:
         self.K = K
         M = torch.zeros(K, K, dtype=torch.float64)
         rows = max(1, (1 << 21) // max(1, K * D * 8))
-        # one buffer for every chunk, the scaling in place: fresh memory costs page
-        # faults (a new process paid 7 ms for K = 8, N = 10^5 with two temporaries a chunk)
+        # one buffer for every chunk, weighted in place (two temporaries a chunk cost a
+        # new process 7 ms in page faults at K = 8, N = 10^5)
         buf = torch.empty(K, min(rows, N), D, dtype=torch.float64)
         for a in range(0, N, rows):
             b = min(a + rows, N)
-            sq = s[a:b].sqrt()[:, None]
-            ea = buf[:, : b - a].copy_(p[:, a:b]).sub_(y[a:b])  # in float64
-            ea = ea.mul_(sq).view(K, -1)
+            ea = self._errors(a, b, buf).mul_(s[a:b].sqrt()[:, None]).view(K, -1)
             M.addmm_(ea, ea.T)
             if progress is not None:
                 progress(b, N)
@@ -93,10 +91,14 @@ class Quadratic:
             b = min(a + rows, N)
             # in float64 whatever the predictions' dtype, the blend of the residuals (the
             # weights sum to one): exact to the data's rounding whatever the targets' level
-            e = buf[:, : b - a].copy_(self.p[:, a:b]).sub_(self.y[a:b])  # in float64
-            resid = torch.tensordot(w, e, dims=1)
+            resid = torch.tensordot(w, self._errors(a, b, buf), dims=1)
             total += self.s[a:b] @ (resid**2).sum(-1)
         return float(self.reduce(total))
+
+    def _errors(self, a: int, b: int, buf: Tensor) -> Tensor:
+        """``p - y`` on rows ``a:b`` in float64 whatever the inputs' dtype, in ``buf``
+        (one buffer for every chunk of a pass: fresh memory costs page faults)."""
+        return buf[:, : b - a].copy_(self.p[:, a:b]).sub_(self.y[a:b])
 
     def hessian(self, w: Tensor, idx: Tensor, approx: bool = False) -> Tensor:
         return 2 * self.M[idx][:, idx]
